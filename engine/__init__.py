@@ -1,0 +1,1 @@
+"""Asyncio windowed inpainting engine: sources -> windows -> two TCCP stages -> sinks."""

@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export and the runtime backends the engine chooses between."""

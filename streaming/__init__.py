@@ -1,0 +1,1 @@
+"""Media sources and sinks: files, microphone, WebRTC."""

@@ -1,0 +1,1 @@
+"""tccp/models."""
