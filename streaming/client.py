@@ -1,0 +1,209 @@
+"""A scriptable WebRTC client for `tccp serve` (aiortc): clip in, edited frames out.
+
+What a browser does, without a browser: send a clip's frames and audio in real time,
+negotiate through `POST /offer`, and collect what comes back. Used by the end-to-end
+tests and handy for load checks (`N` clients at once) from a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ClipVideoTrack", "ClipAudioTrack", "Received", "post_offer", "connect", "OfferRefused"]
+
+
+class OfferRefused(Exception):
+    """The server answered the offer with an HTTP error (`status`, `body`)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def _base_track():
+    from aiortc import MediaStreamTrack
+
+    return MediaStreamTrack
+
+
+def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True):  # noqa: N802
+    """Video track that plays `(N, H, W, 3)` uint8 RGB frames in real time."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
+
+    base = _base_track()
+
+    class _ClipVideoTrack(base):
+        kind = "video"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent = 0
+            self._start: float | None = None
+
+        async def recv(self):
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self._start is None:
+                self._start = time.monotonic()
+            i = self.sent
+            if i >= len(frames) and not loop:
+                self.stop()
+                raise MediaStreamError
+            wait = self._start + i / fps - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            vf = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")
+            vf.pts = int(round(i * 90000 / fps))
+            vf.time_base = fractions.Fraction(1, 90000)
+            self.sent += 1
+            return vf
+
+    return _ClipVideoTrack()
+
+
+def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptime: float = 0.02):  # noqa: N802
+    """Audio track that plays mono float32 `samples` at `sr` in 20 ms s16 frames."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
+
+    base = _base_track()
+    pcm = (np.clip(np.asarray(samples, np.float32), -1, 1) * 32767).astype(np.int16)
+    block = int(sr * ptime)
+
+    class _ClipAudioTrack(base):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent = 0
+            self._start: float | None = None
+
+        async def recv(self):
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self._start is None:
+                self._start = time.monotonic()
+            n0 = self.sent * block
+            if n0 >= pcm.size and not loop:
+                self.stop()
+                raise MediaStreamError
+            wait = self._start + n0 / sr - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            idx = (np.arange(n0, n0 + block) % max(1, pcm.size)) if pcm.size else None
+            chunk = pcm[idx] if idx is not None else np.zeros(block, np.int16)
+            af = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+            af.sample_rate = sr
+            af.pts = n0
+            af.time_base = fractions.Fraction(1, sr)
+            self.sent += 1
+            return af
+
+    return _ClipAudioTrack()
+
+
+@dataclass
+class Received:
+    """What came back from the server."""
+
+    frames: int = 0
+    sizes: set = field(default_factory=set)
+    first_at: float | None = None
+    last_frame: np.ndarray | None = None
+    audio_frames: int = 0
+    stats: list = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    want: int = 0
+
+    async def consume(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if track.kind == "audio":
+                self.audio_frames += 1
+                continue
+            if self.first_at is None:
+                self.first_at = time.monotonic()
+            self.frames += 1
+            self.sizes.add((frame.width, frame.height))
+            if self.want and self.frames >= self.want:
+                self.last_frame = frame.to_ndarray(format="rgb24")
+                self.done.set()
+
+
+async def post_offer(url: str, offer: dict, token: str | None = None, timeout: float = 30.0) -> dict:
+    """POST an offer to `url` (.../offer); the answer dict, or raise `OfferRefused`."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        async with http.post(url, data=json.dumps(offer), headers=headers) as resp:
+            text = await resp.text()
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError:
+                body = text
+            if resp.status != 200:
+                raise OfferRefused(resp.status, body)
+            return body
+
+
+async def connect(
+    base_url: str,
+    video_track,
+    audio_track=None,
+    token: str | None = None,
+    want_frames: int = 0,
+):
+    """Open a peer connection to `tccp serve`; returns `(pc, received, answer)`.
+
+    `received.done` is set once `want_frames` video frames came back. The caller owns
+    `pc` (close it, or drop its transport to simulate a vanished peer).
+    """
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    received = Received(want=want_frames)
+    channel = pc.createDataChannel("stats", ordered=False, maxRetransmits=0)
+
+    @channel.on("message")
+    def _on_stats(msg) -> None:
+        try:
+            received.stats.append(json.loads(msg))
+        except (TypeError, ValueError):
+            pass
+
+    @pc.on("track")
+    def _on_track(track) -> None:
+        asyncio.ensure_future(received.consume(track))
+
+    pc.addTrack(video_track)
+    if audio_track is not None:
+        pc.addTrack(audio_track)
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        answer = await post_offer(
+            base_url.rstrip("/") + "/offer",
+            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
+            token=token,
+        )
+    except BaseException:
+        await pc.close()
+        raise
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    return pc, received, answer

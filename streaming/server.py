@@ -1,0 +1,417 @@
+"""`tccp serve`: browser camera + microphone in over WebRTC, edited video back.
+
+Signaling is one HTTP round trip (aiortc's server-example convention): the page POSTs
+its complete offer `{"sdp", "type": "offer"}` to `/offer` and gets the complete answer
+in the same shape; ICE candidates travel inside the SDP (no trickle). Everything a
+stranger could send is bounded: bodies over 64 KiB get 413, bad JSON/SDP 400 with a
+one-line reason, a missing/wrong bearer token 401, a full server 503. See
+docs/streaming.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import inspect
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tccp.errors import TCCPError
+
+__all__ = [
+    "ServerConfig", "ServerState", "create_app", "start_server", "serve",
+    "add_arguments", "main", "STATIC_DIR",
+]
+
+log = logging.getLogger("tccp.serve")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_BODY = 64 * 1024
+PROTECTED = ("/offer", "/metrics", "/test-report")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_sessions: int = 4
+    max_body: int = MAX_BODY
+    media_timeout_s: float = 5.0
+    connect_timeout_s: float = 20.0
+    max_side: int | None = 1280
+    audio_back: bool = True
+    test_report: bool = False
+    """Enable POST /test-report (the page's `?report=1` mode posts its counters there)."""
+    label: str = "model"
+    """What the sessions are, for /healthz ('passthrough' in the debug mode)."""
+
+
+@dataclass
+class ServerState:
+    config: Any
+    session_factory: Any
+    metrics: Any
+    peers: dict = field(default_factory=dict)
+    pending: int = 0
+    reports: list = field(default_factory=list)
+    report_event: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def active(self) -> int:
+        return len(self.peers) + self.pending
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _error(status: int, message: str, headers: dict | None = None, **extra: Any):
+    """JSON error `{"error": "<one line>", ...}` with `status`."""
+    from aiohttp import web
+
+    body = {"error": " ".join(str(message).split()), **extra}
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tccp"'
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _token_ok(request, token: str | None) -> bool:
+    if not token:
+        return True
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+async def _read_json(request, limit: int) -> Any:
+    """The body as JSON, or an error response (413 / 400) to return as is."""
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"request body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.content.read(limit + 1)
+    except Exception as exc:  # client went away mid-body
+        return _error(400, f"could not read the request body: {exc}")
+    if len(raw) > limit:
+        return _error(413, f"request body is over the {limit}-byte limit")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _error(400, f"body is not valid JSON: {exc}")
+
+
+def _check_offer(data: Any) -> str | None:
+    """Why this is not a usable offer (None if it looks like one)."""
+    if not isinstance(data, dict):
+        return 'expected a JSON object {"sdp": ..., "type": "offer"}'
+    sdp, kind = data.get("sdp"), data.get("type")
+    if kind != "offer":
+        return f'"type" must be "offer", got {kind!r}'[:200]
+    if not isinstance(sdp, str) or not sdp.strip():
+        return '"sdp" must be a non-empty string'
+    if not sdp.lstrip().startswith("v=0"):
+        return '"sdp" is not a session description (must start with "v=0")'
+    if "\nm=video" not in sdp.replace("\r\n", "\n"):
+        return "the offer has no video track (the page must send a camera)"
+    return None
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def _index(request):
+    from aiohttp import web
+
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+
+async def _client_js(request):
+    from aiohttp import web
+
+    return web.FileResponse(STATIC_DIR / "client.js", headers={"Cache-Control": "no-store"})
+
+
+async def _healthz(request):
+    from aiohttp import web
+
+    st: ServerState = request.app["tccp"]
+    return web.json_response(
+        {
+            "status": "ok",
+            "sessions": st.active,
+            "max_sessions": st.config.max_sessions,
+            "sessions_kind": st.config.label,
+            "uptime_s": round(time.monotonic() - st.started, 1),
+        }
+    )
+
+
+async def _metrics(request):
+    from aiohttp import web
+
+    st: ServerState = request.app["tccp"]
+    st.metrics.sessions_active.set(st.active)
+    body, ctype = st.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+async def _test_report(request):
+    from aiohttp import web
+
+    st: ServerState = request.app["tccp"]
+    data = await _read_json(request, 4096)
+    if isinstance(data, web.StreamResponse):
+        return data
+    if not isinstance(data, dict):
+        return _error(400, "expected a JSON object")
+    st.reports.append(data)
+    del st.reports[:-16]
+    st.report_event.set()
+    return web.json_response({"ok": True})
+
+
+async def _offer(request):
+    from aiohttp import web
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from streaming.peer import Peer, PeerLimits
+
+    st: ServerState = request.app["tccp"]
+    cfg: ServerConfig = st.config
+    data = await _read_json(request, cfg.max_body)
+    if isinstance(data, web.StreamResponse):
+        st.metrics.sessions_rejected.labels("too_large" if data.status == 413 else "bad_request").inc()
+        return data
+    problem = _check_offer(data)
+    if problem:
+        st.metrics.sessions_rejected.labels("bad_request").inc()
+        return _error(400, problem)
+    if st.active >= cfg.max_sessions:
+        st.metrics.sessions_rejected.labels("capacity").inc()
+        return _error(
+            503,
+            f"server is full: {st.active} of {cfg.max_sessions} sessions in use; try again later",
+            headers={"Retry-After": "5"},
+            max_sessions=cfg.max_sessions,
+        )
+
+    st.pending += 1  # reserve the slot before the first await
+    pc = None
+    peer = None
+    try:
+        try:
+            session = st.session_factory()
+            if inspect.isawaitable(session):
+                session = await session
+        except TCCPError as exc:
+            return _error(500, f"could not start a session: {exc}")
+        pc = RTCPeerConnection()
+        limits = PeerLimits(
+            media_timeout_s=cfg.media_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
+            max_side=cfg.max_side, audio_back=cfg.audio_back,
+        )
+        peer = Peer(pc, session, limits, st.metrics, on_closed=lambda p, why: _closed(st, p, why))
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="offer"))
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception as exc:
+            st.metrics.sessions_rejected.labels("bad_request").inc()
+            await _discard(session, pc)
+            pc = peer = None
+            return _error(400, f"could not use the offer: {type(exc).__name__}: {exc}"[:300])
+        st.peers[peer.id] = peer
+        peer.start()
+        st.metrics.sessions_started.inc()
+        st.metrics.sessions_active.set(st.active - 1)
+        log.info("peer %s: session started (%d active)", peer.id, st.active - 1)
+        return web.json_response(
+            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "id": peer.id}
+        )
+    finally:
+        st.pending -= 1
+        st.metrics.sessions_active.set(st.active)
+
+
+async def _discard(session, pc) -> None:
+    for closer in (session.close, pc.close):
+        try:
+            await asyncio.wait_for(closer(), 5.0)
+        except Exception:
+            pass
+
+
+def _closed(st: ServerState, peer, reason: str) -> None:
+    if st.peers.pop(peer.id, None) is not None:
+        kind = reason.split(":", 1)[0]
+        st.metrics.sessions_closed.labels(kind).inc()
+        st.metrics.sessions_active.set(st.active)
+        log.info("peer %s: closed (%s), %d active", peer.id, reason, st.active)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(config: ServerConfig, session_factory) -> "Any":
+    """The aiohttp application. `session_factory()` makes one engine session per peer
+    (sync or async); pass `streaming.passthrough.PassthroughSession` to test transport
+    without a model."""
+    from aiohttp import web
+
+    from streaming.metrics import ServerMetrics
+
+    if config.max_sessions < 1:
+        raise TCCPError(f"--max-sessions must be at least 1, got {config.max_sessions}")
+
+    @web.middleware
+    async def guard(request, handler):
+        if request.path in PROTECTED and not _token_ok(request, config.token):
+            request.app["tccp"].metrics.sessions_rejected.labels("auth").inc()
+            return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body is over the {config.max_body}-byte limit")
+
+    # client_max_size also bounds multipart/post() readers; our handlers read by hand
+    app = web.Application(middlewares=[guard], client_max_size=config.max_body)
+    metrics = ServerMetrics()
+    metrics.sessions_max.set(config.max_sessions)
+    app["tccp"] = ServerState(config=config, session_factory=session_factory, metrics=metrics)
+    app.router.add_get("/", _index)
+    app.router.add_get("/index.html", _index)
+    app.router.add_get("/client.js", _client_js)
+    app.router.add_post("/offer", _offer)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    if config.test_report:
+        app.router.add_post("/test-report", _test_report)
+    app.on_shutdown.append(_close_all)
+    return app
+
+
+async def _close_all(app) -> None:
+    st: ServerState = app["tccp"]
+    peers = list(st.peers.values())
+    await asyncio.gather(*(p.close("shutdown") for p in peers), return_exceptions=True)
+
+
+async def start_server(app, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
+    """Start serving `app`; returns `(runner, base_url)`. `port=0` picks a free port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise TCCPError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
+    sock = site._server.sockets[0]  # the real port when port=0
+    real_port = sock.getsockname()[1]
+    scheme = "https" if ssl_context else "http"
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"{scheme}://{shown}:{real_port}"
+
+
+async def serve(config: ServerConfig, session_factory, ssl_context=None, ready=None) -> None:
+    """Run until cancelled (Ctrl-C)."""
+    app = create_app(config, session_factory)
+    runner, url = await start_server(app, config.host, config.port, ssl_context)
+    link = url + (f"/?token={config.token}" if config.token else "/")
+    print(f"tccp serve: open {link}  (max {config.max_sessions} sessions; Ctrl-C stops)", flush=True)
+    if ready is not None:
+        ready(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free)")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' (the page reads ?token=TOKEN)")
+    p.add_argument("--max-sessions", type=int, default=4,
+                   help="concurrent sessions; more get 503 (default 4)")
+    p.add_argument("--model", default=None, metavar="PACK", help="model pack folder (default: bundled)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: engine's)")
+    p.add_argument("--media-timeout", type=float, default=5.0,
+                   help="close a peer after this many seconds without incoming media (default 5)")
+    p.add_argument("--cert", default=None, help="TLS certificate (PEM); browsers need HTTPS off localhost")
+    p.add_argument("--key", default=None, help="TLS private key (PEM) for --cert")
+    p.add_argument("--passthrough", action="store_true",
+                   help="debug: return the camera unchanged (no model), to check the network path")
+    p.add_argument("--verbose", action="store_true", help="log peer lifecycle events")
+
+
+def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise TCCPError("--cert and --key must be given together")
+    for path in (cert, key):
+        if not Path(path).is_file():
+            raise TCCPError(f"{path}: no such file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise TCCPError(f"{cert}: cannot load the certificate/key pair ({exc})") from None
+    return ctx
+
+
+def model_session_factory(pack: str | None, device: str, steps: int | None = None):
+    """Load the shared model once; each call makes one live engine Session on it."""
+    from engine.config import EngineConfig
+    from engine.model import SharedModel
+    from engine.session import Session
+
+    shared = SharedModel.load(pack=pack, device=device)
+    cfg = EngineConfig(live=True) if steps is None else EngineConfig(live=True, steps=steps)
+    return lambda: Session(shared, cfg)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    if args.max_sessions < 1:
+        raise TCCPError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if not 0 <= args.port <= 65535:
+        raise TCCPError(f"--port must be 0..65535, got {args.port}")
+    ctx = _ssl_context(args.cert, args.key)
+    if args.passthrough:
+        from streaming.passthrough import PassthroughSession
+
+        factory, label = PassthroughSession, "passthrough"
+    else:
+        factory, label = model_session_factory(args.model, args.device, args.steps), "model"
+    cfg = ServerConfig(
+        host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+        media_timeout_s=args.media_timeout, label=label,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print("warning: listening beyond localhost without --token: anyone who can reach "
+              "the port can use the model", flush=True)
+    try:
+        asyncio.run(serve(cfg, factory, ctx))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a server is meant to stop
+    return 0
