@@ -1,0 +1,82 @@
+"""`tccp prepare CLIP... --out DIR`: clips -> prepared training samples (see tccp.prepare)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tccp.errors import TCCPError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("clips", nargs="+", metavar="CLIP", help="video files (mp4, mov, ...)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per clip)")
+    parser.add_argument("--size", type=int, default=128, help="face crop size in px (multiple of 8; default 128)")
+    parser.add_argument(
+        "--audio",
+        metavar="FILE",
+        help="audio for clips that have no audio track and no same-stem .wav beside them",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="clips prepared in parallel (default 1)")
+    parser.add_argument("--crf", type=int, default=16, help="H.264 quality of the crops (lower = better, bigger)")
+    parser.add_argument("--force", action="store_true", help="re-prepare clips that are already complete")
+
+
+def _bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    # disable=None: no bar when stderr is not a terminal (logs, tests stay one line per error)
+    return tqdm(total=total, unit="clip", desc="prepare", disable=None, file=sys.stderr)
+
+
+def main(args: argparse.Namespace) -> int:
+    from tccp.io_utils import ensure_writable_dir
+    from tccp.prepare import PrepareConfig, folder_size, prepare_clip, prepare_clips
+
+    if args.workers < 1:
+        raise TCCPError(f"--workers {args.workers}: must be at least 1")
+    if args.size % 8 or args.size < 32:
+        raise TCCPError(f"--size {args.size}: must be a multiple of 8 and at least 32")
+    cfg = PrepareConfig(size=args.size, crf=args.crf)
+    out = Path(args.out)
+    created = not out.exists()
+    ensure_writable_dir(out)  # fail in the first second, not after the first clip
+    t0 = time.perf_counter()
+    try:
+        if len(args.clips) == 1:
+            folder = prepare_clip(args.clips[0], out, args.size, args.audio, cfg, force=args.force)
+            print(f"prepared {folder} in {time.perf_counter() - t0:.1f} s")
+            return 0
+        bar = _bar(len(args.clips))
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+
+        def report(r) -> None:
+            counts[r.status] += 1
+            if r.status == "failed":
+                line = f"error: {r.error}"
+                if bar is not None and not bar.disable:
+                    bar.write(line, file=sys.stderr)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.set_postfix_str(r.clip.name, refresh=False)
+                bar.update(1)
+
+        prepare_clips(args.clips, out, cfg, args.audio, args.workers, args.force, on_result=report)
+        if bar is not None:
+            bar.close()
+        dt = time.perf_counter() - t0
+        size = folder_size(out) / 2**20
+        print(
+            f"prepared {counts['done']}, skipped {counts['skipped']} (already complete), "
+            f"failed {counts['failed']} of {len(args.clips)} clips in {dt:.0f} s; "
+            f"{out}: {size:.1f} MiB"
+        )
+        return 2 if counts["failed"] else 0
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that produced nothing leaves nothing

@@ -1,0 +1,388 @@
+"""`tccp prepare`: turn talking-head clips into compact training samples.
+
+One folder per clip (named after the clip stem), written to a temp folder and renamed
+when complete, so a folder that exists with a complete `meta.json` is always usable
+and a rerun skips it. Format version 1:
+
+- `face.mp4`     face crops (S x S, H.264 yuv420p, CRF 16, 25 fps, no audio)
+- `context.mp4`  context crops (S x S, same centre, 2x wider) with the head greyed
+                 out (`face_geometry.head_mask` / `mask_context`): the stage-1 condition
+- `track.npz`    compressed: `landmarks` int16 (N, P, 2) face-crop coordinates in
+                 1/`landmark_scale` px, delta-coded along time (cumsum to decode);
+                 `landmark_index` (P,) mesh indices (the sketch subset
+                 `tccp.sketch.SKETCH_INDICES`, enough for sketches, masks, boxes and
+                 mouth metrics); `face_boxes`, `context_boxes` (N, 4) float32 in source
+                 frame px; `found`, `interpolated` (N,) bool
+- `mel.npz`      compressed: `mel` uint8 (T, 80), log-mel at 80 frames/s;
+                 value = q * meta.mel.scale + meta.mel.offset
+- `meta.json`    written last; `complete: true` marks a finished folder
+
+Why video for the crops: 128 px faces as H.264 cost ~1 KB per frame at a PSNR (~38 dB)
+well above what the TAEF2 autoencoder keeps (~32 dB), so the codec is not what limits
+quality, and 48 clips fit in a few tens of MiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tccp.errors import TCCPError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "PrepareConfig",
+    "PrepareResult",
+    "resolve_audio",
+    "prepare_clip",
+    "prepare_clips",
+    "folder_size",
+]
+
+FORMAT_NAME = "tccp-prepared"  # keep in sync with tccp.dataset (checked by a test)
+FORMAT_VERSION = 1
+LANDMARK_SCALE = 16  # 1/16 px: the sub-pixel precision the sketches are drawn with
+_LM_LIMIT = 16383  # |q| bound so int16 deltas cannot overflow
+MEL_LO, MEL_HI = -4.0, 4.0  # tccp.audio.log_mel's output range
+
+
+@dataclass
+class PrepareConfig:
+    size: int = 128
+    crf: int = 16
+    preset: str = "slow"
+    fps: float = 25.0
+    sr: int = 16000
+    min_frames: int = 8
+    # head mask in the context crop (see face_geometry.head_mask)
+    mask_dilate: float = 0.1
+    mask_forehead: float = 0.35
+    strict_decoding: bool = True  # a damaged file is an error, not fewer frames
+    tracker: dict = field(default_factory=dict)  # FaceTrackerConfig overrides
+
+
+@dataclass
+class PrepareResult:
+    clip: Path
+    folder: Path | None
+    status: str  # "done", "skipped" or "failed"
+    error: str | None = None
+    n_frames: int = 0
+    seconds: float = 0.0
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def resolve_audio(clip: Path, audio: Path | None, has_audio: bool) -> Path | None:
+    """Where the clip's audio comes from: its own track, a same-stem .wav beside it
+    (`x_noaudio.mp4` -> `x.wav` or `x_noaudio.wav`), else `audio`; None = own track."""
+    if has_audio:
+        return None
+    stem = _stem(clip)
+    candidates = [stem]
+    if stem.endswith("_noaudio"):
+        candidates.insert(0, stem[: -len("_noaudio")])
+    for name in candidates:
+        for ext in (".wav", ".WAV"):
+            p = clip.with_name(name + ext)
+            if p.is_file():
+                return p
+    if audio is not None:
+        return audio
+    raise TCCPError(
+        f"{clip}: has no audio stream and no {candidates[0]}.wav beside it; pass --audio FILE"
+    )
+
+
+def _load(clip: Path, audio: Path | None, cfg: PrepareConfig):
+    from tccp import media
+
+    info = media.probe(clip)
+    if not info.has_video:
+        raise TCCPError(f"{clip}: has no video stream (is it an audio file?)")
+    apath = resolve_audio(clip, audio, info.has_audio)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", media.MediaWarning)
+        data = media.load_clip(
+            clip, apath, fps=cfg.fps, sr=cfg.sr, require_audio=True, min_frames=cfg.min_frames
+        )
+    problems = [w for w in caught if issubclass(w.category, media.MediaWarning)]
+    if problems and cfg.strict_decoding:
+        msg = str(problems[0].message).split("; using the")[0]
+        msg = msg if msg.startswith(str(clip)) else f"{clip}: {msg}"
+        raise TCCPError(f"{msg}; a damaged clip is not used for training")
+    return data
+
+
+def _quantise_landmarks(lm_crop: np.ndarray) -> np.ndarray:
+    q = np.clip(np.round(lm_crop * LANDMARK_SCALE), -_LM_LIMIT, _LM_LIMIT).astype(np.int32)
+    return np.diff(q, axis=0, prepend=np.zeros_like(q[:1])).astype(np.int16)
+
+
+def _quantise_mel(mel: np.ndarray) -> tuple[np.ndarray, float, float]:
+    scale = (MEL_HI - MEL_LO) / 255.0
+    q = np.clip(np.round((mel - MEL_LO) / scale), 0, 255).astype(np.uint8)
+    return q, scale, MEL_LO
+
+
+def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[[], None] | None) -> dict:
+    """Track, crop, mask and write every file of one clip into `tmp` (meta.json last)."""
+    from tccp import face, media
+    from tccp.audio import log_mel
+    from tccp.face_track import FaceTrackerConfig
+
+    size = cfg.size
+    tcfg = FaceTrackerConfig(fps=cfg.fps, **cfg.tracker)
+    with _quiet_native_stderr(), face.FaceTracker(tcfg) as tracker:
+        track = tracker.track(data.frames)
+    face.require_face(track, str(clip))
+    n = len(track)
+    lm_crop = face.to_crop_coords(track.landmarks, track.face_boxes, size)
+    sub = np.asarray(face.SKETCH_INDICES, dtype=np.int64)
+
+    writer_args = dict(fps=cfg.fps, crf=cfg.crf, preset=cfg.preset)
+    with media.VideoWriter(tmp / "face.mp4", **writer_args) as fw, media.VideoWriter(
+        tmp / "context.mp4", **writer_args
+    ) as cw:
+        for i in range(n):
+            frame = data.frames[i]
+            fw.write(face.crop(frame, track.face_boxes[i], size))
+            ctx = face.crop(frame, track.context_boxes[i], size)
+            mask = face.head_mask(
+                track.landmarks[i], track.context_boxes[i], size,
+                dilate=cfg.mask_dilate, forehead=cfg.mask_forehead,
+            )
+            cw.write(face.mask_context(ctx, mask))
+            if tick is not None and i % 25 == 0:
+                tick()
+
+    np.savez_compressed(
+        tmp / "track.npz",
+        landmarks=_quantise_landmarks(lm_crop[:, sub]),
+        landmark_index=sub.astype(np.int16),
+        face_boxes=track.face_boxes.astype(np.float32),
+        context_boxes=track.context_boxes.astype(np.float32),
+        found=track.found.astype(bool),
+        interpolated=track.interpolated.astype(bool),
+    )
+    mel = log_mel(data.audio, data.sr)
+    q, scale, offset = _quantise_mel(mel)
+    np.savez_compressed(tmp / "mel.npz", mel=q)
+
+    info = media.probe(clip)
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": str(clip.resolve()),
+        "audio_source": str(Path(data.audio_path).resolve()) if data.audio_path else None,
+        "fps": cfg.fps,
+        "src_fps": info.fps,
+        "src_size": [info.width, info.height],
+        "n_frames": n,
+        "size": size,
+        "face_scale": tcfg.face_scale,
+        "context_scale": tcfg.context_scale,
+        "mask": {"dilate": cfg.mask_dilate, "forehead": cfg.mask_forehead, "grey": face.MASK_GREY},
+        "landmark_scale": LANDMARK_SCALE,
+        "landmark_points": int(len(sub)),
+        "landmark_coding": "int16 deltas along time; cumsum then divide by landmark_scale",
+        "mel": {"scale": scale, "offset": offset, "n_frames": int(q.shape[0]), "fps": cfg.sr / 200},
+        "sr": cfg.sr,
+        "video": {"codec": "h264", "crf": cfg.crf, "preset": cfg.preset, "pix_fmt": "yuv420p"},
+        "n_found": int(track.found.sum()),
+        "n_interpolated": int(track.interpolated.sum()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": True,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: the done marker
+    return meta
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence mediapipe/TFLite's C++ log lines (they bypass Python) for one-line errors.
+
+    Only when stderr is not a terminal, i.e. in scripts and tests; interactively the
+    lines are harmless and may help.
+    """
+    try:
+        fd = sys.stderr.fileno()
+        quiet = not os.isatty(fd)
+    except (AttributeError, OSError, ValueError):
+        quiet = False
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _is_done(folder: Path, cfg: PrepareConfig) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(meta, dict)
+        and meta.get("format") == FORMAT_NAME
+        and meta.get("version") == FORMAT_VERSION
+        and meta.get("complete") is True
+        and meta.get("size") == cfg.size
+    )
+
+
+def _clean_stale_temps(out_dir: Path, name: str) -> None:
+    """Remove temp folders an interrupted (killed) earlier run left for this clip."""
+    for p in out_dir.glob(f".{name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out_dir.glob(f".{name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_clip(
+    clip: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    size: int = 128,
+    audio: str | os.PathLike | None = None,
+    config: PrepareConfig | None = None,
+    force: bool = False,
+    tick: Callable[[], None] | None = None,
+) -> Path:
+    """Prepare one clip into `out_dir/<stem>/`; returns the folder.
+
+    Skips a clip whose folder is already complete (same format and size) unless
+    `force`. Raises `TCCPError` naming the clip for anything wrong with the input; no
+    folder (and no temp folder) is left behind on failure.
+    """
+    from tccp.io_utils import atomic_dir, ensure_writable_dir
+
+    cfg = config if config is not None else PrepareConfig(size=int(size))
+    if cfg.size % 8 or cfg.size < 32:
+        raise TCCPError(f"--size {cfg.size}: must be a multiple of 8 and at least 32")
+    src = Path(clip)
+    out = ensure_writable_dir(out_dir)
+    folder = out / _stem(src)
+    if not force and _is_done(folder, cfg):
+        return folder
+    if not src.exists():  # before any work: the commonest mistake
+        raise TCCPError(f"{src}: file does not exist")
+    data = _load(src, Path(audio) if audio is not None else None, cfg)
+    _clean_stale_temps(out, folder.name)
+    with atomic_dir(folder) as tmp:
+        _write_clip(src, tmp, data, cfg, tick)
+        _fix_permissions(tmp)
+    return folder
+
+
+def _fix_permissions(folder: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give the result the
+    permissions a plain mkdir/open would have, so other users/processes can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+
+
+def _worker(args: tuple) -> PrepareResult:
+    clip, out_dir, audio, cfg, force = args
+    t0 = time.perf_counter()
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)  # one core per worker; the pool provides the parallelism
+        folder = prepare_clip(clip, out_dir, cfg.size, audio, cfg, force)
+        meta = json.loads((folder / "meta.json").read_text())
+        return PrepareResult(Path(clip), folder, "done", None, int(meta["n_frames"]), time.perf_counter() - t0)
+    except TCCPError as exc:
+        return PrepareResult(Path(clip), None, "failed", str(exc), 0, time.perf_counter() - t0)
+    except MemoryError:
+        return PrepareResult(Path(clip), None, "failed", f"{clip}: out of memory", 0, 0.0)
+
+
+def prepare_clips(
+    clips: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: PrepareConfig | None = None,
+    audio: str | os.PathLike | None = None,
+    workers: int = 1,
+    force: bool = False,
+    on_result: Callable[[PrepareResult], None] | None = None,
+) -> list[PrepareResult]:
+    """Prepare many clips (in a process pool when `workers > 1`); never raises for a
+    bad clip: each result says done/skipped/failed with the one-line error."""
+    from tccp.io_utils import ensure_writable_dir
+
+    cfg = config or PrepareConfig()
+    out = ensure_writable_dir(out_dir)
+    results: list[PrepareResult] = []
+    todo = []
+    for c in clips:
+        p = Path(c)
+        folder = out / _stem(p)
+        if not force and _is_done(folder, cfg):
+            r = PrepareResult(p, folder, "skipped")
+            results.append(r)
+            if on_result:
+                on_result(r)
+        else:
+            todo.append((str(p), str(out), str(audio) if audio is not None else None, cfg, force))
+    # longest clips first so that the pool does not end on one long straggler
+    todo.sort(key=lambda a: -_size_or_zero(a[0]))
+    if workers <= 1 or len(todo) <= 1:
+        for args in todo:
+            r = _worker(args)
+            results.append(r)
+            if on_result:
+                on_result(r)
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: mediapipe's and OpenCV's threads do not survive fork reliably
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, a) for a in todo]
+        for fut in as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            if on_result:
+                on_result(r)
+    return results
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def folder_size(path: str | os.PathLike) -> int:
+    """Bytes of all files under `path` (what the 40 MiB budget counts)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def config_dict(cfg: PrepareConfig) -> dict:
+    return asdict(cfg)
