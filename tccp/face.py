@@ -1,0 +1,75 @@
+"""Face tracking, crops, masks and landmark sketches: the import surface.
+
+The work lives in three modules with one job each: `face_track` (mediapipe + smoothing;
+imports mediapipe only when a tracker is built), `face_geometry` (boxes, crops, masks,
+measures) and `sketch` (landmark drawings). Only `face_track` needs mediapipe, so the
+dataset and engine can use the rest on a machine without it.
+"""
+
+from __future__ import annotations
+
+from tccp.face_geometry import (
+    CHIN,
+    FOREHEAD,
+    MASK_GREY,
+    box_to_affine,
+    context_box,
+    crop,
+    crop_to_frame_affine,
+    face_box,
+    face_square,
+    from_crop_coords,
+    head_mask,
+    inter_ocular,
+    invert_affine,
+    mask_context,
+    mouth_aperture,
+    square_box,
+    to_crop_coords,
+)
+from tccp.face_track import (
+    FaceObs,
+    FaceTracker,
+    FaceTrackerConfig,
+    OneEuroFilter,
+    SmoothingConfig,
+    Track,
+    fill_gaps,
+    jitter,
+    require_face,
+)
+from tccp.sketch import SKETCH_COLORS, SKETCH_INDICES, SKETCH_PARTS, draw_sketch, sketch_thickness
+
+__all__ = [
+    "CHIN",
+    "FOREHEAD",
+    "MASK_GREY",
+    "SKETCH_COLORS",
+    "SKETCH_INDICES",
+    "SKETCH_PARTS",
+    "FaceObs",
+    "FaceTracker",
+    "FaceTrackerConfig",
+    "OneEuroFilter",
+    "SmoothingConfig",
+    "Track",
+    "box_to_affine",
+    "context_box",
+    "crop",
+    "crop_to_frame_affine",
+    "draw_sketch",
+    "face_box",
+    "face_square",
+    "fill_gaps",
+    "from_crop_coords",
+    "head_mask",
+    "inter_ocular",
+    "invert_affine",
+    "jitter",
+    "mask_context",
+    "mouth_aperture",
+    "require_face",
+    "sketch_thickness",
+    "square_box",
+    "to_crop_coords",
+]
