@@ -141,7 +141,7 @@ def crop(
     channels = frame.shape[2] if frame.ndim == 3 else 0
     fill = (value,) * max(channels, 1)
     out = cv2.warpAffine(
-        frame, m, (work, work), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=fill
+        np.ascontiguousarray(frame), m, (work, work), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=fill
     )
     if factor > 1:
         out = cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
