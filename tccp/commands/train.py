@@ -1,0 +1,97 @@
+"""`tccp train`: train stage 1 (landmarks) or stage 2 (faces); export a model pack.
+
+    tccp train --stage landmarks --data data/prepared --out runs/s1 --config small --steps 3000
+    tccp train --stage landmarks --data data/prepared --out runs/s1 --resume --minutes 9
+    tccp train --export-pack models/default --stage1 runs/s1 --stage2 runs/s2
+
+See docs/training.md for the chunked GPU recipe and multi-GPU (torchrun) use.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__.split("\n", 1)[1]
+    g = p.add_argument_group("run")
+    g.add_argument("--stage", choices=["landmarks", "faces", "1", "2"], help="landmarks = stage 1, faces = stage 2")
+    g.add_argument("--data", metavar="DIR", help="folder of prepared clips (tccp prepare)")
+    g.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    g.add_argument("--config", default="small", help="model config: tiny, small or paper (default small)")
+    g.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
+    g.add_argument("--batch", type=int, default=8, help="windows per step per process (default 8)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--minutes", type=float, default=None, help="stop cleanly with a checkpoint within M minutes")
+    g.add_argument("--val-every", type=int, default=250, metavar="K", help="validation loss every K steps (0: never)")
+    g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps (0: only at the end)")
+    g.add_argument("--init", metavar="PACK_OR_CKPT", help="start from these weights (pack, run, checkpoint or .safetensors)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (paper: 2e-4)")
+    o.add_argument("--warmup", type=int, default=100, metavar="STEPS", help="linear lr warm-up steps (default 100)")
+    o.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
+    o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    m = p.add_argument_group("misc")
+    m.add_argument("--cache", metavar="FILE", help="latent cache file (default DATA/latents/latents.safetensors)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--export-weights", metavar="DIR", help="after training, write an fp16 weights-only checkpoint here")
+    e = p.add_argument_group("export a model pack (no training)")
+    e.add_argument("--export-pack", metavar="PACK_DIR", help="write the engine's model pack from two runs")
+    e.add_argument("--stage1", metavar="RUN_OR_CKPT", help="stage-1 (landmarks) run or checkpoint")
+    e.add_argument("--stage2", metavar="RUN_OR_CKPT", help="stage-2 (faces) run or checkpoint")
+    e.add_argument("--name", default=None, help="model card name for the pack")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tccp.errors import TCCPError
+
+    if args.export_pack:
+        if not (args.stage1 and args.stage2):
+            raise TCCPError("--export-pack needs --stage1 RUN and --stage2 RUN")
+        from tccp.train import export_pack
+
+        card = {"name": args.name} if args.name else {}
+        path = export_pack(args.stage1, args.stage2, args.export_pack, card)
+        print(path)
+        return 0
+    missing = [f"--{k}" for k in ("stage", "data", "out") if not getattr(args, k)]
+    if missing:
+        raise TCCPError(f"tccp train: missing {', '.join(missing)}")
+    from tccp.train import TrainConfig, export_weights, train
+
+    cfg = TrainConfig(
+        stage=args.stage,
+        data=args.data,
+        out=args.out,
+        config=args.config,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema,
+        p_first=args.p_first,
+        seed=args.seed,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        minutes=args.minutes,
+        device=args.device,
+        bf16=not args.no_bf16,
+        init=args.init,
+        cache=args.cache,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    result = train(cfg)
+    if args.export_weights and result.checkpoint is not None:
+        print(export_weights(result.checkpoint, args.export_weights))
+    elif result.checkpoint is not None:
+        print(result.checkpoint)
+    return 0

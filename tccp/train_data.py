@@ -1,0 +1,180 @@
+"""What each training stage sees, and in which order (for `tccp.train`).
+
+Stage 1 (`landmarks`) generates sketch latents from the head-masked context (c_v);
+stage 2 (`faces`) generates face latents from the sketches (c_v). Both take c_l =
+audio (mel windows) + identity (the face latent of another frame of the same clip).
+
+Batches are drawn by optimizer step, not by iterating a DataLoader: the indices of
+step `s` on rank `r` are a pure function of (seed, s, r), computed through
+`DistributedSampler` (so multi-GPU shards are the usual disjoint ones), which is what
+makes `--resume` continue with exactly the batches an uninterrupted run would have
+seen, without saving any loader state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from tccp.errors import TCCPError
+
+__all__ = [
+    "STAGES",
+    "StageSpec",
+    "stage_spec",
+    "collate",
+    "StepSampler",
+    "cache_path",
+    "ensure_latent_cache",
+    "fixed_subset",
+]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    target: str  # latent kind generated
+    control: str  # latent kind fed to the control branch (c_v)
+    number: int
+
+
+STAGES: dict[str, StageSpec] = {
+    "landmarks": StageSpec("landmarks", target="sketches", control="contexts", number=1),
+    "faces": StageSpec("faces", target="faces", control="sketches", number=2),
+}
+
+
+def stage_spec(stage: str) -> StageSpec:
+    aliases = {"1": "landmarks", "stage1": "landmarks", "2": "faces", "stage2": "faces"}
+    key = aliases.get(str(stage), str(stage))
+    if key not in STAGES:
+        raise TCCPError(f"--stage {stage}: choose 'landmarks' (stage 1) or 'faces' (stage 2)")
+    return STAGES[key]
+
+
+def collate(items: Sequence[dict], spec: StageSpec, device: torch.device | str = "cpu") -> dict:
+    """Window items of `LatentWindowDataset` -> the batch `diffusion_loss` takes:
+    target/c_v (B, C, N, h, w), mel (B, N, 16, 80), ref (B, C, h, w)."""
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([it[key] for it in items]).to(device, non_blocking=True)
+
+    return {
+        "target": stack(spec.target),
+        "c_v": stack(spec.control),
+        "mel": stack("mel"),
+        "ref": stack("ref"),
+    }
+
+
+class StepSampler:
+    """Dataset indices of optimizer step `step` for this rank.
+
+    The per-rank index stream is the concatenation of `DistributedSampler` epochs
+    (shuffled with seed + epoch, drop_last so every rank has the same count); step `s`
+    takes positions `s*B .. s*B+B-1` of that stream, crossing epoch boundaries when
+    the epoch length is not a multiple of B.
+    """
+
+    def __init__(self, dataset_len: int, batch: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if dataset_len < world:
+            raise TCCPError(f"only {dataset_len} training windows for {world} processes")
+        self.n = dataset_len
+        self.batch = batch
+        self._sampler = DistributedSampler(
+            range(dataset_len), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.per_epoch = len(self._sampler)
+        self._cache: dict[int, list[int]] = {}
+
+    def _epoch(self, e: int) -> list[int]:
+        if e not in self._cache:
+            self._sampler.set_epoch(e)
+            self._cache = {e: list(iter(self._sampler))}  # keep one epoch in memory
+        return self._cache[e]
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch, (step + 1) * self.batch):
+            e, i = divmod(pos, self.per_epoch)
+            out.append(self._epoch(e)[i])
+        return out
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed (fractional) after `step` steps."""
+        return step * self.batch / self.per_epoch
+
+
+def fixed_subset(n: int, k: int) -> list[int]:
+    """`k` indices spread evenly over range(n): the fixed validation windows."""
+    if n <= k:
+        return list(range(n))
+    return [int(round(x)) for x in np.linspace(0, n - 1, k)]
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def cache_path(data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Where the latent cache of a data folder lives: `DATA/latents/latents.safetensors`
+    (travels with the data and is shared by both stages) when DATA is writable, else
+    `OUT/cache/latents.safetensors`."""
+    data = Path(data_dir)
+    if os.access(data, os.W_OK):
+        return data / "latents" / "latents.safetensors"
+    return Path(out_dir) / "cache" / "latents.safetensors"
+
+
+def _cache_is_current(path: Path, clips: Sequence) -> bool:
+    """True if `path` holds latents of every clip with an unchanged fingerprint
+    (reads only the safetensors header)."""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    from tccp.dataset import _fingerprint  # the cache's own staleness key
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except Exception:
+        return False
+    for clip in clips:
+        if meta.get(f"fp/{clip.name}") != _fingerprint(clip):
+            return False
+        if not all(f"{clip.name}/{k}" in keys for k in ("faces", "contexts", "sketches")):
+            return False
+    return True
+
+
+def ensure_latent_cache(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Encode every prepared clip under `data_dir` to TAEF2 latents once (resumable per
+    clip; see `tccp.dataset.encode_dataset_latents`) and return the cache file."""
+    from tccp.dataset import PreparedClip, find_prepared
+
+    folders = find_prepared(data_dir)
+    if not folders:
+        raise TCCPError(f"{data_dir}: no prepared clips found (run `tccp prepare` first)")
+    target = Path(path) if path is not None else cache_path(data_dir, out_dir)
+    clips = [PreparedClip(f) for f in folders]
+    if _cache_is_current(target, clips):
+        return target
+    from tccp.autoencoder import load_autoencoder
+    from tccp.dataset import encode_dataset_latents
+
+    ae = load_autoencoder(device=device)
+    batch = 64 if str(device).startswith("cuda") else 16
+    return encode_dataset_latents(folders, ae, target, batch_size=batch, progress=progress)
