@@ -89,16 +89,26 @@ class FrameGrid:
 
 
 class AudioTo16k:
-    """Any `av.AudioFrame` (Opus gives 48 kHz stereo s16) -> mono float32 at 16 kHz."""
+    """Any `av.AudioFrame` (Opus gives 48 kHz stereo s16) -> mono float32 at 16 kHz.
+
+    Channels are averaged here rather than by libswresample's downmix, which mixes
+    stereo to mono at -3 dB per channel (x1.41 for identical channels) and would clip
+    loud speech.
+    """
 
     def __init__(self, rate: int = 16000) -> None:
-        import av
-
         self.rate = rate
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self._resampler = None
+        self._layout: str | None = None
 
     def __call__(self, frame) -> np.ndarray:
-        chunks = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        import av
+
+        layout = frame.layout.name
+        if self._resampler is None or layout != self._layout:  # a mid-stream change restarts
+            self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
+            self._layout = layout
+        chunks = [f.to_ndarray().mean(axis=0) for f in self._resampler.resample(frame)]
         if not chunks:
             return np.zeros(0, np.float32)
         return np.concatenate(chunks).astype(np.float32, copy=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import inspect
 import json
@@ -25,7 +26,7 @@ from typing import Any
 from tccp.errors import TCCPError
 
 __all__ = [
-    "ServerConfig", "ServerState", "create_app", "start_server", "serve",
+    "ServerConfig", "ServerState", "state_of", "create_app", "start_server", "serve",
     "add_arguments", "main", "STATIC_DIR",
 ]
 
@@ -70,6 +71,18 @@ class ServerState:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=1)
+def _key():
+    from aiohttp import web
+
+    return web.AppKey("tccp", ServerState)
+
+
+def state_of(app) -> ServerState:
+    """The server's live state (peers, counters, test reports) of an app from create_app."""
+    return app[_key()]
 
 
 def _error(status: int, message: str, headers: dict | None = None, **extra: Any):
@@ -143,7 +156,7 @@ async def _client_js(request):
 async def _healthz(request):
     from aiohttp import web
 
-    st: ServerState = request.app["tccp"]
+    st: ServerState = state_of(request.app)
     return web.json_response(
         {
             "status": "ok",
@@ -158,7 +171,7 @@ async def _healthz(request):
 async def _metrics(request):
     from aiohttp import web
 
-    st: ServerState = request.app["tccp"]
+    st: ServerState = state_of(request.app)
     st.metrics.sessions_active.set(st.active)
     body, ctype = st.metrics.render()
     return web.Response(body=body, headers={"Content-Type": ctype})
@@ -167,7 +180,7 @@ async def _metrics(request):
 async def _test_report(request):
     from aiohttp import web
 
-    st: ServerState = request.app["tccp"]
+    st: ServerState = state_of(request.app)
     data = await _read_json(request, 4096)
     if isinstance(data, web.StreamResponse):
         return data
@@ -185,7 +198,7 @@ async def _offer(request):
 
     from streaming.peer import Peer, PeerLimits
 
-    st: ServerState = request.app["tccp"]
+    st: ServerState = state_of(request.app)
     cfg: ServerConfig = st.config
     data = await _read_json(request, cfg.max_body)
     if isinstance(data, web.StreamResponse):
@@ -275,7 +288,7 @@ def create_app(config: ServerConfig, session_factory) -> "Any":
     @web.middleware
     async def guard(request, handler):
         if request.path in PROTECTED and not _token_ok(request, config.token):
-            request.app["tccp"].metrics.sessions_rejected.labels("auth").inc()
+            state_of(request.app).metrics.sessions_rejected.labels("auth").inc()
             return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
         try:
             return await handler(request)
@@ -286,7 +299,7 @@ def create_app(config: ServerConfig, session_factory) -> "Any":
     app = web.Application(middlewares=[guard], client_max_size=config.max_body)
     metrics = ServerMetrics()
     metrics.sessions_max.set(config.max_sessions)
-    app["tccp"] = ServerState(config=config, session_factory=session_factory, metrics=metrics)
+    app[_key()] = ServerState(config=config, session_factory=session_factory, metrics=metrics)
     app.router.add_get("/", _index)
     app.router.add_get("/index.html", _index)
     app.router.add_get("/client.js", _client_js)
@@ -300,7 +313,7 @@ def create_app(config: ServerConfig, session_factory) -> "Any":
 
 
 async def _close_all(app) -> None:
-    st: ServerState = app["tccp"]
+    st = state_of(app)
     peers = list(st.peers.values())
     await asyncio.gather(*(p.close("shutdown") for p in peers), return_exceptions=True)
 
