@@ -1,0 +1,169 @@
+"""Paste-back compositing: a generated face crop back into its source frame.
+
+The generator works on a square crop; the viewer sees the whole frame. Three things
+keep the seam invisible: the crop is mapped back with the exact inverse of the crop
+transform (no half-pixel drift), only the head region is replaced and its edge is
+feathered with a Gaussian, and the generated pixels are colour-matched (mean/std per
+LAB channel) to the original head near the seam, so a lighting or white-balance
+difference of the generator does not show as a sharp outline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "crop_affine",
+    "crop_box",
+    "feather_mask",
+    "colour_match",
+    "paste_back",
+    "CompositeSettings",
+]
+
+Box = Sequence[float]
+
+
+@dataclass(frozen=True)
+class CompositeSettings:
+    feather: float = 0.06
+    """Gaussian sigma of the mask edge, as a fraction of the crop size."""
+    colour_match: bool = True
+    ring: float = 0.12
+    """Width of the band inside the head edge used for colour statistics (fraction of
+    the crop size): that is where generated and original pixels must agree."""
+    max_gain: float = 1.6
+    """Clamp on the per-channel std ratio so a degenerate crop cannot blow up."""
+
+
+def crop_affine(box: Box, size: int) -> np.ndarray:
+    """2x3 affine mapping crop pixel centres to frame coordinates for `box`.
+
+    Pixel-centre convention: crop pixel (u, v) covers frame
+    `x0 + (u + 0.5) * s - 0.5` with `s = (x1 - x0) / size`; its inverse is what a
+    crop with `cv2.warpAffine(frame, inverse)` samples, so crop and paste-back are
+    exact inverses of each other.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    sx = (x1 - x0) / size
+    sy = (y1 - y0) / size
+    return np.array(
+        [[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5]], np.float64
+    )
+
+
+def crop_box(frame: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """The `size x size` crop of `box` (edges replicated where the box leaves the frame)."""
+    m = cv2.invertAffineTransform(crop_affine(box, size))
+    return cv2.warpAffine(
+        np.ascontiguousarray(frame), m, (size, size), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def feather_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Soft version of a head mask in crop coordinates, zero at the crop border.
+
+    The mask is eroded by about one sigma before blurring so that the soft edge sits
+    on the head boundary rather than spilling 2 sigma into the background, and it is
+    forced to zero at the crop border so the square box itself never shows.
+    """
+    m = np.asarray(mask, np.float32)
+    if m.max() > 1.0:
+        m = m / 255.0
+    size = m.shape[0]
+    if sigma_px > 0:
+        k = max(1, int(round(sigma_px)))
+        m = cv2.erode(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+        m = cv2.GaussianBlur(m, (0, 0), sigmaX=sigma_px, sigmaY=sigma_px)
+    # ramp to zero over the outer ~sigma pixels of the crop
+    ramp_w = max(1.0, sigma_px)
+    idx = np.arange(size, dtype=np.float32)
+    edge = np.minimum(idx + 0.5, size - idx - 0.5)
+    ramp = np.clip(edge / ramp_w, 0.0, 1.0)
+    m = m * ramp[:, None] * ramp[None, :]
+    return np.clip(m, 0.0, 1.0)
+
+
+def _ring(mask: np.ndarray, width_px: int) -> np.ndarray:
+    hard = (np.asarray(mask, np.float32) > 0.5).astype(np.uint8)
+    k = max(1, width_px)
+    inner = cv2.erode(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+    return (hard > 0) & (inner == 0)
+
+
+def colour_match(
+    generated: np.ndarray,
+    original: np.ndarray,
+    region: np.ndarray,
+    max_gain: float = 1.6,
+) -> np.ndarray:
+    """Shift/scale each LAB channel of `generated` so that, inside `region`, its mean and
+    std equal those of `original`. Returns uint8 RGB. A region of fewer than 16 pixels
+    leaves the image unchanged (no reliable statistics)."""
+    region = np.asarray(region, bool)
+    if region.sum() < 16:
+        return generated
+    gen = cv2.cvtColor(generated.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    ref = cv2.cvtColor(original.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    g, r = gen[region], ref[region]
+    g_mean, g_std = g.mean(0), g.std(0) + 1e-3
+    r_mean, r_std = r.mean(0), r.std(0) + 1e-3
+    gain = np.clip(r_std / g_std, 1.0 / max_gain, max_gain)
+    out = (gen - g_mean) * gain + r_mean
+    out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
+    rgb = cv2.cvtColor(out.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def paste_back(
+    frame: np.ndarray,
+    crop: np.ndarray,
+    box: Box,
+    mask: np.ndarray,
+    settings: CompositeSettings = CompositeSettings(),
+) -> np.ndarray:
+    """Blend the generated `crop` (size x size, for `box`) into a copy of `frame`.
+
+    `mask` is the head region in crop coordinates (float [0, 1] or uint8), the part the
+    generator was asked to fill. Only the frame region under the box is touched.
+    """
+    size = crop.shape[0]
+    if crop.shape[:2] != (size, size) or mask.shape[:2] != (size, size):
+        raise ValueError(f"crop {crop.shape} and mask {mask.shape} must be square and equal")
+    out = np.array(frame, copy=True)
+    h, w = out.shape[:2]
+    m = crop_affine(box, size)
+    # frame ROI covered by the box (one pixel margin for interpolation)
+    x0 = max(0, int(np.floor(box[0])) - 1)
+    y0 = max(0, int(np.floor(box[1])) - 1)
+    x1 = min(w, int(np.ceil(box[2])) + 1)
+    y1 = min(h, int(np.ceil(box[3])) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return out  # box entirely outside the frame
+
+    if settings.colour_match:
+        original = crop_box(frame, box, size)
+        ring = _ring(mask, max(1, int(round(settings.ring * size))))
+        crop = colour_match(crop, original, ring, settings.max_gain)
+    alpha = feather_mask(mask, settings.feather * size)
+
+    m_roi = m.copy()
+    m_roi[:, 2] -= (x0, y0)
+    roi_w, roi_h = x1 - x0, y1 - y0
+    warped = cv2.warpAffine(
+        np.ascontiguousarray(crop), m_roi, (roi_w, roi_h),
+        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
+    )
+    a = cv2.warpAffine(
+        alpha, m_roi, (roi_w, roi_h), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0.0,
+    )[..., None]
+    roi = out[y0:y1, x0:x1].astype(np.float32)
+    blended = roi * (1.0 - a) + warped.astype(np.float32) * a
+    out[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out

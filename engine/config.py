@@ -1,0 +1,103 @@
+"""Engine settings shared by file runs, the microphone and WebRTC sessions.
+
+One dataclass so that every entry point (CLI, demo, server) exposes the same knobs and
+the degradation policy in docs/engine.md has one place to read its thresholds from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EngineConfig", "SAMPLERS"]
+
+SAMPLERS = ("ddim", "dpmpp", "ddpm")
+
+
+@dataclass
+class EngineConfig:
+    """Per-session engine settings.
+
+    `live=True` is for real-time sources (camera, microphone, WebRTC): input never
+    blocks (the oldest frame is dropped and counted), a slow `get()` consumer loses
+    the oldest output frames, and the latency budget drives degradation. `live=False`
+    (files) applies backpressure instead and, unless a budget is given, never degrades:
+    an offline render should be full quality however long it takes.
+    """
+
+    steps: int = 4
+    """Sampler steps per stage at full quality."""
+    sampler: str = "ddim"
+    min_steps: int = 1
+    """Degradation never reduces the step count below this."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale (1 = off: one model call per step)."""
+    window: int = 8
+    """Slots per model window: slot 0 conditions, `window - 1` frames are new."""
+    fps: float = 25.0
+    sr: int = 16000
+    live: bool = False
+    latency_budget_s: float | None = None
+    """End-to-end budget per window (last frame in -> its output out). None = auto:
+    live sessions get the real-time budget `budget_windows * (window - 1) / fps`,
+    file sessions get none (no degradation)."""
+    budget_windows: float = 2.0
+    """Auto live budget in units of one window's duration (0.28 s at 25 fps)."""
+    recover_after: int = 4
+    """Windows comfortably under budget (< `recover_ratio` x budget) before one
+    degradation level is undone."""
+    recover_ratio: float = 0.5
+    degrade: bool = True
+    """Allow the degradation ladder at all (False: always full quality)."""
+    video_queue: int = 32
+    """Input frames buffered before alignment (live: drop oldest beyond this)."""
+    job_queue: int = 2
+    """Prepared windows waiting for the model (live: the oldest is passed through)."""
+    output_queue: int = 64
+    """Composited frames waiting for `get()` (live: drop oldest beyond this)."""
+    audio_wait_s: float = 0.5
+    """Live: how long a ready window waits for its audio before using silence."""
+    max_gap_frames: int = 12
+    """Live A/V alignment: a gap in the input longer than this many 25 fps slots is
+    not filled with repeated frames (the grid restarts at the next frame)."""
+    identity: np.ndarray | None = field(default=None, repr=False)
+    """Identity reference image (uint8 RGB, any size, one face). None: the first
+    tracked face of the session's own video."""
+    identity_crop: np.ndarray | None = field(default=None, repr=False)
+    """Ready-made identity face crop (model size, as `engine.prep.prepare_identity`
+    makes it); takes precedence over `identity`. Lets a caller validate the image up
+    front and share one crop between sessions."""
+    seed: int = 0
+    colour_match: bool = True
+    feather: float = 0.06
+    """Gaussian feather of the paste-back mask, as a fraction of the crop size."""
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps < 1 or self.min_steps < 1:
+            raise ValueError("steps and min_steps must be >= 1")
+        self.min_steps = min(self.min_steps, self.steps)
+        if self.window < 2:
+            raise ValueError("window must have at least 2 slots")
+        if min(self.video_queue, self.job_queue, self.output_queue) < 1:
+            raise ValueError("queue sizes must be >= 1")
+
+    @property
+    def new_frames(self) -> int:
+        """Frames generated per window (the conditioning slot is not new)."""
+        return self.window - 1
+
+    @property
+    def budget_s(self) -> float | None:
+        """The effective per-window latency budget (None: unlimited)."""
+        if self.latency_budget_s is not None:
+            return float(self.latency_budget_s)
+        if self.live:
+            return self.budget_windows * self.new_frames / self.fps
+        return None
+
+    def with_(self, **changes: Any) -> "EngineConfig":
+        return replace(self, **changes)

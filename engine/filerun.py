@@ -1,0 +1,238 @@
+"""File to file: a context video plus driving audio -> an edited mp4 (H.264 + AAC).
+
+The output always covers the whole driving audio (the audio decides the length, as in
+dubbing): a context video that is shorter is played forwards and backwards
+(ping-pong, so there is no jump cut at the loop point), a longer one is cut. The
+output carries the driving audio, not the video's own track, and appears only when
+complete (atomic write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.model import SharedModel
+from engine.session import EngineError, OutputFrame, Session
+from tccp.errors import TCCPError
+
+__all__ = ["RunResult", "run_file", "run_file_async", "pingpong_index", "load_image", "context_frames"]
+
+
+@dataclass
+class RunResult:
+    out: Path
+    frames: int
+    duration: float
+    """Seconds of output (= driving audio, to within a frame)."""
+    summary: dict
+    """`SessionStats.summary()` of the run."""
+    metrics: dict
+    """`SessionStats.as_metrics()` of the run."""
+    context_frames: int
+    """Frames the context video had (before ping-pong / cut)."""
+    looped: bool
+    preview: list | None = None
+    """With keep_preview: (original, sketch, generated) triples of a few frames."""
+
+
+def pingpong_index(i: int, n: int) -> int:
+    """Frame of an `n`-frame clip shown at output frame `i` when played back and forth
+    (0 1 2 .. n-1 n-2 .. 1 0 1 ...): the end frames are not doubled, so the motion
+    reverses smoothly."""
+    if n <= 1:
+        return 0
+    period = 2 * (n - 1)
+    k = i % period
+    return k if k < n else period - k
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 image from a still image (or the first frame of a video)."""
+    import cv2
+
+    p = Path(path)
+    if not p.exists():
+        raise TCCPError(f"{p}: no such file")
+    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+    if img is not None:
+        return np.ascontiguousarray(img[:, :, ::-1])
+    from tccp import media
+
+    try:
+        for _, frame in media.iter_video(p, fps=None, max_frames=1, min_frames=1):
+            return frame
+    except TCCPError:
+        pass
+    raise TCCPError(f"{p}: cannot read an image from this file")
+
+
+def context_frames(video: Path, n_out: int, fps: float) -> tuple[Iterator[np.ndarray], int, bool]:
+    """Frames 0..n_out-1 of the context video on the output timeline.
+
+    Returns (iterator, number of source frames used or known, looped). A video at
+    least as long as the audio is streamed and cut (constant memory); a shorter one is
+    decoded once and played ping-pong.
+    """
+    from tccp import media
+
+    info = media.probe(video)
+    if not info.has_video:
+        raise TCCPError(f"{video}: has no video stream (is it an audio file?)")
+    expected = int(np.floor(info.duration * fps + 1e-6))
+    if expected >= n_out + 2:
+        src = media.iter_video(video, fps=fps, max_frames=n_out)
+        first = next(src, None)  # surfaces decode errors before any work starts
+        if first is None:
+            raise TCCPError(f"{video}: no frames could be decoded")
+
+        def cut() -> Iterator[np.ndarray]:
+            last = first[1]
+            yield last
+            count = 1
+            for _, f in src:
+                last = f
+                yield f
+                count += 1
+            while count < n_out:  # a damaged tail: hold the last frame
+                yield last
+                count += 1
+
+        return cut(), n_out, False
+    vd = media.read_video(video, fps=fps)
+    frames = vd.frames
+    n = int(frames.shape[0])
+
+    def pingpong() -> Iterator[np.ndarray]:
+        for i in range(n_out):
+            yield frames[pingpong_index(i, n)]
+
+    return pingpong(), n, n < n_out
+
+
+def _driving_audio(video: Path, audio: Path | None, sr: int, max_seconds: float | None) -> tuple[np.ndarray, Path]:
+    from tccp import media
+
+    src = audio if audio is not None else video
+    if not src.exists():
+        raise TCCPError(f"{src}: no such file")
+    info = media.probe(src)
+    if not info.has_audio:
+        if audio is None:
+            raise TCCPError(f"{video}: has no audio track to drive the face; pass --audio FILE")
+        raise TCCPError(f"{src}: has no audio stream")
+    samples = media.read_audio(src, sr=sr, max_seconds=max_seconds)
+    if max_seconds is not None:
+        samples = samples[: int(round(max_seconds * sr))]
+    if samples.size < sr // 10:
+        raise TCCPError(f"{src}: audio is too short ({samples.size / sr:.2f} s)")
+    return samples, src
+
+
+async def run_file_async(
+    video: str | os.PathLike,
+    out: str | os.PathLike,
+    model: SharedModel,
+    *,
+    audio: str | os.PathLike | None = None,
+    config: EngineConfig | None = None,
+    identity: str | os.PathLike | np.ndarray | None = None,
+    max_seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    tracker=None,
+    preview_frames: int = 0,
+) -> RunResult:
+    """Edit `video` so the face speaks `audio` (default: the video's own track).
+
+    `identity` is an image (path or RGB array) whose face is the identity reference;
+    by default the video's own face is used. `preview_frames` > 0 keeps that many
+    (original, sketch, generated) triples spread over the run for a preview image.
+    """
+    from tccp import media
+    from engine.prep import prepare_identity
+
+    video, out = Path(video), Path(out)
+    if not video.exists():
+        raise TCCPError(f"{video}: no such file")
+    if out.suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise TCCPError(f"{out}: output must be an .mp4 file")
+    cfg = (config or EngineConfig()).with_(live=False)
+    if max_seconds is not None and max_seconds <= 0:
+        raise TCCPError(f"--max-seconds {max_seconds}: must be positive")
+    samples, audio_src = _driving_audio(video, Path(audio) if audio is not None else None, cfg.sr, max_seconds)
+    n_out = int(round(samples.size / cfg.sr * cfg.fps))
+    if n_out < 1:
+        raise TCCPError(f"{audio_src}: audio is shorter than one frame")
+    frames_it, n_ctx, looped = context_frames(video, n_out, cfg.fps)
+
+    if identity is not None:
+        name = str(identity) if not isinstance(identity, np.ndarray) else "identity image"
+        img = identity if isinstance(identity, np.ndarray) else load_image(identity)
+        loop = asyncio.get_running_loop()
+        crop = await loop.run_in_executor(None, prepare_identity, img, model.size, name)
+        cfg = cfg.with_(identity_crop=crop, identity=None)
+
+    keep = preview_frames > 0
+    sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")
+    preview: list = []
+    preview_at = set(np.linspace(0, n_out - 1, preview_frames).round().astype(int).tolist()) if keep else set()
+    originals: dict[int, np.ndarray] = {}
+
+    async def produce() -> None:
+        await sess.push_audio(samples, 0.0)
+        for i, frame in enumerate(frames_it):
+            if i >= n_out:
+                break
+            if i in preview_at:
+                originals[i] = frame
+            await sess.push_video(frame, i / cfg.fps)
+        await sess.close()
+
+    writer = media.VideoWriter(out, fps=cfg.fps, audio=samples, sr=cfg.sr)
+    written = 0
+    producer = asyncio.get_running_loop().create_task(produce())
+    try:
+        while True:
+            of: OutputFrame | None = await sess.get()
+            if of is None:
+                break
+            writer.write(of.frame)
+            if written in preview_at and written in originals:
+                sketch = of.sketch if of.sketch is not None else np.zeros_like(of.crop if of.crop is not None else of.frame[:8, :8])
+                preview.append((originals.pop(written), sketch, of.frame, of.crop))
+            written += 1
+            if progress is not None:
+                progress(written, n_out)
+        await producer
+        if written != n_out:
+            raise RuntimeError(f"engine produced {written} frames for {n_out} inputs")
+        writer.close()
+    except BaseException as exc:
+        writer.abort()
+        producer.cancel()
+        sess.abort()
+        if isinstance(exc, EngineError) and isinstance(exc.__cause__, TCCPError):
+            raise exc.__cause__ from None
+        raise
+    stats = sess.stats
+    return RunResult(
+        out=out,
+        frames=written,
+        duration=written / cfg.fps,
+        summary=stats.summary(),
+        metrics=stats.as_metrics(),
+        context_frames=n_ctx,
+        looped=looped,
+        preview=preview if keep else None,
+    )
+
+
+def run_file(video, out, model: SharedModel, **kwargs) -> RunResult:
+    """Synchronous wrapper of `run_file_async` (its own event loop)."""
+    return asyncio.run(run_file_async(video, out, model, **kwargs))

@@ -1,0 +1,183 @@
+"""Per-window face tracking and crops (the CPU work before the model).
+
+Runs in the session's own worker thread (mediapipe graphs are stateful and not
+thread-safe, and must not block the event loop). The crops, masks and sketches are
+made exactly as `tccp.prepare` makes the training data (same boxes, sizes, head mask
+and grey fill), so the models see at inference what they saw in training.
+
+Gaps: streaming has no look-ahead beyond the current window, so a missing face is
+interpolated when the face comes back inside the same window, held from the last
+tracked frame for up to `max_gap` frames otherwise, and declared absent after that
+(those frames pass through unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from tccp import face_geometry as fg
+from tccp.sketch import draw_sketch
+
+__all__ = ["PreparedWindow", "WindowPreparer", "prepare_identity"]
+
+
+@dataclass
+class PreparedWindow:
+    index: int
+    pts: np.ndarray  # (n,) grid times
+    grid: np.ndarray  # (n,) grid indices
+    frames: list[np.ndarray]  # originals (n of them, 1..window-1)
+    arrival: float  # monotonic time the last frame became available
+    found: np.ndarray  # (n,) bool: usable face
+    landmarks: np.ndarray | None = None  # (n, 478, 2) frame px
+    face_boxes: np.ndarray | None = None  # (n, 4)
+    faces: np.ndarray | None = None  # (n, S, S, 3) tracked face crops
+    contexts: np.ndarray | None = None  # (n, S, S, 3) head-masked context crops
+    sketches: np.ndarray | None = None  # (n, S, S, 3) sketches of tracked landmarks
+    masks: np.ndarray | None = None  # (n, S, S) float head masks in face-crop coords
+    ready: float = 0.0  # monotonic time preparation finished
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.frames)
+
+    @property
+    def any_face(self) -> bool:
+        return bool(np.asarray(self.found).any())
+
+
+def _crops(
+    frame: np.ndarray, lm: np.ndarray, fbox: np.ndarray, cbox: np.ndarray, size: int,
+    mask_dilate: float, mask_forehead: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    face = fg.crop(frame, fbox, size)
+    ctx = fg.crop(frame, cbox, size)
+    cmask = fg.head_mask(lm, cbox, size, dilate=mask_dilate, forehead=mask_forehead)
+    ctx = fg.mask_context(ctx, cmask)
+    sketch = draw_sketch(fg.to_crop_coords(lm, fbox, size), size)
+    fmask = fg.head_mask(lm, fbox, size, dilate=mask_dilate, forehead=mask_forehead)
+    return face, ctx, sketch, fmask
+
+
+class WindowPreparer:
+    """Tracks frames window by window and makes the model's per-frame inputs."""
+
+    def __init__(
+        self,
+        size: int,
+        fps: float = 25.0,
+        max_gap: int = 5,
+        tracker=None,
+        mask_dilate: float = 0.1,
+        mask_forehead: float = 0.35,
+        face_scale: float = 1.6,
+        context_scale: float = 3.2,
+    ) -> None:
+        self.size = int(size)
+        self.fps = float(fps)
+        self.max_gap = int(max_gap)
+        self._tracker = tracker
+        self.mask_dilate = mask_dilate
+        self.mask_forehead = mask_forehead
+        self.face_scale = face_scale
+        self.context_scale = context_scale
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # lm, fbox, cbox
+        self._miss = 0  # consecutive frames without a detection before this window
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from tccp.face_track import FaceTracker, FaceTrackerConfig
+
+            self._tracker = FaceTracker(FaceTrackerConfig(
+                fps=self.fps, max_gap=self.max_gap,
+                face_scale=self.face_scale, context_scale=self.context_scale,
+            ))
+        return self._tracker
+
+    def close(self) -> None:
+        if self._tracker is not None and hasattr(self._tracker, "close"):
+            self._tracker.close()
+        self._tracker = None
+
+    def _observe(self, frames: Sequence[np.ndarray], pts: np.ndarray) -> list:
+        return [self.tracker.update(f, float(t)) for f, t in zip(frames, pts)]
+
+    def prepare(self, win: PreparedWindow) -> PreparedWindow:
+        obs = self._observe(win.frames, win.pts)
+        n = win.n
+        lm = np.zeros((n, 478, 2), np.float32)
+        fb = np.zeros((n, 4), np.float32)
+        cb = np.zeros((n, 4), np.float32)
+        found = np.zeros(n, bool)
+        for i, o in enumerate(obs):
+            if o is not None:
+                lm[i], fb[i], cb[i], found[i] = o.landmarks, o.face_box, o.context_box, True
+        detected = found.copy()
+        # causal gap policy (see module docstring)
+        miss = self._miss
+        i = 0
+        while i < n:
+            if detected[i]:
+                self._last = (lm[i].copy(), fb[i].copy(), cb[i].copy())
+                miss = 0
+                i += 1
+                continue
+            j = i
+            while j < n and not detected[j]:
+                j += 1
+            run_total = miss + (j - i)
+            if self._last is not None and j < n and run_total <= self.max_gap:
+                # the face comes back inside this window: interpolate across the gap
+                before, after = self._last, (lm[j], fb[j], cb[j])
+                steps = (j - i) + 1 + miss
+                for k in range(i, j):
+                    w = (k - i + 1 + miss) / steps
+                    lm[k] = (1 - w) * before[0] + w * after[0]
+                    fb[k] = (1 - w) * before[1] + w * after[1]
+                    cb[k] = (1 - w) * before[2] + w * after[2]
+                    found[k] = True
+            elif self._last is not None:
+                for k in range(i, j):
+                    if miss + (k - i) + 1 <= self.max_gap:
+                        lm[k], fb[k], cb[k] = self._last
+                        found[k] = True
+            miss += j - i
+            i = j
+        self._miss = miss
+        win.found = found
+        if not found.any():
+            return win
+        # frames without a face get the nearest usable values so every slot has inputs
+        idx = np.flatnonzero(found)
+        nearest = idx[np.abs(np.arange(n)[:, None] - idx[None, :]).argmin(axis=1)]
+        lm, fb, cb = lm[nearest], fb[nearest], cb[nearest]
+        s = self.size
+        faces = np.zeros((n, s, s, 3), np.uint8)
+        ctxs = np.zeros_like(faces)
+        sks = np.zeros_like(faces)
+        masks = np.zeros((n, s, s), np.float32)
+        for k in range(n):
+            faces[k], ctxs[k], sks[k], masks[k] = _crops(
+                win.frames[k], lm[k], fb[k], cb[k], s, self.mask_dilate, self.mask_forehead
+            )
+        win.landmarks, win.face_boxes = lm, fb
+        win.faces, win.contexts, win.sketches, win.masks = faces, ctxs, sks, masks
+        win.extra["context_boxes"] = cb
+        return win
+
+
+def prepare_identity(image: np.ndarray, size: int, name: str = "identity image") -> np.ndarray:
+    """Face crop (`size`, uint8 RGB) of the single image `image` for the identity condition."""
+    from tccp.errors import TCCPError
+    from tccp.face_track import FaceTracker
+
+    with FaceTracker() as tr:
+        obs = tr.update(np.ascontiguousarray(image))
+    if obs is None:
+        raise TCCPError(f"{name}: no face found")
+    return fg.crop(image, obs.face_box, size)

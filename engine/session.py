@@ -1,0 +1,470 @@
+"""One edited stream: pushed frames and audio in, composited frames out.
+
+Pipeline (each arrow a bounded asyncio queue, each box a task of this session):
+
+    push_video -> [input] -> assemble (align to 25 fps, cut windows, track + crop in
+    the session's tracker thread) -> [jobs] -> generate (degradation ladder, audio,
+    SharedModel worker thread) -> [composite] -> composite (paste-back in the
+    session's compositor thread) -> [output] -> get()
+
+Windows are generated one after another because each is conditioned on the last
+generated frame of the previous one (autoregressive); tracking of the next window and
+compositing of the previous one overlap with the model call. See docs/engine.md for
+the queue, latency and degradation policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.align import AudioBuffer, FrameAligner, GridFrame, mel_for_frames
+from engine.composite import CompositeSettings, paste_back
+from engine.config import EngineConfig
+from engine.degrade import DegradeController, Rung
+from engine.model import SharedModel
+from engine.prep import PreparedWindow, WindowPreparer
+from engine.runner import ModelState, WindowRequest, WindowResult
+from engine.stats import SessionStats, WindowTiming
+
+__all__ = ["Session", "OutputFrame", "EngineError"]
+
+log = logging.getLogger(__name__)
+
+_EOS = object()
+FILE_AUDIO_WAIT_S = 5.0
+_ids = itertools.count()
+
+
+class EngineError(RuntimeError):
+    """The session failed (its model call or a stage raised); other sessions go on."""
+
+
+@dataclass
+class OutputFrame:
+    pts: float
+    """Grid time of the frame in the input's clock (seconds)."""
+    frame: np.ndarray
+    generated: bool
+    reason: str | None
+    """Why the frame is the original: 'no_face', 'degraded' (ladder at pass-through),
+    'overload' (the window went stale waiting), 'identity' (no identity face yet);
+    None for generated frames."""
+    window: int
+    sketch: np.ndarray | None = None
+    """Optional (EngineConfig-independent) debug output: the sketch that drove stage 2,
+    kept only when the session was created with keep_debug=True."""
+    crop: np.ndarray | None = None
+    """Debug: the generated face crop before paste-back (keep_debug=True)."""
+
+
+@dataclass
+class _CompositeJob:
+    win: PreparedWindow
+    result: WindowResult | None
+    rung: Rung
+    reason: str | None
+    timing: WindowTiming
+
+
+class Session:
+    """See the module docstring and docs/ARCHITECTURE.md ("Engine session contract")."""
+
+    def __init__(
+        self,
+        model: SharedModel,
+        config: EngineConfig | None = None,
+        *,
+        tracker: Any = None,
+        keep_debug: bool = False,
+        name: str | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = config or EngineConfig()
+        self.name = name or f"session-{next(_ids)}"
+        self.keep_debug = keep_debug
+        self.stats = SessionStats()
+        self.controller = DegradeController(self.cfg)
+        self._audio = AudioBuffer(self.cfg.sr)
+        self._aligner = FrameAligner(self.cfg.fps, self.cfg.max_gap_frames)
+        self._preparer = WindowPreparer(model.size, fps=self.cfg.fps, tracker=tracker)
+        self._composite = CompositeSettings(
+            feather=self.cfg.feather, colour_match=self.cfg.colour_match
+        )
+        self._identity_crop: np.ndarray | None = (
+            None if self.cfg.identity_crop is None else np.ascontiguousarray(self.cfg.identity_crop)
+        )
+        self._identity_task: asyncio.Task | None = None
+        self._state: ModelState | None = None  # autoregressive carry between windows
+        self._started = False
+        self._closed = False
+        self._input_done = False
+        self._audio_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._track_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-track")
+        self._comp_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-comp")
+        self._window_ids = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.stats.started = time.monotonic()
+        c = self.cfg
+        self._in_q: asyncio.Queue = asyncio.Queue(c.video_queue)
+        self._job_q: asyncio.Queue = asyncio.Queue(c.job_queue)
+        self._comp_q: asyncio.Queue = asyncio.Queue(1)
+        self._out_q: asyncio.Queue = asyncio.Queue(c.output_queue)
+        self._audio_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for coro, what in (
+            (self._assemble(), "assemble"),
+            (self._generate(), "generate"),
+            (self._compose(), "composite"),
+        ):
+            t = loop.create_task(coro, name=f"{self.name}-{what}")
+            t.add_done_callback(self._task_done)
+            self._tasks.append(t)
+        if self._identity_crop is None and self.cfg.identity is not None:
+            self._identity_task = loop.create_task(self._load_identity(), name=f"{self.name}-identity")
+            self._identity_task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is not None:
+            return
+        self._error = exc
+        self.stats.error = f"{type(exc).__name__}: {exc}"
+        self.stats.finished = time.monotonic()
+        log.warning("%s failed: %r", self.name, exc)
+        for t in self._tasks:
+            if not t.done() and t is not asyncio.current_task():
+                t.cancel()
+        # wake any get() waiter and every blocked producer
+        self._force_put(self._out_q, _EOS)
+        for q in (self._in_q, self._job_q, self._comp_q):
+            with contextlib.suppress(Exception):
+                while not q.empty():
+                    q.get_nowait()
+
+    @staticmethod
+    def _force_put(q: asyncio.Queue, item: Any) -> int:
+        """Put without blocking, dropping the oldest items if full; returns drops."""
+        dropped = 0
+        while q.full():
+            q.get_nowait()
+            dropped += 1
+        q.put_nowait(item)
+        return dropped
+
+    async def close(self) -> None:
+        """End of input: the last partial window is flushed through the pipeline.
+
+        Returns once every pushed frame has been generated or passed through and
+        queued for `get()`; file-mode callers must keep calling `get()` meanwhile
+        (a full output queue applies backpressure). Idempotent; if cancelled (e.g. by
+        a timeout) the session is torn down.
+        """
+        if not self._started:
+            self._start()
+        if not self._closed:
+            self._closed = True
+            if self._error is None:
+                self._force_put_eos()
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            if all(t.done() for t in self._tasks):
+                self._shutdown_pools()
+        if not self.stats.finished:
+            self.stats.finished = time.monotonic()
+
+    def _force_put_eos(self) -> None:
+        if self.cfg.live:
+            self.stats.dropped_input += self._force_put(self._in_q, _EOS)
+        else:
+            # file mode: the assembler is draining, so a blocking put is safe; but
+            # close() is async and put_nowait may fail on a full queue, so spawn it
+            if self._in_q.full():
+                t = asyncio.get_running_loop().create_task(self._in_q.put(_EOS))
+                self._tasks.append(t)
+            else:
+                self._in_q.put_nowait(_EOS)
+        if self._audio_event is not None:
+            self._audio_event.set()
+
+    def abort(self) -> None:
+        """Tear down now (no flush): cancel the tasks and free the threads."""
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self._started:
+            with contextlib.suppress(Exception):
+                self._force_put(self._out_q, _EOS)
+        self._shutdown_pools()
+
+    def _shutdown_pools(self) -> None:
+        self._track_pool.shutdown(wait=False, cancel_futures=True)
+        self._comp_pool.shutdown(wait=False, cancel_futures=True)
+        # the tracker belongs to the tracker thread; close it there
+        with contextlib.suppress(Exception):
+            self._preparer.close()
+
+    # ------------------------------------------------------------------ public API
+    async def push_video(self, frame: np.ndarray, pts: float) -> None:
+        """Add one RGB uint8 frame shown at `pts` seconds.
+
+        Live: never blocks; when the input queue is full the oldest frame is dropped
+        (counted in `stats.dropped_input`). File: waits for room (backpressure).
+        """
+        self._check_open()
+        self._start()
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"push_video expects (H, W, 3) uint8 RGB, got {frame.dtype} {frame.shape}")
+        self.stats.frames_in += 1
+        item = (float(pts), frame, time.monotonic())
+        if self.cfg.live:
+            self.stats.dropped_input += self._force_put(self._in_q, item)
+        else:
+            await self._in_q.put(item)
+
+    async def push_audio(self, samples: np.ndarray, pts: float | None) -> None:
+        """Add mono float32 16 kHz samples starting at `pts` seconds (None: right after
+        the previous chunk). Never blocks; memory is trimmed as windows complete."""
+        self._check_open()
+        self._start()
+        self._audio.push(samples, pts)
+        if self._audio_event is not None:
+            self._audio_event.set()
+
+    async def get(self) -> OutputFrame | None:
+        """Next output frame in order; None once the session is closed and drained.
+
+        Raises `EngineError` if the session failed.
+        """
+        self._start()
+        if self._error is not None and self._out_q.empty():
+            raise EngineError(f"{self.name}: {self.stats.error}") from self._error
+        item = await self._out_q.get()
+        if item is _EOS:
+            self._out_q.put_nowait(_EOS)  # later callers get None too
+            if self._error is not None:
+                raise EngineError(f"{self.name}: {self.stats.error}") from self._error
+            return None
+        self.stats.frames_out += 1
+        return item
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise EngineError(f"{self.name}: {self.stats.error}") from self._error
+        if self._closed:
+            raise RuntimeError(f"{self.name}: session is closed")
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    # ------------------------------------------------------------------ assemble
+    async def _assemble(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[GridFrame] = []
+        new = self.cfg.new_frames
+        while True:
+            item = await self._in_q.get()
+            if item is _EOS:
+                pending.extend(self._aligner.flush())
+                break
+            pts, frame, arrival = item
+            pending.extend(self._aligner.push(pts, frame, arrival))
+            self.stats.duplicated_input = self._aligner.duplicated
+            while len(pending) >= new:
+                # a jump in the grid (stalled input) ends the window early
+                chunk, pending = pending[:new], pending[new:]
+                await self._emit_window(loop, chunk)
+        while pending:
+            chunk, pending = pending[:new], pending[new:]
+            await self._emit_window(loop, chunk)
+        await self._job_q.put(_EOS)
+
+    async def _emit_window(self, loop: asyncio.AbstractEventLoop, chunk: list[GridFrame]) -> None:
+        win = PreparedWindow(
+            index=next(self._window_ids),
+            pts=np.array([g.pts for g in chunk], np.float64),
+            grid=np.array([g.index for g in chunk], np.int64),
+            frames=[g.frame for g in chunk],
+            arrival=max(g.arrival for g in chunk),
+            found=np.zeros(len(chunk), bool),
+        )
+        win = await loop.run_in_executor(self._track_pool, self._preparer.prepare, win)
+        win.ready = time.monotonic()
+        if self.cfg.live and self._job_q.full():
+            # the model is far behind: the oldest waiting window goes out unedited
+            # rather than letting the backlog (and latency) grow
+            old = self._job_q.get_nowait()
+            if old is not _EOS:
+                await self._passthrough_now(old, "overload")
+        await self._job_q.put(win)
+
+    async def _passthrough_now(self, win: PreparedWindow, reason: str) -> None:
+        timing = WindowTiming(window=win.index, frames=win.n, level=self.controller.level,
+                              steps=0, mode="passthrough")
+        await self._comp_q.put(_CompositeJob(win, None, Rung("passthrough", 0), reason, timing))
+
+    # ------------------------------------------------------------------ generate
+    async def _generate(self) -> None:
+        while True:
+            win = await self._job_q.get()
+            if win is _EOS:
+                await self._comp_q.put(_EOS)
+                return
+            await self._generate_one(win)
+
+    async def _wait_audio(self, until: float) -> None:
+        """Wait until audio up to `until` (session time) has arrived, the input ended,
+        or a deadline passed; missing audio is silence. Live sessions wait at most
+        `audio_wait_s`; file sessions (which push their audio up front) do not wait at
+        all when they never pushed audio, else at most FILE_AUDIO_WAIT_S."""
+        assert self._audio_event is not None
+        live = self.cfg.live
+        deadline = time.monotonic() + (self.cfg.audio_wait_s if live else FILE_AUDIO_WAIT_S)
+        while self._audio.end_time < until and not self._closed:
+            if not live and not self._audio.received:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._audio_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._audio_event.wait(), remaining)
+
+    async def _generate_one(self, win: PreparedWindow) -> None:
+        t_start = time.monotonic()
+        c = self.cfg
+        rung = self.controller.rung
+        timing = WindowTiming(window=win.index, frames=win.n, level=self.controller.level,
+                              steps=rung.steps, mode=rung.mode, queue_wait=t_start - win.ready)
+        reason: str | None = None
+        if not win.any_face:
+            reason = "no_face"
+        elif rung.mode == "passthrough":
+            reason = "degraded"
+        elif c.live and self._job_q.qsize() > 0 and self.controller.enabled and \
+                t_start - win.arrival > (self.controller.budget or 0.0):
+            reason = "overload"  # already late and more waiting: skip ahead
+        if reason is None and self._identity_crop is None:
+            if self._identity_task is not None:
+                await self._identity_task  # a few ms of face tracking on one image
+            else:
+                first = int(np.flatnonzero(win.found)[0])
+                self._identity_crop = win.faces[first].copy()
+        if reason is not None:
+            timing.mode, timing.steps = "passthrough", 0
+            self._state = None  # the next generated window restarts from a first frame
+            await self._comp_q.put(_CompositeJob(win, None, Rung("passthrough", 0), reason, timing))
+            return
+
+        await self._wait_audio(float(win.pts[-1]) + 0.1 + 1.0 / c.fps)
+        loop = asyncio.get_running_loop()
+        mel = await loop.run_in_executor(
+            self._comp_pool, mel_for_frames, self._audio, win.pts, c.fps
+        )
+        # audio older than this window's context is no longer needed
+        self._audio.trim_before(float(win.pts[0]) - 0.5)
+        req = WindowRequest(
+            mode=rung.mode,
+            steps=rung.steps,
+            sampler=c.sampler,
+            guidance=c.guidance,
+            window=c.window,
+            contexts=win.contexts,
+            sketches=win.sketches,
+            mel=mel,
+            identity=self._identity_crop,
+            state=self._state,
+            seed=c.seed + win.index,
+            want_sketches=self.keep_debug,
+        )
+        res: WindowResult = await self.model.submit(req)
+        self._state = res.state
+        timing.stage1, timing.stage2, timing.batch = res.stage1_s, res.stage2_s, res.batch
+        await self._comp_q.put(_CompositeJob(win, res, rung, None, timing))
+
+    async def _load_identity(self) -> None:
+        from engine.prep import prepare_identity
+
+        loop = asyncio.get_running_loop()
+        self._identity_crop = await loop.run_in_executor(
+            self._track_pool, prepare_identity, self.cfg.identity, self.model.size
+        )
+
+    # ------------------------------------------------------------------ composite
+    def _composite_frames(self, job: _CompositeJob) -> list[OutputFrame]:
+        win, res = job.win, job.result
+        out: list[OutputFrame] = []
+        for k in range(win.n):
+            frame = win.frames[k]
+            if res is None or not win.found[k]:
+                reason = job.reason if res is None else "no_face"
+                out.append(OutputFrame(float(win.pts[k]), frame, False, reason, win.index))
+                continue
+            face = res.faces[k]
+            img = paste_back(frame, face, win.face_boxes[k], win.masks[k], self._composite)
+            of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
+            if self.keep_debug:
+                of.crop = face
+                of.sketch = res.sketches[k] if res.sketches is not None else win.sketches[k]
+            out.append(of)
+        return out
+
+    async def _compose(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._comp_q.get()
+            if job is _EOS:
+                self._input_done = True
+                self.stats.finished = time.monotonic()
+                if self.cfg.live:
+                    self._force_put(self._out_q, _EOS)
+                else:
+                    await self._out_q.put(_EOS)
+                return
+            t0 = time.monotonic()
+            frames = await loop.run_in_executor(self._comp_pool, self._composite_frames, job)
+            job.timing.composite = time.monotonic() - t0
+            for of in frames:
+                if of.generated:
+                    self.stats.frames_generated += 1
+                else:
+                    self.stats.passthrough[of.reason or "passthrough"] += 1
+                if self.cfg.live:
+                    self.stats.dropped_output += self._force_put(self._out_q, of)
+                else:
+                    await self._out_q.put(of)
+            job.timing.e2e = time.monotonic() - job.win.arrival
+            self.stats.add_window(job.timing)
+            if job.reason not in ("no_face", "identity"):
+                change = self.controller.observe(
+                    job.win.index, job.timing.e2e, backlog=self.cfg.live and self._job_q.full()
+                )
+                if change is not None:
+                    self.stats.add_degradation(change)

@@ -1,0 +1,257 @@
+"""Unit tests of the engine's building blocks: compositing, A/V alignment, the
+degradation ladder, stats and the shared model's batching/failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from engine.align import AudioBuffer, FrameAligner, mel_for_frames
+from engine.composite import CompositeSettings, colour_match, crop_box, feather_mask, paste_back
+from engine.config import EngineConfig
+from engine.degrade import DegradeController, ladder
+from engine.filerun import pingpong_index
+from engine.model import SharedModel
+from engine.stats import SessionStats, WindowTiming
+from tccp.audio import log_mel, mel_windows
+from tccp import face_geometry as fg
+
+
+# --------------------------------------------------------------------------- composite
+
+
+def _disc_mask(size: int, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    return (((xx - size / 2) ** 2 + (yy - size / 2) ** 2) <= r * r).astype(np.float32)
+
+
+def test_crop_matches_face_geometry_crop():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    box = np.array([30.5, 20.25, 94.5, 84.25], np.float32)  # 64 px, maps 1:1
+    ours = crop_box(frame, box, 64)
+    theirs = fg.crop(frame, box, 64)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_paste_back_identity_crop_is_lossless_and_local():
+    """Pasting back the unmodified crop of an integer-aligned 1:1 box changes nothing,
+    and a modified crop changes pixels only inside the box."""
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    box = (20.0, 10.0, 84.0, 74.0)
+    crop = crop_box(frame, box, 64)
+    mask = _disc_mask(64, 24)
+    same = paste_back(frame, crop, box, mask, CompositeSettings(colour_match=False))
+    assert np.abs(same.astype(int) - frame.astype(int)).max() <= 1
+
+    white = np.full_like(crop, 255)
+    out = paste_back(frame, white, box, mask, CompositeSettings(colour_match=False))
+    diff = np.abs(out.astype(int) - frame.astype(int)).sum(-1) > 0
+    ys, xs = np.nonzero(diff)
+    assert ys.min() >= 10 and ys.max() < 74 and xs.min() >= 20 and xs.max() < 84
+    # the centre of the head region is fully replaced, the box corners untouched
+    assert (out[42, 52] == 255).all()
+    assert (out[11, 21] == frame[11, 21]).all()
+
+
+def test_paste_back_scaled_box_and_box_outside_frame():
+    frame = np.zeros((200, 200, 3), np.uint8)
+    crop = np.full((32, 32, 3), 200, np.uint8)
+    mask = np.ones((32, 32), np.float32)
+    out = paste_back(frame, crop, (50, 50, 150, 150), mask, CompositeSettings(colour_match=False))
+    assert out[100, 100].min() > 190  # centre replaced at 3x scale
+    assert out[52, 52].max() < 100  # the feathered edge fades to the original
+    # a box partly outside the frame is clipped, one fully outside is a no-op
+    paste_back(frame, crop, (-40, -40, 40, 40), mask)
+    assert (paste_back(frame, crop, (300, 300, 400, 400), mask) == frame).all()
+
+
+def test_feather_mask_soft_edge_and_zero_border():
+    m = feather_mask(np.ones((64, 64), np.float32), 4.0)
+    assert m[0].max() < 0.2 and m[:, 0].max() < 0.2
+    assert m[32, 32] > 0.99
+    hard = _disc_mask(64, 20)
+    soft = feather_mask(hard, 3.0)
+    assert 0.05 < soft[32, 32 + 20] < 0.95  # soft at the edge
+
+
+def test_colour_match_moves_stats_to_reference():
+    rng = np.random.default_rng(2)
+    ref = np.clip(rng.normal(150, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+    gen = np.clip(rng.normal(90, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+    region = np.ones((64, 64), bool)
+    out = colour_match(gen, ref, region)
+    assert abs(out.mean() - ref.mean()) < 6 < abs(gen.mean() - ref.mean())
+    assert colour_match(gen, ref, np.zeros((64, 64), bool)) is gen  # no statistics
+
+
+# --------------------------------------------------------------------------- align
+
+
+def test_aligner_passes_25fps_through_exactly():
+    al = FrameAligner(25.0)
+    out = []
+    for i in range(10):
+        out += al.push(i / 25, np.full((2, 2, 3), i, np.uint8), 0.0)
+    assert [g.index for g in out] == list(range(10))
+    assert [int(g.frame[0, 0, 0]) for g in out] == list(range(10))
+    assert np.allclose([g.pts for g in out], np.arange(10) / 25)
+
+
+def test_aligner_30fps_to_25fps_uses_latest_frame_before_slot():
+    al = FrameAligner(25.0)
+    out = []
+    for j in range(31):  # 1 s at 30 fps
+        out += al.push(j / 30, np.full((1, 1, 3), j, np.uint8), 0.0)
+    got = [int(g.frame[0, 0, 0]) for g in out]
+    want = [int(np.floor(k / 25 * 30 + 1e-6)) for k in range(len(got))]
+    assert got == want and len(got) >= 25
+
+
+def test_aligner_stall_skips_instead_of_freezing():
+    al = FrameAligner(25.0, max_gap=3)
+    out = al.push(0.0, np.zeros((1, 1, 3), np.uint8), 0.0)
+    out += al.push(2.0, np.ones((1, 1, 3), np.uint8), 0.0)  # 2 s stall
+    # one slot of the old frame, then the grid jumps to the new frame's time
+    assert [g.index for g in out] == [0, 1, 50] and al.skipped == 48
+
+
+def test_audio_buffer_gaps_overlap_and_trim():
+    ab = AudioBuffer(100)
+    ab.push(np.ones(50, np.float32), 0.0)
+    ab.push(np.full(10, 2.0, np.float32), 1.0)  # gap 0.5..1.0 -> silence
+    ab.push(np.full(5, 3.0, np.float32), None)  # appended
+    x = ab.read(0.4, 1.2)
+    assert x.size == 80 and (x[:10] == 1).all() and (x[10:60] == 0).all() and (x[60:70] == 2).all()
+    assert ab.end_time == pytest.approx(1.15)
+    ab.trim_before(0.9)
+    assert ab.read(0.0, 0.5).max() == 0  # trimmed samples read as silence
+
+
+def test_mel_for_frames_matches_whole_track_windows():
+    rng = np.random.default_rng(3)
+    audio = (0.2 * rng.standard_normal(16000 * 2)).astype(np.float32)
+    ab = AudioBuffer(16000)
+    ab.push(audio, 0.0)
+    whole = mel_windows(log_mel(audio), 50)
+    times = np.arange(10, 17) / 25
+    part = mel_for_frames(ab, times)
+    assert part.shape == (7, 16, 80)
+    assert np.abs(part - whole[10:17]).max() < 0.15  # same audio, edges differ slightly
+    assert np.abs(part - whole[10:17]).mean() < 0.02
+
+
+# --------------------------------------------------------------------------- degrade
+
+
+def test_ladder_order():
+    rungs = ladder(8, 1)
+    assert [(r.mode, r.steps) for r in rungs] == [
+        ("generated", 8), ("generated", 4), ("generated", 2), ("generated", 1),
+        ("tracked", 1), ("passthrough", 0),
+    ]
+    assert [r.mode for r in ladder(1, 1)] == ["generated", "tracked", "passthrough"]
+
+
+def test_controller_degrades_recovers_and_backs_off():
+    cfg = EngineConfig(steps=2, live=True, latency_budget_s=0.1, recover_after=2)
+    c = DegradeController(cfg)
+    assert c.rung.steps == 2
+    changes = [c.observe(i, 0.5) for i in range(5)]
+    assert [ch.to_level for ch in changes if ch] == [1, 2, 3]
+    assert c.rung.mode == "passthrough"
+    assert c.observe(5, 0.01) is None
+    up = c.observe(6, 0.01)
+    assert up is not None and up.to_level == 2 and up.reason == "recovered"
+    c.observe(7, 0.5)  # the climb failed at once: back down, and wait longer
+    assert c.level == 3 and c._hold[3] == 4
+    assert not DegradeController(EngineConfig()).enabled  # files: no budget by default
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_stats_summary_and_metrics():
+    s = SessionStats()
+    s.started, s.finished = 1.0, 3.0
+    for i in range(10):
+        s.add_window(WindowTiming(window=i, frames=7, level=0, steps=2, mode="generated", e2e=0.1 * (i + 1)))
+    s.frames_out = 70
+    s.passthrough["no_face"] += 3
+    summ = s.summary()
+    assert summ["fps"] == pytest.approx(35.0)
+    assert summ["latency"]["e2e"]["p50"] == pytest.approx(0.55)
+    m = s.as_metrics()
+    assert m["tccp_engine_frames_passthrough_no_face_total"] == 3
+    assert m["tccp_engine_e2e_seconds_p95"] > 0.9
+
+
+def test_pingpong_index():
+    assert [pingpong_index(i, 4) for i in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert pingpong_index(5, 1) == 0
+
+
+# --------------------------------------------------------------------------- SharedModel
+
+
+@dataclass
+class _Req:
+    key: int
+    value: int
+    fail: bool = False
+
+
+@dataclass
+class _Res:
+    value: int
+    batch: int = 1
+
+
+class _FakeRunner:
+    size = 8
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def batch_key(self, r: _Req):
+        return r.key
+
+    def run_batch(self, reqs):
+        self.gate.wait(5)
+        self.calls.append([r.value for r in reqs])
+        time.sleep(self.delay)
+        if any(r.fail for r in reqs):
+            raise ValueError("injected")
+        return [_Res(r.value * 10) for r in reqs]
+
+
+async def test_shared_model_batches_same_key_and_isolates_failures():
+    runner = _FakeRunner()
+    with SharedModel(runner) as sm:
+        runner.gate.clear()  # hold the worker so requests pile up
+        first = asyncio.ensure_future(sm.submit(_Req(0, 0)))
+        await asyncio.sleep(0.05)
+        futs = [asyncio.ensure_future(sm.submit(_Req(1, v, fail=(v == 3)))) for v in (1, 2, 3)]
+        other = asyncio.ensure_future(sm.submit(_Req(2, 9)))
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        assert (await first).value == 0
+        r1, r2 = await futs[0], await futs[1]
+        assert (r1.value, r2.value) == (10, 20)
+        with pytest.raises(ValueError, match="injected"):
+            await futs[2]
+        assert (await other).value == 90
+        # one batched call of three (failed), then each retried alone
+        assert [1, 2, 3] in runner.calls and [1] in runner.calls and [3] in runner.calls
+        assert sm.stats.failures == 1
+        # the worker survives and keeps serving
+        assert (await sm.submit(_Req(0, 5))).value == 50
