@@ -362,7 +362,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=4,
                    help="concurrent sessions; more get 503 (default 4)")
     p.add_argument("--model", default=None, metavar="PACK", help="model pack folder (default: bundled)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="model device (default cpu)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: engine's)")
     p.add_argument("--media-timeout", type=float, default=5.0,
                    help="close a peer after this many seconds without incoming media (default 5)")
@@ -390,12 +390,16 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def model_session_factory(pack: str | None, device: str, steps: int | None = None):
-    """Load the shared model once; each call makes one live engine Session on it."""
+    """Load the shared model once; each call makes one live engine Session on it.
+
+    One SharedModel for the whole server: sessions queue their windows on its single
+    worker thread, which batches windows of different peers that arrive together.
+    """
+    from engine.cli import load_model
     from engine.config import EngineConfig
-    from engine.model import SharedModel
     from engine.session import Session
 
-    shared = SharedModel.load(pack=pack, device=device)
+    shared = load_model(pack, device, "torch")
     cfg = EngineConfig(live=True) if steps is None else EngineConfig(live=True, steps=steps)
     return lambda: Session(shared, cfg)
 
