@@ -236,11 +236,22 @@ class PreparedClip:
         """(N, 16, 80) float32: the 0.2 s of mel centred on each video frame."""
         return mel_windows(self.mel, self.n_frames, fps=self.fps, width=MEL_WIDTH)
 
-    def valid_starts(self, window: int, stride: int = 1) -> np.ndarray:
-        """Window start indices whose frames all have a detected face."""
+    @property
+    def audible(self) -> np.ndarray:
+        """(N,) bool: the frame's time lies before the end of the audio signal (False
+        for a muted track and for the silent padding after audio shorter than the video)."""
+        seconds = (self.meta.get("audio") or {}).get("signal_seconds")
+        if seconds is None:
+            return np.ones(self.n_frames, bool)
+        return (np.arange(self.n_frames) + 1) / self.fps <= float(seconds) + 0.5 / self.fps
+
+    def valid_starts(self, window: int, stride: int = 1, require_audio: bool = True) -> np.ndarray:
+        """Window start indices whose frames all have a detected face (and, with
+        `require_audio`, real audio under them)."""
         if self.n_frames < window:
             return np.zeros(0, np.int64)
-        bad = (~self.found).astype(np.int64)
+        ok = self.found & self.audible if require_audio else self.found
+        bad = (~ok).astype(np.int64)
         c = np.concatenate([[0], np.cumsum(bad)])
         starts = np.arange(0, self.n_frames - window + 1, stride)
         return starts[(c[starts + window] - c[starts]) == 0]
@@ -303,22 +314,25 @@ def _to_chw(stack: np.ndarray) -> torch.Tensor:
 def _pick_ref(
     clip: PreparedClip, start: int, window: int, rng: np.random.Generator, min_gap: int
 ) -> int:
-    """A found frame far (>= min_gap frames) from the window; nearer ones if none."""
+    """A found frame at least `min_gap` frames from the window (in short clips: at
+    least half the largest distance available), so the reference shows another
+    moment, not a near-copy of the frames to generate."""
     found = np.flatnonzero(clip.found)
-    for gap in (min_gap, 1):
-        ok = found[(found < start - gap + 1) | (found >= start + window + gap - 1)]
-        if len(ok):
-            return int(rng.choice(ok))
-    return int(rng.choice(found)) if len(found) else start
+    last = start + window - 1
+    dist = np.where(found < start, start - found, found - last)
+    if not len(found) or dist.max() <= 0:
+        return int(rng.choice(found)) if len(found) else start
+    threshold = min(min_gap, int(np.ceil(dist.max() / 2)))
+    return int(rng.choice(found[dist >= threshold]))
 
 
 class _WindowIndex:
     """(clip, start) pairs over clips, skipping windows with an undetected face."""
 
-    def __init__(self, clips: Sequence, window: int, stride: int) -> None:
+    def __init__(self, clips: Sequence, window: int, stride: int, require_audio: bool = True) -> None:
         self.entries: list[tuple[int, int]] = []
         for ci, clip in enumerate(clips):
-            for s in clip.valid_starts(window, stride):
+            for s in clip.valid_starts(window, stride, require_audio):
                 self.entries.append((ci, int(s)))
 
     def __len__(self) -> int:
@@ -345,7 +359,8 @@ class WindowDataset(Dataset):
     `mel` (W, 16, 80) float32; `ref` (3, S, S) a face of the same clip at least
     `ref_min_gap` frames away from the window; `landmarks` (W, P, 2) face-crop px;
     `clip` (name) and `start` (first frame index). Windows containing a frame where
-    no face was detected are skipped. Validation windows pick their reference
+    no face was detected, or (with `require_audio`) where the audio is digital
+    silence/padding, are skipped. Validation windows pick their reference
     deterministically so that validation losses are comparable between runs.
     """
 
@@ -358,10 +373,11 @@ class WindowDataset(Dataset):
         ref_min_gap: int = 25,
         deterministic: bool | None = None,
         seed: int = 0,
+        require_audio: bool = True,
     ) -> None:
         self.clips = [PreparedClip(f) for f in _select_split(_expand(folders), split)]
         self.window = window
-        self.index = _WindowIndex(self.clips, window, stride)
+        self.index = _WindowIndex(self.clips, window, stride, require_audio)
         det = (split in ("val", "validation")) if deterministic is None else deterministic
         self.ref_policy = _RefPolicy(ref_min_gap, det, seed)
 
@@ -528,6 +544,7 @@ class LatentWindowDataset(Dataset):
         ref_min_gap: int = 25,
         deterministic: bool | None = None,
         seed: int = 0,
+        require_audio: bool = True,
     ) -> None:
         cache = load_latent_cache(cache_file)
         clips = [PreparedClip(f) for f in _select_split(_expand(folders), split)]
@@ -540,7 +557,7 @@ class LatentWindowDataset(Dataset):
             if lat["faces"].shape[0] != clip.n_frames:
                 raise ValueError(f"{cache_file}: latents of {clip.name} are stale; re-encode")
         self.window = window
-        self.index = _WindowIndex(clips, window, stride)
+        self.index = _WindowIndex(clips, window, stride, require_audio)
         det = (split in ("val", "validation")) if deterministic is None else deterministic
         self.ref_policy = _RefPolicy(ref_min_gap, det, seed)
 

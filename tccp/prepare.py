@@ -48,6 +48,8 @@ __all__ = [
     "prepare_clip",
     "prepare_clips",
     "folder_size",
+    "write_track",
+    "write_mel",
 ]
 
 FORMAT_NAME = "tccp-prepared"  # keep in sync with tccp.dataset (checked by a test)
@@ -169,20 +171,14 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
             if tick is not None and i % 25 == 0:
                 tick()
 
-    np.savez_compressed(
-        tmp / "track.npz",
-        landmarks=_quantise_landmarks(lm_crop[:, sub]),
-        landmark_index=sub.astype(np.int16),
-        face_boxes=track.face_boxes.astype(np.float32),
-        context_boxes=track.context_boxes.astype(np.float32),
-        found=track.found.astype(bool),
-        interpolated=track.interpolated.astype(bool),
+    write_track(
+        tmp, lm_crop[:, sub], sub, track.face_boxes, track.context_boxes, track.found, track.interpolated
     )
-    mel = log_mel(data.audio, data.sr)
-    q, scale, offset = _quantise_mel(mel)
-    np.savez_compressed(tmp / "mel.npz", mel=q)
+    mel_meta = write_mel(tmp, log_mel(data.audio, data.sr), cfg.sr)
 
     info = media.probe(clip)
+    audio = np.asarray(data.audio, np.float32)
+    nonzero = np.flatnonzero(audio)
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -199,8 +195,14 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
         "landmark_scale": LANDMARK_SCALE,
         "landmark_points": int(len(sub)),
         "landmark_coding": "int16 deltas along time; cumsum then divide by landmark_scale",
-        "mel": {"scale": scale, "offset": offset, "n_frames": int(q.shape[0]), "fps": cfg.sr / 200},
+        "mel": mel_meta,
         "sr": cfg.sr,
+        # digital silence (a muted track, or padding where the audio ends before the
+        # video) teaches lips to move without sound: the dataset skips those frames
+        "audio": {
+            "rms": float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio.size else 0.0,
+            "signal_seconds": float((nonzero[-1] + 1) / data.sr) if nonzero.size else 0.0,
+        },
         "video": {"codec": "h264", "crf": cfg.crf, "preset": cfg.preset, "pix_fmt": "yuv420p"},
         "n_found": int(track.found.sum()),
         "n_interpolated": int(track.interpolated.sum()),
@@ -211,6 +213,34 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
     return meta
 
 
+def write_track(
+    folder: Path,
+    landmarks_crop: np.ndarray,
+    landmark_index: np.ndarray,
+    face_boxes: np.ndarray,
+    context_boxes: np.ndarray,
+    found: np.ndarray,
+    interpolated: np.ndarray,
+) -> None:
+    """`track.npz`: (N, P, 2) face-crop landmarks of mesh points `landmark_index`."""
+    np.savez_compressed(
+        Path(folder) / "track.npz",
+        landmarks=_quantise_landmarks(np.asarray(landmarks_crop, np.float64)),
+        landmark_index=np.asarray(landmark_index).astype(np.int16),
+        face_boxes=np.asarray(face_boxes, np.float32),
+        context_boxes=np.asarray(context_boxes, np.float32),
+        found=np.asarray(found, bool),
+        interpolated=np.asarray(interpolated, bool),
+    )
+
+
+def write_mel(folder: Path, mel: np.ndarray, sr: int = 16000) -> dict:
+    """`mel.npz` (uint8); returns the `meta["mel"]` entry that de-quantises it."""
+    q, scale, offset = _quantise_mel(np.asarray(mel, np.float32))
+    np.savez_compressed(Path(folder) / "mel.npz", mel=q)
+    return {"scale": scale, "offset": offset, "n_frames": int(q.shape[0]), "fps": sr / 200}
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """Silence mediapipe/TFLite's C++ log lines (they bypass Python) for one-line errors.
@@ -218,10 +248,10 @@ def _quiet_native_stderr():
     Only when stderr is not a terminal, i.e. in scripts and tests; interactively the
     lines are harmless and may help.
     """
+    fd = 2  # the C++ libraries write to the process's fd 2, whatever sys.stderr is
     try:
-        fd = sys.stderr.fileno()
         quiet = not os.isatty(fd)
-    except (AttributeError, OSError, ValueError):
+    except OSError:
         quiet = False
     if not quiet:
         yield
