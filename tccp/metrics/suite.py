@@ -98,20 +98,26 @@ def resolve_clips(cfg: SuiteConfig) -> list[Path]:
     return out
 
 
-def engine_generator(cfg: SuiteConfig) -> tuple[Generator, Callable[[], None]]:
-    """The engine's file run with one loaded model; returns (generate, close)."""
+def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[[], None]]:
+    """The engine's file run with one loaded model; returns (generate, close).
+
+    `model`: an `engine.model.SharedModel` to use (it is then not closed here);
+    None loads `cfg.model` (None: the bundled pack) the way `tccp run` does.
+    """
     try:
+        from engine.cli import load_model
         from engine.config import EngineConfig
         from engine.filerun import run_file
-        from engine.model import SharedModel
     except ImportError as exc:
         raise TCCPError(f"engine: the file run is not available ({exc})") from None
-    try:
-        model = SharedModel.load(cfg.model, device=cfg.device)
-    except ImportError as exc:
-        raise TCCPError(f"engine: the model runner is not available ({exc})") from None
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    if model is None:
+        model = load_model(cfg.model, cfg.device, "torch")
+        close = model.close
     changes: dict[str, Any] = {"window": cfg.eval.window, "degrade": False}
     if cfg.steps is not None:
+        if cfg.steps < 1:
+            raise TCCPError(f"--steps {cfg.steps}: must be at least 1")
         changes["steps"] = cfg.steps
     econf = EngineConfig(**changes)
 
@@ -119,7 +125,7 @@ def engine_generator(cfg: SuiteConfig) -> tuple[Generator, Callable[[], None]]:
         res = run_file(video, out, model, config=econf, max_seconds=seconds)
         return res.summary
 
-    return generate, model.close
+    return generate, close
 
 
 def reference_frame_baseline(real: TrackedVideo, cfg: EvalConfig, feather: float = 0.03) -> np.ndarray:
