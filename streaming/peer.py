@@ -378,8 +378,14 @@ class Peer:
         with contextlib.suppress(Exception):
             self.outgoing.stop()
         t = self.limits.close_timeout_s
+        abort = getattr(self.session, "abort", None)
         try:
-            await asyncio.wait_for(self.session.close(), t)
+            if callable(abort):
+                # nobody will receive a flushed last window once the peer is gone:
+                # drop the in-flight work instead of waiting for the model
+                abort()
+            else:
+                await asyncio.wait_for(self.session.close(), t)
         except Exception as exc:  # includes the timeout: the slot must come back anyway
             log.warning("peer %s: session close: %r", self.id, exc)
         try:

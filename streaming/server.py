@@ -256,7 +256,11 @@ async def _offer(request):
 
 
 async def _discard(session, pc) -> None:
-    for closer in (session.close, pc.close):
+    abort = getattr(session, "abort", None)
+    closers = [pc.close] if callable(abort) else [session.close, pc.close]
+    if callable(abort):
+        abort()
+    for closer in closers:
         try:
             await asyncio.wait_for(closer(), 5.0)
         except Exception:

@@ -2,6 +2,8 @@
 as .y4m) and microphone (its audio as .wav) to `tccp serve`, and the page, in its
 `?report=1` test mode, POSTs what it received to /test-report.
 
+The sessions are the real engine `Session` on a random-weight tiny model, so the
+page shows model output (noise faces pasted into the clip), not an echo.
 Needs Debian's chromium (`apt-get install -y chromium`); skipped without it.
 """
 
@@ -19,13 +21,12 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from streaming.passthrough import PassthroughSession
 from streaming.server import ServerConfig, create_app, start_server, state_of
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "browser-token"
 W, H = 320, 240
-FRAMES = 50
+FRAMES = 30
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)"
@@ -100,10 +101,33 @@ def _kill(proc) -> None:
             pass
 
 
-async def test_browser_page_round_trip(fake_media, tmp_path):
+@pytest.fixture(scope="module")
+def model_sessions():
+    from engine.config import EngineConfig
+    from engine.model import SharedModel
+    from engine.runner import PipelineRunner
+    from engine.session import Session
+
+    shared = SharedModel(PipelineRunner.random("tiny"))
+    # always run the model (no skipping on a slow CI core): 1 step, no degradation
+    cfg = EngineConfig(live=True, steps=1, degrade=False, job_queue=16)
+    yield lambda: Session(shared, cfg)
+    shared.close()
+
+
+async def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return predicate()
+
+
+async def test_browser_page_round_trip(fake_media, model_sessions, tmp_path):
     y4m, wav = fake_media
-    cfg = ServerConfig(token=TOKEN, test_report=True, media_timeout_s=3.0)
-    app = create_app(cfg, PassthroughSession)
+    cfg = ServerConfig(token=TOKEN, test_report=True, media_timeout_s=5.0)
+    app = create_app(cfg, model_sessions)
     state = state_of(app)
     runner, url = await start_server(app, "127.0.0.1", 0)
     log = tmp_path / "chromium.log"
@@ -111,10 +135,10 @@ async def test_browser_page_round_trip(fake_media, tmp_path):
                          tmp_path / "profile", log)
     try:
         try:
-            await asyncio.wait_for(state.report_event.wait(), 90)
+            await asyncio.wait_for(state.report_event.wait(), 150)
         except asyncio.TimeoutError:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            pytest.fail(f"the page sent no report within 90 s; chromium log tail:\n{tail}")
+            pytest.fail(f"the page sent no report within 150 s; chromium log tail:\n{tail}")
         report = state.reports[-1]
         assert report["framesReceived"] >= FRAMES
         assert (report["width"], report["height"]) == (W, H)
@@ -123,6 +147,10 @@ async def test_browser_page_round_trip(fake_media, tmp_path):
         assert report["e2eEstimateMs"] is not None and report["e2eEstimateMs"] > 0
         peer = next(iter(state.peers.values()))
         assert peer.frames_in >= FRAMES and peer.audio_samples > 16000
+        generated = state.metrics.frames_out.labels("true")
+        assert await _wait_for(lambda: generated._value.get() >= 1, 120), \
+            "the browser never got a model-generated frame"
+        assert peer.session.stats.error is None
         # the browser dies without a goodbye: the server frees the slot by itself
         _kill(proc)
         t0 = time.monotonic()
