@@ -123,7 +123,10 @@ class Clip:
 def _av():
     import av  # imported lazily: `tccp --help` must stay fast
 
-    av.logging.set_level(av.logging.PANIC)  # we report problems ourselves, in one line
+    # PyAV's default (level None) drops ffmpeg's log lines, which is what we want: we
+    # report problems ourselves, in one line. Do NOT call av.logging.set_level here:
+    # routing ffmpeg logs through Python deadlocks when a frame-threaded decoder is
+    # closed mid-stream (seen with PyAV 18 on h264).
     return av
 
 

@@ -159,6 +159,40 @@ def test_vfr_resampled_by_timestamp(tmp_path: Path) -> None:
     assert math.floor(times[-1] * 25) + 1 <= len(got) <= math.ceil(times[-1] * 25) + 3
 
 
+@pytest.mark.parametrize(
+    "fmt, ext, codec, pix",
+    [
+        ("webm", "webm", "libvpx", "yuv420p"),
+        ("matroska", "mkv", "libx264", "yuv420p"),
+        ("avi", "avi", "mpeg4", "yuv420p"),
+        ("gif", "gif", "gif", "rgb8"),
+        ("mov", "mov", "mjpeg", "yuvj420p"),
+    ],
+)
+def test_other_containers_and_codecs_at_30fps(tmp_path: Path, fmt, ext, codec, pix) -> None:
+    import av
+
+    if codec not in av.codecs_available:
+        pytest.skip(f"ffmpeg build has no {codec} encoder")
+    path = tmp_path / f"clip.{ext}"
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=30)
+        s.width = s.height = 32
+        s.pix_fmt = pix
+        for i in range(30):
+            img = np.full((32, 32, 3), i * 8, np.uint8)
+            for pk in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    v = media.read_video(path)
+    assert v.frames.shape == (25, 32, 32, 3)  # 1 s at 25 fps
+    got = _brightness(v.frames)
+    # output frame k shows source frame floor(k * 30 / 25)
+    want = np.array([(k * 30 // 25) * 8 for k in range(25)], float)
+    assert np.abs(got - want).max() < 6
+
+
 def test_streaming_iterator_matches_read_video(tmp_path: Path) -> None:
     times = [0.0, 0.07, 0.1, 0.33, 0.4, 0.41, 0.6, 0.61, 0.8]
     path = make_vfr_clip(tmp_path / "vfr.mp4", times)
@@ -425,3 +459,14 @@ def test_bundled_sample() -> None:
     info = media.probe(speech)
     assert not info.has_video and info.audio_sr == 16000 and info.audio_channels == 1
     assert 4.0 <= info.duration <= 6.0
+
+
+@pytest.mark.timeout(120)
+def test_stopping_early_on_threaded_h264_does_not_hang() -> None:
+    """Regression (timing dependent): closing a frame-threaded decoder mid-stream can
+    deadlock when ffmpeg logs are routed through Python (av.logging.set_level; PyAV
+    issues #751/#909), so the media layer must leave PyAV logging off."""
+    path = shared_file("data", "clips", "lp_d0_noaudio.mp4")
+    for _ in range(3):
+        frames = list(media.iter_video(path, max_frames=10))
+        assert len(frames) == 10
