@@ -19,6 +19,17 @@ from tccp.errors import TCCPError
 __all__ = ["atomic_path", "atomic_dir", "ensure_writable_dir"]
 
 
+def _umask() -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the
+    # permissions a plain open() would have given them
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def ensure_writable_dir(path: str | os.PathLike, *, name: str | os.PathLike | None = None) -> Path:
     """Create `path` (a folder) if needed and check we can write into it.
 
@@ -65,6 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{tmp}: writer produced no file")
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -87,6 +99,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if final.exists():
             # move the old one aside first so the swap window is as small as possible
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))

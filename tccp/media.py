@@ -278,8 +278,10 @@ def _has_matrix(frame) -> bool:
     return any("DISPLAYMATRIX" in str(sd.type) for sd in frame.side_data)
 
 
-def _check_limits(path: Path, duration: float, width: int, height: int) -> None:
-    if duration > MAX_SECONDS:
+def _check_limits(path: Path, duration: float | None, width: int, height: int) -> None:
+    """Refuse inputs that are almost certainly a mistake. `duration=None` skips the
+    length check (the caller reads only the start of the file)."""
+    if duration is not None and duration > MAX_SECONDS:
         raise TCCPError(
             f"{path}: is {duration / 3600:.1f} h long; the limit is "
             f"{MAX_SECONDS / 3600:.0f} h (cut it into parts first)"
@@ -352,7 +354,7 @@ def _decode_video(path: Path, max_seconds: float | None) -> Iterator[tuple[float
         info_dur = _duration(c, vs)
         stream_dur = _seconds(vs.duration, vs.time_base) or 0.0
         cc = vs.codec_context
-        _check_limits(path, info_dur, cc.width or 0, cc.height or 0)
+        _check_limits(path, info_dur if max_seconds is None else None, cc.width or 0, cc.height or 0)
         vs.thread_type = "AUTO"
         rate = _rate(vs)
         default_dt = 1.0 / rate if rate > 0 else 1.0 / FPS
@@ -494,7 +496,8 @@ def read_video(
     info = probe(p)
     if not info.has_video:
         raise TCCPError(f"{p}: has no video stream (is it an audio file?)")
-    _check_limits(p, info.duration, info.width, info.height)
+    bounded = max_frames is not None or max_seconds is not None
+    _check_limits(p, None if bounded else info.duration, info.width, info.height)
     seconds = info.duration
     if max_seconds is not None:
         seconds = min(seconds, max_seconds)
@@ -524,9 +527,8 @@ def _decode_audio(
         aus = _audio_stream(c)
         if aus is None:
             raise TCCPError(f"{path}: has no audio stream")
-        dur = _duration(c, aus)
-        if dur > MAX_SECONDS:
-            _check_limits(path, dur, 0, 0)
+        if max_seconds is None:  # a long file is fine when only its start is wanted
+            _check_limits(path, _duration(c, aus), 0, 0)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
         chunks: list[np.ndarray] = []
         total = 0

@@ -470,3 +470,25 @@ def test_stopping_early_on_threaded_h264_does_not_hang() -> None:
     for _ in range(3):
         frames = list(media.iter_video(path, max_frames=10))
         assert len(frames) == 10
+
+
+def test_length_limit_only_applies_when_reading_everything(
+    monkeypatch: pytest.MonkeyPatch, small_clip: Path
+) -> None:
+    monkeypatch.setattr(media, "MAX_SECONDS", 0.5)
+    assert len(media.read_video(small_clip, max_frames=10).frames) == 10
+    assert len(list(media.iter_video(small_clip, max_frames=10))) == 10
+    assert len(media.read_audio(small_clip, max_seconds=0.4)) == 6400
+    with pytest.raises(TCCPError, match="limit"):
+        media.read_audio(small_clip)
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_out: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    with atomic_path(tmp_out / "f.txt") as tmp:
+        tmp.write_text("x")
+    with atomic_dir(tmp_out / "d") as d:
+        (d / "a").write_text("x")
+    assert (tmp_out / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_out / "d").stat().st_mode & 0o777 == 0o777 & ~mask
