@@ -181,6 +181,7 @@ class Peer:
         self.frames_out = 0
         self.audio_samples = 0
         self.has_video = False
+        self.has_audio = False
         self.outgoing = EditedVideoTrack(self)
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -204,11 +205,15 @@ class Peer:
             self.has_video = True
             self.pc.addTrack(self.outgoing)
             self._spawn(self._consume_video(track), "video-in")
-        elif track.kind == "audio":
+        elif track.kind == "audio" and not self.has_audio:
+            self.has_audio = True
             if self.limits.audio_back:
                 self.pc.addTrack(self._relay.subscribe(track))
                 track = self._relay.subscribe(track)
             self._spawn(self._consume_audio(track), "audio-in")
+        else:
+            # a second camera/mic: read and discard, or aiortc queues its frames forever
+            self._spawn(self._discard(track), "discard")
 
     def _on_datachannel(self, channel) -> None:
         if channel.label == "stats":
@@ -252,6 +257,13 @@ class Peer:
         except Exception as exc:  # an engine failure ends this peer, not the server
             log.exception("peer %s: video input failed", self.id)
             self._spawn(self.close(f"error: {exc}"), "close")
+
+    @staticmethod
+    async def _discard(track) -> None:
+        _, MediaStreamError = _track_classes()
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
 
     def _to_rgb(self, frame) -> np.ndarray:
         """RGB at one fixed size per peer (a resolution change mid-call is scaled back)."""

@@ -218,14 +218,13 @@ async def _offer(request):
         )
 
     st.pending += 1  # reserve the slot before the first await
-    pc = None
-    peer = None
     try:
         try:
             session = st.session_factory()
             if inspect.isawaitable(session):
                 session = await session
-        except TCCPError as exc:
+        except Exception as exc:
+            log.exception("could not create a session")
             return _error(500, f"could not start a session: {exc}")
         pc = RTCPeerConnection()
         limits = PeerLimits(
@@ -239,13 +238,11 @@ async def _offer(request):
             await pc.setLocalDescription(answer)
         except Exception as exc:
             st.metrics.sessions_rejected.labels("bad_request").inc()
-            await _discard(session, pc)
-            pc = peer = None
+            await peer.close("bad_offer")  # stops whatever the offer already started
             return _error(400, f"could not use the offer: {type(exc).__name__}: {exc}"[:300])
         st.peers[peer.id] = peer
         peer.start()
         st.metrics.sessions_started.inc()
-        st.metrics.sessions_active.set(st.active - 1)
         log.info("peer %s: session started (%d active)", peer.id, st.active - 1)
         return web.json_response(
             {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "id": peer.id}
@@ -253,18 +250,6 @@ async def _offer(request):
     finally:
         st.pending -= 1
         st.metrics.sessions_active.set(st.active)
-
-
-async def _discard(session, pc) -> None:
-    abort = getattr(session, "abort", None)
-    closers = [pc.close] if callable(abort) else [session.close, pc.close]
-    if callable(abort):
-        abort()
-    for closer in closers:
-        try:
-            await asyncio.wait_for(closer(), 5.0)
-        except Exception:
-            pass
 
 
 def _closed(st: ServerState, peer, reason: str) -> None:

@@ -64,3 +64,27 @@ async def test_run_live_bad_inputs_fail_before_starting(tmp_path):
                        EngineConfig(live=True), audio=FileAudioSource(wav),
                        session_factory=PassthroughSession)
     assert not (tmp_path / "o.mp4").exists()
+
+
+async def test_run_live_with_the_model(tmp_path):
+    """The real Session on a random tiny model: the recording holds generated frames."""
+    from conftest import shared_file
+    from engine.config import EngineConfig
+    from engine.model import SharedModel
+    from engine.runner import PipelineRunner
+    from tccp.media import probe
+
+    video = shared_file("data", "clips", "vr_face3.mp4")
+    wav = shared_file("data", "audio", "speech_5s_44k.wav")
+    shared = SharedModel(PipelineRunner.random("tiny"))
+    try:
+        cfg = EngineConfig(live=True, steps=1, degrade=False, job_queue=16)
+        res = await run_live(video, tmp_path / "live.mp4", shared, cfg,
+                             audio=FileAudioSource(wav), duration_s=0.8)
+    finally:
+        shared.close()
+    assert res.stopped_by == "duration"
+    assert res.frames_generated >= 1 and res.stats["error"] is None
+    info = probe(res.output)
+    assert info.has_audio and (info.width, info.height) == (590, 590)
+    assert info.n_frames >= 14
