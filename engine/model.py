@@ -59,6 +59,7 @@ class ModelStats:
     failures: int = 0
     busy_s: float = 0.0
     max_batch_seen: int = 0
+    """Largest batch the worker put together (attempted, whether it succeeded or not)."""
 
 
 _STOP = object()
@@ -177,6 +178,7 @@ class SharedModel:
                 item.future.set_exception(RuntimeError("SharedModel closed"))
 
     def _run(self, batch: list[_Item]) -> None:
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
         t0 = time.perf_counter()
         try:
             results = self.runner.run_batch([it.request for it in batch])
@@ -201,7 +203,6 @@ class SharedModel:
         self.stats.requests += len(batch)
         if len(batch) > 1:
             self.stats.batched_requests += len(batch)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
         self.stats.busy_s += dt
         for it, res in zip(batch, results):
             if hasattr(res, "batch"):

@@ -8,6 +8,7 @@ same shapes into one batched pass of `tccp.pipeline.TCCPPipeline`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,10 +26,13 @@ __all__ = [
 
 @dataclass
 class ModelState:
-    """The autoregressive carry: latents of the previous window's last frame."""
+    """The autoregressive carry: everything slot 0 of the next window needs, i.e. the
+    previous window's last frame (latents are raw TAEF2 latents, (C, h, w))."""
 
-    face: Any  # (C, h, w) tensor: stage-2 conditioning slot
-    sketch: Any  # (C, h, w) tensor: stage-1 conditioning slot
+    face: Any  # generated face latent: stage-2 conditioning slot
+    sketch: Any  # sketch latent (generated, or tracked in 'tracked' mode): stage-1 slot
+    context: Any  # head-masked context latent of that frame (stage-1 c_v of slot 0)
+    mel: np.ndarray  # (16, 80) its mel window (c_l of slot 0)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class WindowRequest:
     state: ModelState | None  # None: start from a first frame (first-frame step)
     seed: int = 0
     want_sketches: bool = False  # decode the stage-1 sketches (previews/debug)
+    identity_latent: Any = None  # (C, h, w) cached encoding of `identity` (from a result)
 
     @property
     def n(self) -> int:
@@ -63,6 +68,7 @@ class WindowResult:
     stage1_s: float = 0.0
     stage2_s: float = 0.0
     batch: int = 1
+    identity_latent: Any = None  # pass back in later requests to skip re-encoding
 
 
 def pad_frames(x: np.ndarray, n: int) -> np.ndarray:
@@ -74,30 +80,205 @@ def pad_frames(x: np.ndarray, n: int) -> np.ndarray:
 
 def default_pack_missing() -> bool:
     """True while the bundled model pack has not been trained/committed yet."""
-    try:
-        from tccp.pack import DEFAULT_PACK, pack_exists
-    except ImportError:
-        return True
-    return not pack_exists(DEFAULT_PACK)
+    from tccp.pack import DEFAULT_PACK
+
+    return not (DEFAULT_PACK / "config.json").is_file()
+
+
+SAMPLER_NAMES = {"ddim": "ddim", "ddpm": "ddpm", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+
+
+class _StageTimer:
+    """Accumulates the forward time of one stage via module hooks (every sampler step
+    calls the stage once), so stage 1 and stage 2 can be reported separately even
+    though the pipeline runs them inside one call."""
+
+    def __init__(self, module: Any) -> None:
+        import torch
+
+        self.total = 0.0
+        self._t0 = 0.0
+        self._cuda = torch.cuda.is_available()
+        self._sync = lambda: None
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, module: Any, args: Any) -> None:
+        if self._cuda and next(module.parameters()).is_cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def _post(self, module: Any, args: Any, out: Any) -> None:
+        if self._cuda and next(module.parameters()).is_cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.total += time.perf_counter() - self._t0
 
 
 class PipelineRunner:
-    """Runs `WindowRequest`s on a `TCCPPipeline` (see module docstring)."""
+    """Runs `WindowRequest`s on a `tccp.pipeline.TCCPPipeline` (see module docstring).
 
-    def __init__(self, pipeline: Any) -> None:
+    Per batch: encode the crops with TAEF2 (contexts; tracked sketches in 'tracked'
+    mode; identity faces), run `first_frame` for streams that (re)start, then one
+    `window` call with slot 0 = each stream's carried last frame, decode the faces.
+    Short (final) windows are padded by repeating their last frame so every request
+    of a batch has the same shapes; padded outputs are dropped.
+    """
+
+    def __init__(self, pipeline: Any, size: int | None = None) -> None:
+        if pipeline.autoencoder is None:
+            raise ValueError("PipelineRunner needs a pipeline with an autoencoder")
         self.pipeline = pipeline
-        self.size = int(pipeline.size)
+        cfg = pipeline.stage1.cfg
+        self.size = int(size or pipeline.pack_config.get("crop_size") or cfg.latent_size * 8)
+        self.frames = int(cfg.frames)
+        self._t1 = _StageTimer(pipeline.stage1)
+        self._t2 = _StageTimer(pipeline.stage2)
 
     @classmethod
     def from_pack(cls, pack: str | None = None, device: str = "cpu", backend: str = "torch") -> "PipelineRunner":
-        raise NotImplementedError
+        from tccp.errors import TCCPError
+        from tccp.pack import load_pack
+
+        if backend != "torch":
+            raise TCCPError(f"--backend {backend}: not available in the engine (only 'torch')")
+        return cls(load_pack(pack, device=device))
 
     @classmethod
-    def random(cls, config: str = "tiny", device: str = "cpu", seed: int = 0) -> "PipelineRunner":
-        raise NotImplementedError
+    def random(cls, config: str = "tiny", device: str = "cpu", seed: int = 0, **overrides: Any) -> "PipelineRunner":
+        """Random-weight models of a named config (tests, and the demo until the
+        trained pack exists). Latent channels are forced to TAEF2's 32."""
+        import torch
+
+        from tccp.autoencoder import LATENT_CHANNELS, load_autoencoder
+        from tccp.models.config import get_config
+        from tccp.models.mvcontrolnet import MVControlNet
+        from tccp.pipeline import TCCPPipeline
+
+        cfg = get_config(config, latent_channels=LATENT_CHANNELS, **overrides)
+        torch.manual_seed(seed)
+        s1, s2 = MVControlNet(cfg), MVControlNet(cfg)
+        for m in (s1, s2):
+            m.requires_grad_(False)
+            # the control branch starts at exactly zero (zero convs); nudge it so the
+            # random model really depends on its video condition, like a trained one
+            with torch.no_grad():
+                for p in m.control.parameters():
+                    if p.abs().sum() == 0:
+                        p.normal_(0, 0.02)
+        pipe = TCCPPipeline(s1, s2, load_autoencoder(device=device)).to(device)
+        return cls(pipe)
 
     def batch_key(self, r: WindowRequest) -> tuple:
-        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, r.contexts.shape[1:])
+        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart,
+                tuple(r.contexts.shape[1:]), r.want_sketches)
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, images: np.ndarray) -> Any:
+        """(..., S, S, 3) uint8 -> (..., C, h, w) latents on the pipeline's device."""
+        lead = images.shape[:-3]
+        flat = images.reshape((-1,) + images.shape[-3:])
+        z = self.pipeline.autoencoder.encode_images(flat)
+        z = z.to(self.pipeline.device, self.pipeline.dtype)
+        return z.reshape(tuple(lead) + tuple(z.shape[1:]))
 
     def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
-        raise NotImplementedError
+        import torch
+        from einops import rearrange
+
+        pipe = self.pipeline
+        r0 = requests[0]
+        new = r0.window - 1
+        b = len(requests)
+        t_start = time.perf_counter()
+        s1_before, s2_before = self._t1.total, self._t2.total
+        steps, cfg_scale = r0.steps, r0.guidance
+        sampler = SAMPLER_NAMES.get(r0.sampler, r0.sampler)
+        tracked = r0.mode == "tracked"
+        restart = r0.restart
+        gen = torch.Generator(device="cpu").manual_seed(int(r0.seed))
+
+        # (B, new, ...) inputs for the new frames, padded to the batch's shape
+        ctx_img = np.stack([pad_frames(r.contexts, new) for r in requests])
+        mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
+        t_enc = time.perf_counter()
+        ctx_lat = self._encode(ctx_img)  # (B, new, C, h, w)
+        if all(r.identity_latent is not None for r in requests):
+            ref_lat = torch.stack([r.identity_latent for r in requests]).to(pipe.device, pipe.dtype)
+        else:
+            ref_lat = self._encode(np.stack([r.identity for r in requests]))  # (B, C, h, w)
+        sk_lat = None
+        if tracked:
+            sk_lat = self._encode(np.stack([pad_frames(r.sketches, new) for r in requests]))
+        enc_s = time.perf_counter() - t_enc
+        mel_t = torch.from_numpy(mel).to(pipe.device, pipe.dtype)  # (B, new, 16, 80)
+
+        def five(x: Any) -> Any:  # (B, N, C, h, w) -> (B, C, N, h, w)
+            return rearrange(x, "b n c h w -> b c n h w")
+
+        first_face = None
+        if restart:
+            # first-frame step on each stream's first new frame
+            sk0, face0 = pipe.first_frame(
+                five(ctx_lat[:, :1]), mel_t[:, :1], ref_lat, steps=steps, sampler=sampler,
+                cfg_scale=cfg_scale, tracked_sketch_lat=five(sk_lat[:, :1]) if tracked else None,
+                generator=gen,
+            )
+            first_face = face0  # (B, C, 1, h, w)
+            prev_face, prev_sketch = face0[:, :, 0], sk0[:, :, 0]
+            prev_ctx, prev_mel = ctx_lat[:, 0], mel_t[:, 0]
+            # the window then generates frames 1.. (one more padded slot at the end)
+            ctx_new = torch.cat([ctx_lat[:, 1:], ctx_lat[:, -1:]], dim=1)
+            mel_new = torch.cat([mel_t[:, 1:], mel_t[:, -1:]], dim=1)
+            sk_new = torch.cat([sk_lat[:, 1:], sk_lat[:, -1:]], dim=1) if tracked else None
+        else:
+            st = [r.state for r in requests]
+            prev_face = torch.stack([s.face for s in st]).to(pipe.device, pipe.dtype)
+            prev_sketch = torch.stack([s.sketch for s in st]).to(pipe.device, pipe.dtype)
+            prev_ctx = torch.stack([s.context for s in st]).to(pipe.device, pipe.dtype)
+            prev_mel = torch.from_numpy(np.stack([s.mel for s in st])).to(pipe.device, pipe.dtype)
+            ctx_new, mel_new, sk_new = ctx_lat, mel_t, sk_lat
+
+        ctx_win = torch.cat([prev_ctx[:, None], ctx_new], dim=1)  # (B, N, C, h, w)
+        mel_win = torch.cat([prev_mel[:, None], mel_new], dim=1)  # (B, N, 16, 80)
+        tracked_win = torch.cat([prev_sketch[:, None], sk_new], dim=1) if tracked else None
+        sk_out, face_out = pipe.window(
+            five(ctx_win), mel_win, ref_lat, prev_sketch, prev_face, steps=steps, sampler=sampler,
+            cfg_scale=cfg_scale, tracked_sketch_lat=five(tracked_win) if tracked else None,
+            generator=gen,
+        )  # (B, C, new, h, w) each
+        if restart:
+            face_out = torch.cat([first_face, face_out], dim=2)
+            sk_out = torch.cat([sk0, sk_out], dim=2)
+            ctx_used, mel_used = torch.cat([prev_ctx[:, None], ctx_new], 1), torch.cat([prev_mel[:, None], mel_new], 1)
+        else:
+            ctx_used, mel_used = ctx_new, mel_new
+        faces = pipe.decode(face_out).cpu().numpy()  # (B, n_out, S, S, 3)
+        sketches = pipe.decode(sk_out).cpu().numpy() if r0.want_sketches else None
+
+        total = time.perf_counter() - t_start
+        stage1 = enc_s + (self._t1.total - s1_before)
+        stage2 = max(0.0, total - stage1)
+        results = []
+        for i, r in enumerate(requests):
+            n = r.n
+            last = n - 1
+            state = ModelState(
+                face=face_out[i, :, last].detach().clone(),
+                sketch=sk_out[i, :, last].detach().clone(),
+                context=ctx_used[i, last].detach().clone(),
+                mel=mel_used[i, last].detach().cpu().numpy().astype(np.float32),
+            )
+            results.append(WindowResult(
+                faces=faces[i, :n].copy(),
+                state=state,
+                sketches=None if sketches is None else sketches[i, :n].copy(),
+                stage1_s=stage1,
+                stage2_s=stage2,
+                batch=b,
+                identity_latent=ref_lat[i].detach().clone(),
+            ))
+        return results

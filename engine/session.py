@@ -64,6 +64,8 @@ class OutputFrame:
     kept only when the session was created with keep_debug=True."""
     crop: np.ndarray | None = None
     """Debug: the generated face crop before paste-back (keep_debug=True)."""
+    box: np.ndarray | None = None
+    """Debug: the face box (x0, y0, x1, y1) the crop was pasted into (keep_debug=True)."""
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Session:
             None if self.cfg.identity_crop is None else np.ascontiguousarray(self.cfg.identity_crop)
         )
         self._identity_task: asyncio.Task | None = None
+        self._identity_latent: Any = None  # the model's encoding of the identity crop
         self._state: ModelState | None = None  # autoregressive carry between windows
         self._started = False
         self._closed = False
@@ -403,9 +406,11 @@ class Session:
             state=self._state,
             seed=c.seed + win.index,
             want_sketches=self.keep_debug,
+            identity_latent=self._identity_latent,
         )
         res: WindowResult = await self.model.submit(req)
         self._state = res.state
+        self._identity_latent = res.identity_latent
         timing.stage1, timing.stage2, timing.batch = res.stage1_s, res.stage2_s, res.batch
         await self._comp_q.put(_CompositeJob(win, res, rung, None, timing))
 
@@ -432,6 +437,7 @@ class Session:
             of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
             if self.keep_debug:
                 of.crop = face
+                of.box = np.asarray(win.face_boxes[k], np.float32)
                 of.sketch = res.sketches[k] if res.sketches is not None else win.sketches[k]
             out.append(of)
         return out
@@ -444,7 +450,7 @@ class Session:
                 self._input_done = True
                 self.stats.finished = time.monotonic()
                 if self.cfg.live:
-                    self._force_put(self._out_q, _EOS)
+                    self.stats.dropped_output += self._force_put(self._out_q, _EOS)
                 else:
                     await self._out_q.put(_EOS)
                 return

@@ -1,0 +1,112 @@
+"""Test doubles for the engine: a fast stand-in model, fault injection, a fake tracker.
+
+They exist so that queueing, latency and failure behaviour (which depends on timing,
+not on what the network draws) can be tested quickly and deterministically, and so
+that the streaming layer can run real `Session`s without loading a model. They are
+not used by any production path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from engine.runner import ModelState, WindowRequest, WindowResult
+from tccp import face_geometry as fg
+
+__all__ = ["FakeRunner", "FaultyRunner", "FakeTracker", "synthetic_landmarks"]
+
+
+class FakeRunner:
+    """Answers every window at once: the 'generated' face is the tracked face crop's
+    context with a constant offset (so pasted frames differ from the input)."""
+
+    def __init__(self, size: int = 64, offset: int = 40) -> None:
+        self.size = size
+        self.offset = offset
+        self.calls: list[int] = []  # batch size of each call
+
+    def batch_key(self, r: WindowRequest) -> tuple:
+        return (r.mode, r.steps, r.restart, tuple(r.contexts.shape[1:]))
+
+    def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
+        self.calls.append(len(requests))
+        out = []
+        for r in requests:
+            faces = np.clip(r.contexts.astype(np.int16) + self.offset, 0, 255).astype(np.uint8)
+            state = ModelState(face=np.zeros(1), sketch=np.zeros(1), context=np.zeros(1), mel=r.mel[-1])
+            out.append(WindowResult(faces=faces, state=state, batch=len(requests)))
+        return out
+
+
+class FaultyRunner:
+    """Wraps a runner: adds `delay` seconds to each call and raises for requests that
+    `fail(request)` selects (the whole batched call fails, as a real error would)."""
+
+    def __init__(self, inner: Any, delay: float = 0.0,
+                 fail: Callable[[WindowRequest], bool] | None = None) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.delay = delay
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.calls = 0
+
+    def batch_key(self, r: WindowRequest) -> Any:
+        return self.inner.batch_key(r)
+
+    def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
+        with self.lock:
+            self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None and any(self.fail(r) for r in requests):
+            raise RuntimeError("injected model failure")
+        return self.inner.run_batch(requests)
+
+
+def synthetic_landmarks(cx: float, cy: float, r: float) -> np.ndarray:
+    """478 points on a face-shaped ellipse (forehead point 10 on top, chin 152 at the
+    bottom), enough for boxes, head masks and sketches."""
+    ang = np.linspace(0, 2 * np.pi, 478, endpoint=False)
+    lm = np.stack([cx + 0.8 * r * np.cos(ang), cy + r * np.sin(ang)], axis=1)
+    lm[fg.FOREHEAD] = (cx, cy - r)
+    lm[fg.CHIN] = (cx, cy + r)
+    return lm.astype(np.float32)
+
+
+@dataclass
+class _Obs:
+    index: int
+    t: float
+    landmarks: np.ndarray
+    raw: np.ndarray
+    face_box: np.ndarray
+    context_box: np.ndarray
+
+
+class FakeTracker:
+    """Stands in for `tccp.face_track.FaceTracker`: a face at a fixed place in every
+    frame whose mean brightness is above `min_mean` (dark frames have "no face")."""
+
+    def __init__(self, min_mean: float = 8.0, where: tuple[float, float, float] | None = None) -> None:
+        self.min_mean = min_mean
+        self.where = where
+        self._i = 0
+
+    def update(self, frame: np.ndarray, t: float | None = None) -> _Obs | None:
+        i = self._i
+        self._i += 1
+        if float(frame.mean()) < self.min_mean:
+            return None
+        h, w = frame.shape[:2]
+        cx, cy, r = self.where or (w / 2, h / 2, min(h, w) / 5)
+        lm = synthetic_landmarks(cx, cy, r)
+        return _Obs(i, float(t or 0.0), lm, lm, fg.face_box(lm), fg.context_box(lm))
+
+    def close(self) -> None:
+        pass
