@@ -670,7 +670,7 @@ class VideoWriter:
         *,
         has_audio: bool | None = None,
         crf: int = 20,
-        preset: str = "fast",
+        preset: str = "veryfast",
         audio_bitrate: int = 96_000,
     ) -> None:
         self.path = Path(path)
