@@ -9,6 +9,8 @@ window is observed exactly once.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from typing import Any
 
 __all__ = ["ServerMetrics", "WindowFeed"]
@@ -70,23 +72,17 @@ class WindowFeed:
 
     def poll(self, stats: Any) -> int:
         """Observe windows added since the last call; returns how many."""
-        lock = getattr(stats, "_lock", None)  # windows are appended from the model thread
-        if lock is not None:
-            with lock:
-                total, windows = self._read(stats)
-        else:
-            total, windows = self._read(stats)
-        fresh = min(total - self._seen_total, len(windows))
-        if fresh <= 0:
-            return 0
-        for w in windows[-fresh:]:
+        lock = getattr(stats, "_lock", None)  # windows are appended from other threads
+        with lock if lock is not None else contextlib.nullcontext():
+            total = int(getattr(stats, "windows_total", 0) or 0)
+            windows = getattr(stats, "windows", None) or ()
+            fresh = min(total - self._seen_total, len(windows))
+            # only the new tail: the deque holds up to 10k windows of a long session
+            new = list(itertools.islice(reversed(windows), max(0, fresh)))[::-1]
+        self._seen_total = total
+        for w in new:
             self.metrics.window_latency.observe(float(getattr(w, "e2e", 0.0)))
             if getattr(w, "mode", "") != "passthrough":
                 for step in self.STEPS:
                     self.metrics.window_stage.labels(step).observe(float(getattr(w, step, 0.0)))
-        self._seen_total = total
-        return fresh
-
-    @staticmethod
-    def _read(stats: Any) -> tuple[int, list]:
-        return int(getattr(stats, "windows_total", 0) or 0), list(getattr(stats, "windows", ()) or ())
+        return len(new)

@@ -331,9 +331,9 @@ class Peer:
         if arrival is not None:
             self._latency.append(now - arrival)
             self.metrics.frame_latency.observe(now - arrival)
-        self._feed.poll(self.session.stats)
         if now - self._last_stats_sent >= self.limits.stats_interval_s:
             self._last_stats_sent = now
+            self._feed.poll(self.session.stats)
             self._send_stats(out, now)
         return out
 
@@ -383,6 +383,8 @@ class Peer:
         self._closing = True
         self.close_reason = reason
         log.info("peer %s: closing (%s)", self.id, reason)
+        with contextlib.suppress(Exception):
+            self._feed.poll(self.session.stats)
         me = asyncio.current_task()
         for task in list(self._tasks):
             if task is not me:

@@ -229,3 +229,25 @@ def test_video_source_specs(tmp_path):
         open_video_source(tmp_path / "missing.mp4")
     with pytest.raises(TCCPError, match="camera index must be a number"):
         open_video_source("camera:front")
+
+
+def test_window_feed_observes_each_window_once():
+    from engine.stats import SessionStats, WindowTiming
+    from streaming.metrics import ServerMetrics, WindowFeed
+
+    metrics = ServerMetrics()
+    stats = SessionStats(max_windows=3)
+    feed = WindowFeed(metrics)
+
+    def add(n):
+        for _ in range(n):
+            stats.add_window(WindowTiming(window=stats.windows_total, frames=7, level=0, steps=1,
+                                          mode="generated", stage2=0.5, e2e=0.25))
+
+    add(2)
+    assert feed.poll(stats) == 2 and feed.poll(stats) == 0
+    add(5)  # more than the stats keep: only what is still there can be observed
+    assert feed.poll(stats) == 3
+    body = metrics.render()[0].decode()
+    assert "tccp_window_latency_seconds_count 5.0" in body
+    assert 'tccp_window_stage_seconds_sum{step="stage2"} 2.5' in body
