@@ -163,6 +163,9 @@ async def run_file_async(
     if out.suffix.lower() not in (".mp4", ".m4v", ".mov"):
         raise TCCPError(f"{out}: output must be an .mp4 file")
     cfg = (config or EngineConfig()).with_(live=False)
+    # backpressure makes deep input buffering pointless for files: one window of slack
+    # keeps tracking ahead of the model without inflating per-window latency
+    cfg = cfg.with_(video_queue=min(cfg.video_queue, cfg.window))
     if max_seconds is not None and max_seconds <= 0:
         raise TCCPError(f"--max-seconds {max_seconds}: must be positive")
     samples, audio_src = _driving_audio(video, Path(audio) if audio is not None else None, cfg.sr, max_seconds)
