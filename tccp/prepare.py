@@ -140,7 +140,20 @@ def _quantise_mel(mel: np.ndarray) -> tuple[np.ndarray, float, float]:
     return q, scale, MEL_LO
 
 
-def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[[], None] | None) -> dict:
+Progress = Callable[[str, int, int], None]  # (phase, frames done, frames total)
+
+
+def _counted(frames, progress: Progress | None, phase: str):
+    n = len(frames)
+    for i, f in enumerate(frames):
+        if progress is not None and i % 10 == 0:
+            progress(phase, i, n)
+        yield f
+    if progress is not None:
+        progress(phase, n, n)
+
+
+def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progress | None) -> dict:
     """Track, crop, mask and write every file of one clip into `tmp` (meta.json last)."""
     from tccp import face, media
     from tccp.audio import log_mel
@@ -149,7 +162,7 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
     size = cfg.size
     tcfg = FaceTrackerConfig(fps=cfg.fps, **cfg.tracker)
     with _quiet_native_stderr(), face.FaceTracker(tcfg) as tracker:
-        track = tracker.track(data.frames)
+        track = tracker.track(_counted(data.frames, progress, "track"))
     face.require_face(track, str(clip))
     n = len(track)
     lm_crop = face.to_crop_coords(track.landmarks, track.face_boxes, size)
@@ -159,8 +172,7 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
     with media.VideoWriter(tmp / "face.mp4", **writer_args) as fw, media.VideoWriter(
         tmp / "context.mp4", **writer_args
     ) as cw:
-        for i in range(n):
-            frame = data.frames[i]
+        for i, frame in enumerate(_counted(data.frames, progress, "crop")):
             fw.write(face.crop(frame, track.face_boxes[i], size))
             ctx = face.crop(frame, track.context_boxes[i], size)
             mask = face.head_mask(
@@ -168,8 +180,6 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, tick: Callable[
                 dilate=cfg.mask_dilate, forehead=cfg.mask_forehead,
             )
             cw.write(face.mask_context(ctx, mask))
-            if tick is not None and i % 25 == 0:
-                tick()
 
     write_track(
         tmp, lm_crop[:, sub], sub, track.face_boxes, track.context_boxes, track.found, track.interpolated
@@ -243,19 +253,11 @@ def write_mel(folder: Path, mel: np.ndarray, sr: int = 16000) -> dict:
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
-    """Silence mediapipe/TFLite's C++ log lines (they bypass Python) for one-line errors.
-
-    Only when stderr is not a terminal, i.e. in scripts and tests; interactively the
-    lines are harmless and may help.
+    """Silence mediapipe/TFLite's C++ log lines (a dozen INFO/W0000 lines per clip that
+    bypass Python): errors must stay one line, and a progress bar readable. Progress
+    bars survive because the CLI draws them on its own duplicate of the terminal fd.
     """
     fd = 2  # the C++ libraries write to the process's fd 2, whatever sys.stderr is
-    try:
-        quiet = not os.isatty(fd)
-    except OSError:
-        quiet = False
-    if not quiet:
-        yield
-        return
     sys.stderr.flush()
     saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -298,7 +300,7 @@ def prepare_clip(
     audio: str | os.PathLike | None = None,
     config: PrepareConfig | None = None,
     force: bool = False,
-    tick: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Prepare one clip into `out_dir/<stem>/`; returns the folder.
 
@@ -321,7 +323,7 @@ def prepare_clip(
     data = _load(src, Path(audio) if audio is not None else None, cfg)
     _clean_stale_temps(out, folder.name)
     with atomic_dir(folder) as tmp:
-        _write_clip(src, tmp, data, cfg, tick)
+        _write_clip(src, tmp, data, cfg, progress)
         _fix_permissions(tmp)
     return folder
 

@@ -216,7 +216,7 @@ def test_resolve_audio_order(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_nothing(tmp_path: Path, face_clip: Path, monkeypatch) -> None:
-    def crash(clip, tmp, data, cfg, tick):
+    def crash(clip, tmp, data, cfg, progress):
         (tmp / "face.mp4").write_bytes(b"half")
         raise KeyboardInterrupt
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="re-prepare clips that are already complete")
 
 
-def _bar(total: int):
+def _bar(total: int | None, unit: str = "clip", desc: str = "prepare"):
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    # disable=None: no bar when stderr is not a terminal (logs, tests stay one line per error)
-    return tqdm(total=total, unit="clip", desc="prepare", disable=None, file=sys.stderr)
+    if not sys.stderr.isatty():
+        return None  # logs and tests: no bar, one line per error
+    # draw on a duplicate of the terminal's fd: prepare silences fd 2 while mediapipe
+    # prints its C++ log lines, and the bar must stay visible meanwhile
+    term = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    bar = tqdm(total=total, unit=unit, desc=desc, file=term)
+    bar.term = term  # closed by _close
+    return bar
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+        bar.term.close()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +61,22 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if len(args.clips) == 1:
-            folder = prepare_clip(args.clips[0], out, args.size, args.audio, cfg, force=args.force)
+            bar = _bar(None, unit="frame", desc=Path(args.clips[0]).name)
+            name = Path(args.clips[0]).name
+
+            def progress(phase: str, done: int, total: int) -> None:
+                bar.total = total
+                bar.set_description_str(f"{name} {phase}", refresh=False)
+                bar.n = done
+                bar.refresh()
+
+            try:
+                folder = prepare_clip(
+                    args.clips[0], out, args.size, args.audio, cfg, args.force,
+                    progress if bar is not None else None,
+                )
+            finally:
+                _close(bar)
             print(f"prepared {folder} in {time.perf_counter() - t0:.1f} s")
             return 0
         bar = _bar(len(args.clips))
@@ -58,8 +86,8 @@ def main(args: argparse.Namespace) -> int:
             counts[r.status] += 1
             if r.status == "failed":
                 line = f"error: {r.error}"
-                if bar is not None and not bar.disable:
-                    bar.write(line, file=sys.stderr)
+                if bar is not None:
+                    bar.write(line, file=bar.term)
                 else:
                     print(line, file=sys.stderr, flush=True)
             if bar is not None:
@@ -67,8 +95,7 @@ def main(args: argparse.Namespace) -> int:
                 bar.update(1)
 
         prepare_clips(args.clips, out, cfg, args.audio, args.workers, args.force, on_result=report)
-        if bar is not None:
-            bar.close()
+        _close(bar)
         dt = time.perf_counter() - t0
         size = folder_size(out) / 2**20
         print(
