@@ -109,13 +109,13 @@ class Session:
         self._state: ModelState | None = None  # autoregressive carry between windows
         self._started = False
         self._closed = False
-        self._input_done = False
         self._audio_event: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
         self._track_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-track")
         self._comp_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-comp")
         self._window_ids = itertools.count()
+        self._pools_down = False
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -226,11 +226,15 @@ class Session:
         self._shutdown_pools()
 
     def _shutdown_pools(self) -> None:
-        self._track_pool.shutdown(wait=False, cancel_futures=True)
+        if self._pools_down:
+            return
+        self._pools_down = True
+        # the tracker (a mediapipe graph) belongs to the tracker thread: close it there,
+        # after any tracking call still running
+        with contextlib.suppress(RuntimeError):
+            self._track_pool.submit(self._preparer.close)
+        self._track_pool.shutdown(wait=False)
         self._comp_pool.shutdown(wait=False, cancel_futures=True)
-        # the tracker belongs to the tracker thread; close it there
-        with contextlib.suppress(Exception):
-            self._preparer.close()
 
     # ------------------------------------------------------------------ public API
     async def push_video(self, frame: np.ndarray, pts: float) -> None:
@@ -320,18 +324,10 @@ class Session:
         )
         win = await loop.run_in_executor(self._track_pool, self._preparer.prepare, win)
         win.ready = time.monotonic()
-        if self.cfg.live and self._job_q.full():
-            # the model is far behind: the oldest waiting window goes out unedited
-            # rather than letting the backlog (and latency) grow
-            old = self._job_q.get_nowait()
-            if old is not _EOS:
-                await self._passthrough_now(old, "overload")
+        # A full job queue blocks only this task: live pushes keep landing in the input
+        # queue, which drops its oldest frames (counted) if the wait is long, while the
+        # generator skips stale windows (see _generate_one); order is always kept.
         await self._job_q.put(win)
-
-    async def _passthrough_now(self, win: PreparedWindow, reason: str) -> None:
-        timing = WindowTiming(window=win.index, frames=win.n, level=self.controller.level,
-                              steps=0, mode="passthrough")
-        await self._comp_q.put(_CompositeJob(win, None, Rung("passthrough", 0), reason, timing))
 
     # ------------------------------------------------------------------ generate
     async def _generate(self) -> None:
@@ -344,15 +340,15 @@ class Session:
 
     async def _wait_audio(self, until: float) -> None:
         """Wait until audio up to `until` (session time) has arrived, the input ended,
-        or a deadline passed; missing audio is silence. Live sessions wait at most
-        `audio_wait_s`; file sessions (which push their audio up front) do not wait at
-        all when they never pushed audio, else at most FILE_AUDIO_WAIT_S."""
+        or a deadline passed; missing audio is silence. Sessions that have not received
+        any audio yet do not wait at all; others wait at most `audio_wait_s` (live) or
+        FILE_AUDIO_WAIT_S (files push their audio up front, so this rarely waits)."""
         assert self._audio_event is not None
         live = self.cfg.live
         deadline = time.monotonic() + (self.cfg.audio_wait_s if live else FILE_AUDIO_WAIT_S)
         while self._audio.end_time < until and not self._closed:
-            if not live and not self._audio.received:
-                return
+            if not self._audio.received:
+                return  # no audio track (yet): silence rather than a stall per window
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -364,6 +360,9 @@ class Session:
         t_start = time.monotonic()
         c = self.cfg
         rung = self.controller.rung
+        # audio older than this window's context is no longer needed (whatever happens
+        # to the window, so long face-less stretches do not accumulate audio)
+        self._audio.trim_before(float(win.pts[0]) - 0.5)
         timing = WindowTiming(window=win.index, frames=win.n, level=self.controller.level,
                               steps=rung.steps, mode=rung.mode, queue_wait=t_start - win.ready)
         reason: str | None = None
@@ -391,8 +390,6 @@ class Session:
         mel = await loop.run_in_executor(
             self._comp_pool, mel_for_frames, self._audio, win.pts, c.fps
         )
-        # audio older than this window's context is no longer needed
-        self._audio.trim_before(float(win.pts[0]) - 0.5)
         req = WindowRequest(
             mode=rung.mode,
             steps=rung.steps,
@@ -447,7 +444,6 @@ class Session:
         while True:
             job = await self._comp_q.get()
             if job is _EOS:
-                self._input_done = True
                 self.stats.finished = time.monotonic()
                 if self.cfg.live:
                     self.stats.dropped_output += self._force_put(self._out_q, _EOS)
