@@ -27,7 +27,9 @@ import numpy as np
 
 from streaming.metrics import ServerMetrics, WindowFeed
 from streaming.protocol import OutputFrameLike, SessionLike
-from streaming.resample import AudioTo16k, FrameGrid, TrackClock, media_seconds, video_frame_to_rgb
+from streaming.resample import (
+    AudioTo16k, FrameGrid, PlayoutPacer, TrackClock, media_seconds, video_frame_to_rgb,
+)
 
 __all__ = ["PeerLimits", "Peer", "EditedVideoTrack"]
 
@@ -52,6 +54,10 @@ class PeerLimits:
     """How often the 'stats' data channel gets a JSON update for the page."""
     audio_back: bool = True
     """Send the browser's own audio back (undelayed) so a recording of the tab has sound."""
+    pace: bool = True
+    """Send output frames at their pts spacing (see resample.PlayoutPacer), not in bursts."""
+    out_buffer: int = 64
+    """Output frames waiting for the encoder; beyond this the oldest are dropped."""
 
 
 class _Rate:
@@ -126,10 +132,14 @@ def EditedVideoTrack(peer: "Peer"):  # noqa: N802 - a class factory (aiortc impo
         async def recv(self):
             if self.readyState != "live":
                 raise MediaStreamError
-            out = await peer.next_output()
+            out, ready = await peer.next_ready()
             if out is None:
                 self.stop()
                 raise MediaStreamError
+            wait = peer.pacer.delay(float(out.pts), ready) if peer.pacer is not None else 0.0
+            if wait > 0:
+                await asyncio.sleep(wait)
+            peer.record_sent(out)
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(out.frame), format="rgb24")
             pts = int(round(float(out.pts) / VIDEO_TIME_BASE))
             if pts <= self._last_pts:  # the encoder needs strictly increasing pts
@@ -182,6 +192,10 @@ class Peer:
         self.audio_samples = 0
         self.has_video = False
         self.has_audio = False
+        self.pacer = PlayoutPacer() if limits.pace else None
+        self._ready: deque[tuple[OutputFrameLike | None, float]] = deque()
+        self._ready_event = asyncio.Event()
+        self.dropped_out = 0
         self.outgoing = EditedVideoTrack(self)
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -189,8 +203,9 @@ class Peer:
 
     # ------------------------------------------------------------------ wiring
     def start(self) -> None:
-        """Start the watchdog; call after the answer is set."""
+        """Start the watchdog and the output reader; call after the answer is set."""
         self._spawn(self._watchdog(), "watchdog")
+        self._spawn(self._read_output(), "output")
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=f"peer-{self.id}-{name}")
@@ -321,8 +336,33 @@ class Peer:
             if not self._closing:
                 log.warning("peer %s: session output ended: %s", self.id, exc)
             return None
-        if out is None:
-            return None
+        return out
+
+    async def _read_output(self) -> None:
+        """Take frames from the session as soon as they exist, stamped with that time,
+        so the pacer knows how early each one was ready (see PlayoutPacer)."""
+        while True:
+            out = await self.next_output()
+            self._push_ready(out)
+            if out is None:
+                return
+
+    def _push_ready(self, out: OutputFrameLike | None) -> None:
+        self._ready.append((out, time.monotonic()))
+        while len(self._ready) > self.limits.out_buffer:  # the encoder stalled: drop oldest
+            self._ready.popleft()
+            self.dropped_out += 1
+        self._ready_event.set()
+
+    async def next_ready(self) -> tuple[OutputFrameLike | None, float]:
+        """The next output frame and when it became ready ((None, t): no more)."""
+        while not self._ready:
+            self._ready_event.clear()
+            await self._ready_event.wait()
+        return self._ready.popleft()
+
+    def record_sent(self, out: OutputFrameLike) -> None:
+        """Count a frame handed to the encoder (after pacing) and measure its latency."""
         now = time.monotonic()
         self.frames_out += 1
         self._rate_out.tick(now)
@@ -335,7 +375,6 @@ class Peer:
             self._last_stats_sent = now
             self._feed.poll(self.session.stats)
             self._send_stats(out, now)
-        return out
 
     def _send_stats(self, out: OutputFrameLike, now: float) -> None:
         ch = self._channel
@@ -391,6 +430,7 @@ class Peer:
                 task.cancel()
         with contextlib.suppress(Exception):
             self.outgoing.stop()
+        self._push_ready(None)  # wake a waiting recv()
         t = self.limits.close_timeout_s
         abort = getattr(self.session, "abort", None)
         try:

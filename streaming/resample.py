@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["TrackClock", "FrameGrid", "AudioTo16k", "video_frame_to_rgb"]
+__all__ = ["TrackClock", "FrameGrid", "AudioTo16k", "PlayoutPacer", "video_frame_to_rgb"]
 
 
 class TrackClock:
@@ -133,3 +133,53 @@ def video_frame_to_rgb(frame, max_side: int | None = None) -> np.ndarray:
         w, h = max(2, int(round(w * s / 2)) * 2), max(2, int(round(h * s / 2)) * 2)
         return frame.to_ndarray(format="rgb24", width=w, height=h)
     return frame.to_ndarray(format="rgb24")
+
+
+class PlayoutPacer:
+    """Releases output frames at their pts spacing instead of in window-sized bursts.
+
+    The engine finishes a whole window (7 frames) at once; sent as they come, the
+    browser gets a burst every 280 ms and plays it jerkily or grows its jitter buffer.
+    Frame `pts` is released at `pts + offset`. A late frame moves the playout point
+    later at once (never show frames late twice). Every `relax_s`, if every frame had
+    been available before its release time, the offset shrinks by half the smallest
+    such margin, so a past stall does not keep latency high forever. A pts jump over
+    `max_wait_s` (a gap in the input) re-anchors instead of waiting.
+    """
+
+    def __init__(self, max_wait_s: float = 1.0, relax_s: float = 2.0, now=time.monotonic) -> None:
+        self.max_wait_s = max_wait_s
+        self.relax_s = relax_s
+        self._now = now
+        self.offset: float | None = None
+        self._margin = math.inf
+        self._since = 0.0
+
+    def delay(self, pts: float, available: float | None = None) -> float:
+        """Seconds to wait before sending the frame shown at `pts` (0: send now).
+
+        `available`: when the frame became ready (default now); frames that sat in a
+        queue tell the pacer how much earlier they could have been shown.
+        """
+        now = self._now()
+        ready = now if available is None else min(available, now)
+        if self.offset is None:
+            self.offset, self._since = ready - pts, now
+        due = pts + self.offset
+        if ready > due:  # it arrived after its slot: the playout point moves later
+            self.offset = ready - pts
+            self._margin, self._since = 0.0, now
+            due = ready
+        elif due - now > self.max_wait_s:  # a jump in pts: start over from here
+            self.offset = now - pts
+            self._margin, self._since = 0.0, now
+            return 0.0
+        # a frame that was ready but is sent late (the sender fell behind) changes nothing
+        wait = due - now
+        self._margin = min(self._margin, due - ready)
+        if now - self._since >= self.relax_s:
+            if math.isfinite(self._margin) and self._margin > 0.005:
+                self.offset -= 0.5 * self._margin
+                wait -= 0.5 * self._margin
+            self._margin, self._since = math.inf, now
+        return max(0.0, wait)
