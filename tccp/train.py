@@ -89,6 +89,10 @@ class TrainConfig:
     p_first: float = 0.15
     cond_dropout: float | None = None  # None: the model config's
     cond_noise_std: float = 0.0
+    # model-space latent = (TAEF2 latent - shift) * scale, as tccp.pipeline.LatentNorm;
+    # TAEF2 latents are already ~unit variance (std 0.86-1.04 measured), so identity
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
     seed: int = 0
     val_every: int = 250
     val_windows: int = 64
@@ -189,16 +193,10 @@ def load_stage_weights(path: str | os.PathLike, stage: str | None = None) -> dic
     ckpt = latest_checkpoint(p) if p.is_dir() else None
     if ckpt is not None:
         return load_tensors(ckpt / "ema.safetensors")
-    if p.is_dir():
-        try:
-            from tccp import pack as pack_mod
-        except ImportError:
-            pack_mod = None
-        if pack_mod is not None and hasattr(pack_mod, "load_stage_state"):
-            return pack_mod.load_stage_state(p, stage_spec(stage or "landmarks").number)
-        for name in (f"stage{stage_spec(stage or 'landmarks').number}.safetensors",):
-            if (p / name).is_file():
-                return load_tensors(p / name)
+    if p.is_dir() and (p / "config.json").is_file() and (p / "stage1.safetensors").is_file():
+        from tccp.pack import load_stage_state
+
+        return load_stage_state(p, stage_spec(stage or "landmarks").number)
     raise TCCPError(f"{p}: not a checkpoint, run folder, safetensors file or model pack")
 
 
@@ -365,6 +363,10 @@ class Trainer:
         if len(self.train_set) == 0:
             raise TCCPError(f"{cfg.data}: no {window}-frame window with a face in every frame among the training clips")
         self.train_clips = [c.name for c in self.train_set.clips]
+        sizes = {c.size for c in self.train_set.clips}
+        if len(sizes) != 1:
+            raise TCCPError(f"{cfg.data}: prepared clips of different sizes {sorted(sizes)}; prepare them at one --size")
+        self.crop_size = sizes.pop()
         self.val_set = None
         self.val_batches: list[dict] = []
         if val_f:
@@ -438,7 +440,8 @@ class Trainer:
             "train": self.cfg.to_dict(),
             "model": self.model_cfg.to_dict(),
             "schedule": self.schedule.to_dict(),
-            "latent_norm": {"scale": 1.0, "shift": 0.0},
+            "latent_norm": {"scale": self.cfg.latent_scale, "shift": self.cfg.latent_shift},
+            "crop_size": self.crop_size,
             "train_clips": self.train_clips,
             "val_clips": self.val_clips,
             "world_size": self.dist.world,
@@ -449,7 +452,14 @@ class Trainer:
         # the dataset's identity-frame pick uses the global torch RNG: seed it per step
         torch.manual_seed(_step_seed(self.cfg.seed, step, self.dist.rank, "data"))
         items = [self.train_set[i] for i in self.sampler.indices(step)]
-        return collate(items, self.spec, self.device)
+        return self._norm(collate(items, self.spec, self.device))
+
+    def _norm(self, batch: dict) -> dict:
+        """Raw TAEF2 latents -> model space (the pipeline's `LatentNorm`)."""
+        sc, sh = self.cfg.latent_scale, self.cfg.latent_shift
+        if sc == 1.0 and sh == 0.0:
+            return batch
+        return {k: (v - sh) * sc if k in ("target", "c_v", "ref") else v for k, v in batch.items()}
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm before clipping)."""
@@ -480,7 +490,8 @@ class Trainer:
             idx = fixed_subset(len(self.val_set), self.cfg.val_windows)
             b = max(1, min(self.cfg.batch, 16))
             for a in range(0, len(idx), b):
-                self.val_batches.append(collate([self.val_set[i] for i in idx[a:a + b]], self.spec, self.device))
+                items = [self.val_set[i] for i in idx[a:a + b]]
+                self.val_batches.append(self._norm(collate(items, self.spec, self.device)))
         if getattr(self, "_eval_model", None) is None:
             self._eval_model = build_model(self.model_cfg).to(self.device)
         eval_model = self._eval_model
@@ -685,13 +696,23 @@ def export_pack(
 
 
 def _write_pack(pack_mod: Any, stages: list[dict], out_dir: Path, info: dict) -> Path:
-    """Adapter to `tccp.pack` (see `tccp/pack.py` for the format)."""
+    """Adapter to `tccp.pack.save_pack` (fp16 weights + config.json)."""
     from tccp.diffusion.schedule import Schedule
     from tccp.models.config import MVConfig
+    from tccp.pipeline import LatentNorm
 
     s1, s2 = stages
-    m1, m2 = build_model(MVConfig.from_dict(s1["config"]["model"])), build_model(MVConfig.from_dict(s2["config"]["model"]))
-    m1.load_state_dict(s1["ema"])
-    m2.load_state_dict(s2["ema"])
+    norms = [c["config"].get("latent_norm", {"scale": 1.0, "shift": 0.0}) for c in stages]
+    sizes = [c["config"].get("crop_size") for c in stages]
+    if norms[0] != norms[1]:
+        raise TCCPError(f"{s2['path']}: latent normalisation {norms[1]} differs from stage 1's {norms[0]}")
+    if sizes[0] != sizes[1]:
+        raise TCCPError(f"{s2['path']}: trained on {sizes[1]} px crops, stage 1 on {sizes[0]} px")
+    models = []
+    for ck in stages:
+        m = build_model(MVConfig.from_dict(ck["config"]["model"]))
+        m.load_state_dict(ck["ema"])
+        models.append(m)
     schedule = Schedule.from_dict(s1["config"].get("schedule", {}))
-    return pack_mod.save_pack(out_dir, m1, m2, schedule=schedule, card=info)
+    return pack_mod.save_pack(out_dir, models[0], models[1], schedule=schedule, latent_norm=LatentNorm(**norms[0]),
+                              crop_size=int(sizes[0] or 128), card=info, dtype=torch.float16)

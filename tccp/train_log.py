@@ -85,7 +85,8 @@ def plot_loss(records: Iterable[dict], path: str | os.PathLike, title: str = "")
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss (MSE)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    if tr or va or vf:
+        ax.legend(loc="upper right", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

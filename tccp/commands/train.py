@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("misc")
     m.add_argument("--cache", metavar="FILE", help="latent cache file (default DATA/latents/latents.safetensors)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (1 is fastest on cores shared with other jobs)")
     m.add_argument("--export-weights", metavar="DIR", help="after training, write an fp16 weights-only checkpoint here")
     e = p.add_argument_group("export a model pack (no training)")
     e.add_argument("--export-pack", metavar="PACK_DIR", help="write the engine's model pack from two runs")
@@ -64,6 +66,11 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         raise TCCPError(f"tccp train: missing {', '.join(missing)}")
     from tccp.train import TrainConfig, export_weights, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
 
     cfg = TrainConfig(
         stage=args.stage,
