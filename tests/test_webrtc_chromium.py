@@ -140,12 +140,16 @@ async def test_browser_page_round_trip(fake_media, model_sessions, tmp_path):
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             pytest.fail(f"the page sent no report within 150 s; chromium log tail:\n{tail}")
         report = state.reports[-1]
+        peer = next(iter(state.peers.values()))
         assert report["framesReceived"] >= FRAMES
-        assert (report["width"], report["height"]) == (W, H)
-        assert report["fps"] and report["fps"] > 5
+        # edited frames come back at the size the server received; that is the camera's
+        # 320x240 unless Chrome's CPU-overuse adaptation scaled its upload down
+        w, h = report["width"], report["height"]
+        assert (w, h) == peer._size, (report, peer._size)
+        assert w * 3 == h * 4 and w <= W, report
+        assert report["fps"] is not None  # shown on the page; its value is machine speed
         assert report["serverFramesOut"] and report["serverFramesOut"] >= FRAMES
         assert report["e2eEstimateMs"] is not None and report["e2eEstimateMs"] > 0
-        peer = next(iter(state.peers.values()))
         assert peer.frames_in >= FRAMES and peer.audio_samples > 16000
         generated = state.metrics.frames_out.labels("true")
         assert await _wait_for(lambda: generated._value.get() >= 1, 120), \
