@@ -331,6 +331,17 @@ def test_identity_similarity(clip, real):
     mlm[..., 0] = w - mlm[..., 0]
     flip = identity_similarity(emb, real.frames, mirrored, real.landmarks, mlm, real.found, max_frames=2)
     assert flip["distance"] < 0.45
+    # another person (vr_face5) is beyond it
+    other_clip = CLIPS / "vr_face5.mp4"
+    if other_clip.exists():
+        from tccp.evaluate import track_frames
+        from tccp.media import load_clip
+
+        other = track_frames(load_clip(other_clip, max_frames=8, require_audio=False).frames)
+        both = real.found[:8] & other.found
+        diff = identity_similarity(emb, real.frames[:8], other.frames, real.landmarks[:8],
+                                   other.landmarks, both, max_frames=2)
+        assert diff["distance"] > 0.6 and diff["same_person_rate"] == 0.0
 
 
 # --------------------------------------------------------------------------- CLI
@@ -428,7 +439,7 @@ def test_suite_with_a_stand_in_generator(tmp_out):
         calls.append(video)
         return {"windows": 0}
 
-    cfg = SuiteConfig(clips=["vr_face3"], clips_dir=CLIPS, seconds=1.2, work=tmp_out,
+    cfg = SuiteConfig(clips=["vr_face3"], clips_dir=CLIPS, seconds=1.0, work=tmp_out,
                       eval=_cfg())
     res = run_suite(cfg, generator=perfect)
     assert calls == [CLIP]
