@@ -12,6 +12,10 @@ noise); `window` runs them on an N-frame window whose slot 0 is the previous win
 last frame (clean, flag 1) and returns the N-1 new frames. The batch dimension is
 concurrent streams. All latents in and out are raw TAEF2 latents; the pipeline
 applies the pack's latent normalisation on the way in and undoes it on the way out.
+
+Classifier-free guidance (cfg_scale != 1) guides on c_l only (audio + identity vs the
+learned null tokens, as trained with condition dropout); c_v and the clean slot are
+the same in both halves, which run as one doubled batch.
 """
 
 from __future__ import annotations

@@ -205,3 +205,18 @@ def test_params_and_flops(tiny: MVConfig) -> None:
     assert f8 > 0 and 0.8 * tiny.frames < f8 / f1 <= tiny.frames + 0.5
     small = count_params(MVControlNet(get_config("small")))["total"]
     assert 2 * small * 2 < 40e6 * 0.75  # both stages in fp16 fit a 40 MB pack comfortably
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny: MVConfig) -> None:
+    torch.manual_seed(0)
+    plain = MVControlNet(tiny)
+    _randomise(plain)
+    ckpt = MVControlNet(dataclasses.replace(tiny, use_checkpoint=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, mel, ref, c_v, flags = _inputs(tiny)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        model(x, t, model.encode_conditions(mel, ref), c_v, flags).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)

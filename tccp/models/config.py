@@ -95,6 +95,8 @@ class MVConfig:
 def _paper() -> MVConfig:
     # Table 3: base 128, mult 1,2,4, 2 res blocks + 1 down/up sample per scale,
     # self- and cross-attention at every scale, cond/time embeddings 128, head dim 64.
+    # Downsampling follows the LDM convention (between levels: 16 -> 8 -> 4, middle at
+    # 4x4); a third downsample after the last level would leave a 2x2 middle.
     return MVConfig()
 
 
