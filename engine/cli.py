@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["add_arguments", "main", "print_summary", "make_progress"]
 
@@ -90,6 +93,37 @@ def print_summary(result: Any, title: str = "tccp run", console=None) -> None:
     console.print(t)
 
 
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[list]:
+    """Silence mediapipe/TFLite C++ log lines (they write to fd 2, bypassing Python) for
+    the duration of a run, so the terminal shows the progress bar and one-line errors
+    only. Python warnings raised meanwhile are collected and yielded to the caller,
+    which prints them afterwards."""
+    fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            os.dup2(devnull, fd)
+            yield caught
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.close(devnull)
+
+
+def print_warnings(caught: list) -> None:
+    seen = set()
+    for w in caught:
+        text = f"warning: {w.message}"
+        if text not in seen:
+            seen.add(text)
+            print(text, file=sys.stderr)
+
+
 def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False):
     """SharedModel for the CLI; `allow_random` turns a missing default pack into a
     random-weight tiny model with a loud warning (the demo's temporary fallback)."""
@@ -126,18 +160,24 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise TCCPError(f"{value}: no such file")
+    if Path(args.out).suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise TCCPError(f"{args.out}: output must be an .mp4 file")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
     model = load_model(args.model, args.device, args.backend)
+    caught: list = []
     try:
-        with make_progress("generating", quiet=args.quiet) as bar:
+        with quiet_native_stderr() as caught, make_progress("generating", quiet=args.quiet) as bar:
             result = run_file(
                 args.video, args.out, model, audio=args.audio, config=cfg,
                 identity=args.identity, max_seconds=args.max_seconds, progress=bar,
             )
     finally:
         model.close()
+        print_warnings(caught)
     print_summary(result)
     return 0
 

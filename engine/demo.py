@@ -63,7 +63,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.cli import load_model, make_progress, print_summary
+    from engine.cli import load_model, make_progress, print_summary, print_warnings, quiet_native_stderr
     from engine.config import EngineConfig
     from engine.filerun import run_file
     from tccp.media import sample_paths
@@ -74,8 +74,9 @@ def main(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
     model = load_model(args.model, args.device, "torch", allow_random=True)
+    caught: list = []
     try:
-        with make_progress("demo", quiet=args.quiet) as bar:
+        with quiet_native_stderr() as caught, make_progress("demo", quiet=args.quiet) as bar:
             result = run_file(
                 video, out_dir / "demo.mp4", model, audio=speech, config=cfg,
                 max_seconds=args.max_seconds, progress=bar,
@@ -83,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
             )
     finally:
         model.close()
+        print_warnings(caught)
     preview = out_dir / "demo_preview.png"
     if result.preview:
         write_png(preview, preview_image(result.preview))

@@ -18,6 +18,18 @@ from tccp.errors import TCCPError
 LEVELS = np.arange(12) * 20 + 20  # corner brightness that encodes the context frame index
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The tiny models are too small to gain from intra-op threads, and on a busy
+    2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _marked_clip(path: Path, n: int, size: int = 160) -> Path:
     """A clip whose frame k has a flat corner block of brightness LEVELS[k] (outside
     any face box), so the output tells which context frame it was made from."""
@@ -130,7 +142,7 @@ def tiny_pack(tmp_path_factory):
     from engine.runner import PipelineRunner
     from tccp.pack import save_pack
 
-    r = PipelineRunner.random("tiny")
+    r = PipelineRunner.random("tiny", latent_size=4)  # 32 px crops
     return save_pack(tmp_path_factory.mktemp("pack") / "tiny", r.pipeline.stage1, r.pipeline.stage2,
                      crop_size=r.size)
 

@@ -22,6 +22,18 @@ from engine.testing import FakeRunner, FakeTracker, FaultyRunner
 FPS = 25.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The tiny models are too small to gain from intra-op threads, and on a busy
+    2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def sample():
     """First 1.2 s of the bundled sample: frames (N, H, W, 3) and 16 kHz audio."""
@@ -36,7 +48,7 @@ def sample():
 def tiny_model():
     from engine.runner import PipelineRunner
 
-    model = SharedModel(PipelineRunner.random("tiny"))
+    model = SharedModel(PipelineRunner.random("tiny", latent_size=4))  # 32 px crops
     yield model
     model.close()
 
