@@ -42,6 +42,7 @@ __all__ = [
     "EvalResult",
     "track_frames",
     "energy_db",
+    "FrameRegions",
     "head_masks_for_frame",
     "evaluate_arrays",
     "evaluate_files",

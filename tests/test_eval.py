@@ -223,8 +223,7 @@ def test_delayed_copy_gives_lag_k(clip, real, delayed):
     assert m["lipsync"]["aperture_corr"] < m["lipsync"]["aperture_corr_at_lag"]
     assert m["lipsync"]["lip_lmd"] > 0.02
     # swapping the roles: the "generated" video now leads
-    m2 = evaluate_arrays(real, delayed, clip.audio, cfg=_cfg()).metrics
-    assert m2["lipsync"]["lag_frames"] == -SHIFT
+    assert best_lag(delayed.aperture, real.aperture).lag == -SHIFT
     # the audio offset moves with the video: delayed mouth -> offset larger by SHIFT
     off_real = m["lipsync"]["audio_sync"]["real"]["offset_frames"]
     off_gen = m["lipsync"]["audio_sync"]["generated"]["offset_frames"]

@@ -17,7 +17,6 @@ model pack once and calls the file run; tests pass a stand-in.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
