@@ -87,4 +87,6 @@ async def test_run_live_with_the_model(tmp_path):
     assert res.frames_generated >= 1 and res.stats["error"] is None
     info = probe(res.output)
     assert info.has_audio and (info.width, info.height) == (590, 590)
-    assert info.n_frames >= 14
+    # how many frames 0.8 s of real time yields depends on the machine; every pushed
+    # frame must be in the file (the sink fills dropped ones), at least one window
+    assert info.n_frames >= res.frames_out >= res.frames_generated >= 1
