@@ -91,6 +91,8 @@ def print_summary(result: Any, title: str = "tccp run", console=None) -> None:
     if s["degradations"]:
         t.add_row("degradations", str(s["degradations"]))
     console.print(t)
+    if result.frames and not s["frames_generated"]:
+        console.print("[bold yellow]warning:[/] no face was tracked in any frame; the output is the input unchanged")
 
 
 @contextlib.contextmanager
