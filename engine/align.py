@@ -159,9 +159,10 @@ class AudioBuffer:
         out = np.zeros(max(0, b - a), np.float32)
         if not self.received or b <= a:
             return out
-        lo, hi = max(a, self._start), min(b, self._start + self._data.size)
+        data, start = self._data, self._start  # one snapshot: read() may run in a worker thread
+        lo, hi = max(a, start), min(b, start + data.size)
         if hi > lo:
-            out[lo - a:hi - a] = self._data[lo - self._start:hi - self._start]
+            out[lo - a:hi - a] = data[lo - start:hi - start]
         return out
 
     def trim_before(self, t: float) -> None:

@@ -56,8 +56,7 @@ class OutputFrame:
     generated: bool
     reason: str | None
     """Why the frame is the original: 'no_face', 'degraded' (ladder at pass-through),
-    'overload' (the window went stale waiting), 'identity' (no identity face yet);
-    None for generated frames."""
+    'overload' (the window went stale waiting); None for generated frames."""
     window: int
     sketch: np.ndarray | None = None
     """Optional (EngineConfig-independent) debug output: the sketch that drove stage 2,
@@ -311,14 +310,24 @@ class Session:
             pts, frame, arrival = item
             pending.extend(self._aligner.push(pts, frame, arrival))
             self.stats.duplicated_input = self._aligner.duplicated
-            while len(pending) >= new:
-                # a jump in the grid (stalled input) ends the window early
-                chunk, pending = pending[:new], pending[new:]
-                await self._emit_window(loop, chunk)
-        while pending:
-            chunk, pending = pending[:new], pending[new:]
-            await self._emit_window(loop, chunk)
+            pending = await self._emit_ready(loop, pending, new, final=False)
+        await self._emit_ready(loop, pending, new, final=True)
         await self._job_q.put(_EOS)
+
+    async def _emit_ready(
+        self, loop: asyncio.AbstractEventLoop, pending: list[GridFrame], new: int, final: bool
+    ) -> list[GridFrame]:
+        """Cut full windows off `pending`; a jump in the grid (stalled input) ends a
+        window early, so a window never spans a gap. Returns what is left."""
+        while pending:
+            k = 1
+            while k < min(new, len(pending)) and pending[k].index == pending[0].index + k:
+                k += 1
+            if k == len(pending) and k < new and not final:
+                break  # wait for more frames
+            chunk, pending = pending[:k], pending[k:]
+            await self._emit_window(loop, chunk)
+        return pending
 
     async def _emit_window(self, loop: asyncio.AbstractEventLoop, chunk: list[GridFrame]) -> None:
         win = PreparedWindow(
@@ -394,9 +403,7 @@ class Session:
 
         await self._wait_audio(float(win.pts[-1]) + 0.1 + 1.0 / c.fps)
         loop = asyncio.get_running_loop()
-        mel = await loop.run_in_executor(
-            self._comp_pool, mel_for_frames, self._audio, win.pts, c.fps
-        )
+        mel = await loop.run_in_executor(None, mel_for_frames, self._audio, win.pts, c.fps)
         req = WindowRequest(
             mode=rung.mode,
             steps=rung.steps,
@@ -471,7 +478,7 @@ class Session:
                     await self._out_q.put(of)
             job.timing.e2e = time.monotonic() - job.win.arrival
             self.stats.add_window(job.timing)
-            judged = job.reason not in ("no_face", "identity")
+            judged = job.reason != "no_face"
             if judged and not self._warm:
                 # the first model window pays one-off warm-up costs (graph and kernel
                 # initialisation): it says nothing about the steady-state speed

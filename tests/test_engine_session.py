@@ -282,3 +282,28 @@ async def test_push_after_close_and_bad_frames_are_rejected():
 async def _drain(sess):
     while (o := await sess.get()) is not None:
         yield o
+
+
+async def test_stalled_live_input_ends_the_window_at_the_gap():
+    """A 2 s stall in a live stream: the grid jumps instead of repeating a frozen frame,
+    and no window spans the jump."""
+    with SharedModel(FakeRunner()) as model:
+        sess = Session(model, EngineConfig(live=True, max_gap_frames=3), tracker=FakeTracker())
+        frames = _frames(20)
+        pts = [i / FPS for i in range(10)] + [3.0 + i / FPS for i in range(10)]
+
+        async def push():
+            for f, t in zip(frames, pts):
+                await sess.push_video(f, t)
+                await asyncio.sleep(0.005)
+            await sess.close()
+
+        task = asyncio.ensure_future(push())
+        outs = [o async for o in _drain(sess)]
+        await task
+    times = np.array([o.pts for o in outs])
+    assert times.max() == pytest.approx(3.0 + 9 / FPS)
+    assert np.diff(times).max() > 1.0  # skipped, not filled with 70 frozen frames
+    before = {o.window for o in outs if o.pts < 1.0}
+    after = {o.window for o in outs if o.pts > 2.0}
+    assert not before & after
