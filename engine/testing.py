@@ -29,6 +29,7 @@ class FakeRunner:
         self.size = size
         self.offset = offset
         self.calls: list[int] = []  # batch size of each call
+        self.last_identity: np.ndarray | None = None  # identity crop of the last request
 
     def batch_key(self, r: WindowRequest) -> tuple:
         return (r.mode, r.steps, r.restart, tuple(r.contexts.shape[1:]))
@@ -37,6 +38,7 @@ class FakeRunner:
         self.calls.append(len(requests))
         out = []
         for r in requests:
+            self.last_identity = r.identity
             faces = np.clip(r.contexts.astype(np.int16) + self.offset, 0, 255).astype(np.uint8)
             state = ModelState(face=np.zeros(1), sketch=np.zeros(1), context=np.zeros(1), mel=r.mel[-1])
             out.append(WindowResult(faces=faces, state=state, batch=len(requests)))

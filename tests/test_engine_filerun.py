@@ -115,6 +115,31 @@ def test_failure_mid_run_leaves_no_output(tmp_path):
     assert list(out_dir.iterdir()) == []  # no output, no temp file
 
 
+def test_identity_image_face_is_the_identity_reference(tmp_path):
+    import cv2
+
+    from engine.prep import prepare_identity
+    from tccp import face_geometry as fg
+
+    video, _ = media.sample_paths()
+    face_img = media.read_video(video, max_frames=8).frames[5]
+    png = tmp_path / "me.png"
+    cv2.imwrite(str(png), face_img[:, :, ::-1])
+    ctx = _marked_clip(tmp_path / "ctx.mp4", 10)
+    audio, _ = _speech(tmp_path / "speech.wav", 0.3)
+    runner = FakeRunner()
+    with SharedModel(runner) as model:
+        run_file(ctx, tmp_path / "a.mp4", model, audio=audio, identity=png, tracker=FakeTracker())
+        assert np.array_equal(runner.last_identity, prepare_identity(face_img, runner.size))
+        # default: the input's own first tracked face
+        tracker = FakeTracker()
+        run_file(ctx, tmp_path / "b.mp4", model, audio=audio, tracker=tracker)
+        first = media.read_video(ctx, max_frames=1, min_frames=1).frames[0]
+        obs = FakeTracker().update(first, 0.0)
+        want = fg.crop(first, obs.face_box, runner.size)
+        assert np.abs(runner.last_identity.astype(int) - want.astype(int)).max() <= 1
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, fake_model):
     silent = tmp_path / "silent.mp4"
     media.write_video(silent, np.full((10, 32, 32, 3), 90, np.uint8))
