@@ -124,8 +124,12 @@ class PreparedClip:
     change without re-preparing.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, max_frames: int | None = None) -> None:
+        """`max_frames` views only the first frames of the clip: a CPU training run
+        pre-encodes a prefix of each clip because the latent cache costs ~0.1-0.5 s
+        per frame on 2 cores."""
         self.folder = Path(folder)
+        self.max_frames = max_frames
         meta = _read_meta(self.folder)
         if not meta or meta.get("format") != FORMAT_NAME:
             raise FileNotFoundError(f"{self.folder}: not a prepared clip (no valid meta.json)")
@@ -145,7 +149,8 @@ class PreparedClip:
 
     @property
     def n_frames(self) -> int:
-        return int(self.meta["n_frames"])
+        n = int(self.meta["n_frames"])
+        return n if self.max_frames is None else min(n, int(self.max_frames))
 
     @property
     def size(self) -> int:
@@ -159,18 +164,22 @@ class PreparedClip:
     @cached_property
     def faces(self) -> np.ndarray:
         """(N, S, S, 3) uint8 RGB face crops."""
-        return _read_video_frames(self.folder / "face.mp4", self.n_frames)
+        return _read_video_frames(self.folder / "face.mp4", int(self.meta["n_frames"]))[: self.n_frames]
 
     @cached_property
     def contexts(self) -> np.ndarray:
         """(N, S, S, 3) uint8 RGB context crops with the head greyed out."""
-        return _read_video_frames(self.folder / "context.mp4", self.n_frames)
+        return _read_video_frames(self.folder / "context.mp4", int(self.meta["n_frames"]))[: self.n_frames]
 
     # -- tracking
     @cached_property
     def _track(self) -> dict[str, np.ndarray]:
         with np.load(self.folder / "track.npz") as z:
-            return {k: z[k] for k in z.files}
+            track = {k: z[k] for k in z.files}
+        n, full = self.n_frames, int(self.meta["n_frames"])
+        if n < full:  # a prefix view: per-frame arrays are cut (landmark deltas too)
+            track = {k: (v[:n] if v.ndim and v.shape[0] == full else v) for k, v in track.items()}
+        return track
 
     @cached_property
     def landmark_index(self) -> np.ndarray:
@@ -410,7 +419,8 @@ def _fingerprint(clip: PreparedClip) -> str:
     """Changes whenever the clip is re-prepared (so stale latents are re-encoded)."""
     m = clip.meta
     key = json.dumps(
-        [m.get("source"), m.get("n_frames"), m.get("size"), m.get("created"), m.get("version")],
+        [m.get("source"), m.get("n_frames"), m.get("size"), m.get("created"), m.get("version")]
+        + ([clip.max_frames] if clip.max_frames is not None else []),
         sort_keys=True,
     )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -442,13 +452,22 @@ def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 @torch.inference_mode()
-def _encode_clip(clip: PreparedClip, autoencoder, batch_size: int) -> dict[str, torch.Tensor]:
+def _resize_stack(images: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or images.shape[1] == size:
+        return images
+    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
+
+
+def _encode_clip(
+    clip: PreparedClip, autoencoder, batch_size: int, size: int | None = None
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for kind in _LATENT_KINDS:
         parts = []
         for a in range(0, clip.n_frames, batch_size):
             idx = range(a, min(a + batch_size, clip.n_frames))
             images = clip.sketches(idx) if kind == "sketches" else getattr(clip, kind)[a : idx.stop]
+            images = _resize_stack(images, size)
             parts.append(autoencoder.encode_images(images, batch_size=batch_size).half().cpu())
         out[f"{clip.name}/{kind}"] = torch.cat(parts)
     # release the decoded pixels: the cache is built clip by clip to bound memory
@@ -463,6 +482,8 @@ def encode_dataset_latents(
     out_file: str | os.PathLike,
     batch_size: int = 32,
     progress: bool = True,
+    max_frames: int | None = None,
+    size: int | None = None,
 ) -> Path:
     """Encode faces, contexts and sketches of every frame to fp16 TAEF2 latents.
 
@@ -474,7 +495,7 @@ def encode_dataset_latents(
     """
     out = Path(out_file)
     parts_dir = out.with_name(out.name + ".parts")
-    clips = [PreparedClip(f) for f in _expand(folders)]
+    clips = [PreparedClip(f, max_frames=max_frames) for f in _expand(folders)]
     existing: dict[str, torch.Tensor] = {}
     existing_meta: dict[str, str] = {}
     if out.is_file():
@@ -489,9 +510,9 @@ def encode_dataset_latents(
         except ImportError:
             pass
     merged: dict[str, torch.Tensor] = {}
-    meta: dict[str, str] = {"format": "tccp-latents", "version": "1"}
+    meta: dict[str, str] = {"format": "tccp-latents", "version": "1", "size": str(size or "")}
     for clip in clips:
-        fp = _fingerprint(clip)
+        fp = _fingerprint(clip) + (f"@{size}" if size else "")
         keys = [f"{clip.name}/{k}" for k in _LATENT_KINDS]
         part = parts_dir / f"{clip.name}.safetensors"
         tensors: dict[str, torch.Tensor] | None = None
@@ -502,7 +523,7 @@ def encode_dataset_latents(
             if m.get(f"fp/{clip.name}") == fp and all(k in t for k in keys):
                 tensors = t
         if tensors is None:
-            tensors = _encode_clip(clip, autoencoder, batch_size)
+            tensors = _encode_clip(clip, autoencoder, batch_size, size)
             _atomic_save(tensors, part, {f"fp/{clip.name}": fp})
         merged.update(tensors)
         meta[f"fp/{clip.name}"] = fp
@@ -548,6 +569,13 @@ class LatentWindowDataset(Dataset):
     ) -> None:
         cache = load_latent_cache(cache_file)
         clips = [PreparedClip(f) for f in _select_split(_expand(folders), split)]
+        # a cache built with `max_frames` holds a prefix: view the clip the same way
+        clips = [
+            PreparedClip(c.folder, max_frames=int(cache[c.name]["faces"].shape[0]))
+            if c.name in cache and cache[c.name]["faces"].shape[0] < c.n_frames
+            else c
+            for c in clips
+        ]
         missing = [c.name for c in clips if c.name not in cache]
         if missing:
             raise KeyError(f"{cache_file}: no latents for {', '.join(missing)}; run encode_dataset_latents")
