@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: 4)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim")
+    p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
+                   help="generated: stage 1 predicts landmarks from context+audio (default); "
+                        "tracked: stage 2 follows the input's own tracked landmarks")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backend", default="torch", help="inference backend (torch)")
     p.add_argument("--identity", metavar="IMAGE", help="take the identity from this image's face")
@@ -166,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"{args.out}: output must be an .mp4 file")
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
-    cfg = EngineConfig(sampler=args.sampler, seed=args.seed)
+    cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
     model = load_model(args.model, args.device, args.backend)

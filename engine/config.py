@@ -69,12 +69,19 @@ class EngineConfig:
     """Ready-made identity face crop (model size, as `engine.prep.prepare_identity`
     makes it); takes precedence over `identity`. Lets a caller validate the image up
     front and share one crop between sessions."""
+    landmarks: str = "generated"
+    """'generated': stage 1 predicts the landmarks from context + audio (the paper's
+    pipeline). 'tracked': stage 1 is skipped and stage 2 is driven by the tracked
+    landmarks of the input (the upper bound of the model card, and a choice for
+    footage whose own head motion should be kept)."""
     seed: int = 0
     colour_match: bool = True
     feather: float = 0.06
     """Gaussian feather of the paste-back mask, as a fraction of the crop size."""
 
     def __post_init__(self) -> None:
+        if self.landmarks not in ("generated", "tracked"):
+            raise ValueError(f"landmarks must be 'generated' or 'tracked', got {self.landmarks!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.steps < 1 or self.min_steps < 1:

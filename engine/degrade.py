@@ -33,13 +33,17 @@ class Rung:
     steps: int
 
 
-def ladder(steps: int, min_steps: int = 1) -> list[Rung]:
-    """The rungs for a given full step count, best first."""
-    rungs = [Rung("generated", steps)]
+def ladder(steps: int, min_steps: int = 1, mode: str = "generated") -> list[Rung]:
+    """The rungs for a given full step count, best first (`mode` 'tracked' starts
+    without stage 1)."""
+    rungs = [Rung(mode, steps)]
     s = steps
     while s > min_steps:
         s = max(min_steps, s // 2)
-        rungs.append(Rung("generated", s))
+        rungs.append(Rung(mode, s))
+    if mode == "tracked":
+        rungs.append(Rung("passthrough", 0))
+        return rungs
     rungs.append(Rung("tracked", min_steps))
     rungs.append(Rung("passthrough", 0))
     return rungs
@@ -52,7 +56,7 @@ class DegradeController:
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
-        self.rungs = ladder(cfg.steps, cfg.min_steps)
+        self.rungs = ladder(cfg.steps, cfg.min_steps, getattr(cfg, "landmarks", "generated"))
         self.level = 0
         self.budget = cfg.budget_s if cfg.degrade else None
         self._good = 0  # consecutive windows under recover_ratio * budget

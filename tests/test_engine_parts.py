@@ -255,3 +255,12 @@ async def test_shared_model_batches_same_key_and_isolates_failures():
         assert sm.stats.failures == 1
         # the worker survives and keeps serving
         assert (await sm.submit(_Req(0, 5))).value == 50
+
+
+def test_ladder_tracked_mode_skips_stage1_rungs():
+    from engine.degrade import ladder
+
+    rungs = ladder(4, 1, "tracked")
+    assert [r.mode for r in rungs] == ["tracked", "tracked", "tracked", "passthrough"]
+    assert [r.steps for r in rungs][:3] == [4, 2, 1]
+    assert ladder(4, 1)[0].mode == "generated"
