@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ LOSS_PNG = "loss.png"
 
 # fields a resumed run may change; everything else must match the checkpoint
 _RESUME_MUTABLE = {"steps", "minutes", "device", "val_every", "ckpt_every", "log_every", "progress",
-                   "keep_checkpoints", "out", "data", "resume", "cache", "init", "val_windows"}
+                   "keep_checkpoints", "out", "data", "resume", "resume_from", "cache", "init", "val_windows"}
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     cache: str | None = None  # latent cache file (default: DATA/latents or OUT/cache)
     progress: bool = True
     resume: bool = False
+    resume_from: str | None = None  # continue from this checkpoint folder into `out`
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -303,6 +305,12 @@ class Trainer:
             ensure_writable_dir(self.out)
         cfg = dataclasses.replace(cfg, stage=stage_spec(cfg.stage).name)
         self.ckpt = latest_checkpoint(self.out) if self.out.is_dir() else None
+        if cfg.resume_from:
+            # e.g. the fp16 weights-only copy that came back from a GPU machine
+            self.ckpt = latest_checkpoint(cfg.resume_from) if Path(cfg.resume_from).is_dir() else None
+            if self.ckpt is None:
+                raise TCCPError(f"{cfg.resume_from}: not a checkpoint folder or run")
+            cfg = dataclasses.replace(cfg, resume=True)
         if cfg.resume:
             if self.ckpt is None:
                 raise TCCPError(f"{self.out}: nothing to resume (no checkpoint); drop --resume")
@@ -423,6 +431,9 @@ class Trainer:
             self.ddp = DDP(self.objective, device_ids=ids, find_unused_parameters=True)
         self.metrics = MetricsLog(self.out / METRICS)
         if self.dist.main:
+            carried = self.ckpt / METRICS if self.ckpt is not None else None
+            if cfg.resume and not self.metrics.path.is_file() and carried is not None and carried.is_file():
+                shutil.copyfile(carried, self.metrics.path)  # the log travelled with the checkpoint
             if cfg.resume:
                 self.metrics.truncate_after(self.step)
             else:
@@ -562,7 +573,8 @@ class Trainer:
         ckpt_path: Path | None = None
         ckpt_cost, val_cost = 5.0, 0.0
         stopped = "done"
-        saved_at = self.step if cfg.resume else -1
+        in_out = self.ckpt is not None and self.ckpt.resolve().is_relative_to(self.out.resolve())
+        saved_at = self.step if (cfg.resume and in_out) else -1
         try:
             while self.step < cfg.steps:
                 if budget is not None:
@@ -650,16 +662,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainRe
 
 
 def export_weights(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-    """A weights-only copy of a checkpoint (EMA + raw weights in `dtype`, config,
-    step; no optimizer): small enough to come back from a GPU machine (~23 MB for
-    `small` in fp16) and usable with `--init` or `--resume` (moments restart)."""
+    """A flat weights-only copy of a run's latest checkpoint: EMA + raw weights in
+    `dtype`, config, step, plus the run's metrics.jsonl and loss.png; no optimizer.
+    Small enough to come back from a GPU machine (~23 MB for `small` in fp16, six
+    files, one folder deep) and usable with `--resume-from` (Adam moments restart, so
+    not bit-exact), `--init` or `--export-pack`."""
     src = latest_checkpoint(ckpt)
     if src is None:
         raise TCCPError(f"{ckpt}: no checkpoint found")
     ck = load_checkpoint(src)
     state = {k: v for k, v in ck["state"].items() if k not in ("param_groups", "has_optimizer")}
-    return save_checkpoint(out_dir, int(state["step"]), ck["model"] if ck["model"] is not None else ck["ema"],
-                           ck["ema"], ck["config"], state, optim_state=None, weights_dtype=dtype, folder=out_dir)
+    out = save_checkpoint(out_dir, int(state["step"]), ck["model"] if ck["model"] is not None else ck["ema"],
+                          ck["ema"], ck["config"], state, optim_state=None, weights_dtype=dtype, folder=out_dir)
+    run = src.parent.parent if src.parent.name == "checkpoints" else src
+    for name in (METRICS, LOSS_PNG):
+        if (run / name).is_file() and not (out / name).exists():
+            shutil.copyfile(run / name, out / name)
+    return out
 
 
 def export_pack(

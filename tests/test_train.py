@@ -217,6 +217,16 @@ def test_checkpoint_artifacts_and_weights_reload(data_dir, tmp_path):
     w = load_file(str(small / "ema.safetensors"))
     assert all(v.dtype == torch.float16 for v in w.values() if v.is_floating_point())
     assert not (small / "optim.safetensors").exists()
+    assert (small / "metrics.jsonl").is_file() and (small / "loss.png").is_file()
+    assert len([p for p in small.rglob("*") if p.is_file()]) <= 8  # fits what $OUT brings back
+
+    # continue elsewhere from the fp16 copy (as after a GPU chunk): step and log carry on
+    msgs: list[str] = []
+    res2 = train(_cfg(data_dir, tmp_path / "cont", steps=6, val_every=2, resume_from=str(small)), log=msgs.append)
+    assert res2.step == 6 and any("not exact" in m for m in msgs)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_time_budget_stops_with_a_checkpoint(data_dir, tmp_path):

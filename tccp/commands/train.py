@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
     g.add_argument("--batch", type=int, default=8, help="windows per step per process (default 8)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--resume-from", metavar="CKPT", help="continue into --out from this checkpoint folder (e.g. an "
+                   "--export-weights copy; weights-only copies restart the Adam moments)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--minutes", type=float, default=None, help="stop cleanly with a checkpoint within M minutes")
     g.add_argument("--val-every", type=int, default=250, metavar="K", help="validation loss every K steps (0: never)")
@@ -95,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
         cache=args.cache,
         progress=not args.no_progress,
         resume=args.resume,
+        resume_from=args.resume_from,
     )
     result = train(cfg)
     if args.export_weights and result.checkpoint is not None:
