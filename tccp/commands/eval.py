@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     suite.add_argument("--steps", type=int, help="sampler steps (default: the engine's)")
     suite.add_argument("--seconds", type=float, default=4.0,
                        help="seconds of each clip to run (default 4)")
+    suite.add_argument("--no-tracked", action="store_true",
+                       help="skip the upper-bound run of stage 2 on tracked landmarks")
     suite.add_argument("--work", metavar="DIR", help="keep generated videos here (default: a temp folder)")
 
 
@@ -136,6 +138,7 @@ def _main_suite(args: argparse.Namespace) -> int:
         steps=args.steps,
         seconds=args.seconds,
         work=Path(args.work) if args.work else None,
+        tracked=not args.no_tracked,
         eval=_config(args),
     )
     result = run_suite(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))

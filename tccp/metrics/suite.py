@@ -43,10 +43,11 @@ __all__ = [
 # (video in, mp4 out, seconds) -> the run's stats summary (any JSON-able dict)
 Generator = Callable[[Path, Path, float], dict]
 
-METHODS = ("tccp", "reference_frame", "real")
+METHODS = ("tccp", "tccp_tracked", "reference_frame", "real")
 
 # column title -> (path into one clip's metrics, format); means over clips
 TABLE_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
+    "LMD": (("lipsync", "landmark_error"), ".4f"),
     "LipLMD": (("lipsync", "lip_lmd"), ".4f"),
     "mouth r": (("lipsync", "aperture_corr"), ".3f"),
     "|lag|": (("lipsync", "lag_frames"), ".1f"),
@@ -70,6 +71,7 @@ class SuiteConfig:
     seconds: float = 4.0  # of each clip (CPU inference is slow; 4 s = 14 windows)
     work: Path | None = None  # keep generated videos here; None: a temp folder
     device: str = "cpu"
+    tracked: bool = True  # also run stage 2 on the tracked landmarks (the upper bound)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -120,9 +122,11 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
         changes["steps"] = cfg.steps
     econf = EngineConfig(**changes)
 
-    def generate(video: Path, out: Path, seconds: float) -> dict:
-        res = run_file(video, out, model, config=econf, max_seconds=seconds)
+    def generate(video: Path, out: Path, seconds: float, landmarks: str = "generated") -> dict:
+        res = run_file(video, out, model, config=econf.with_(landmarks=landmarks), max_seconds=seconds)
         return res.summary
+
+    generate.supports_landmarks = True  # type: ignore[attr-defined]
 
     return generate, close
 
@@ -237,6 +241,14 @@ def run_suite(
                 ),
                 "real": _roundtrip(real_n.frames, audio, work / f"{name}.real.mp4", fps, sr),
             }
+            if cfg.tracked and getattr(generator, "supports_landmarks", False):
+                say(f"{name}: generating with tracked landmarks (upper bound)")
+                trk_path = work / f"{name}.tracked.mp4"
+                generator(path, trk_path, cfg.seconds, landmarks="tracked")  # type: ignore[call-arg]
+                trk = load_clip(trk_path, require_audio=False, min_frames=1).frames
+                if len(trk) >= n:
+                    candidates = {"tccp": candidates["tccp"], "tccp_tracked": trk[:n], **{
+                        k: v for k, v in candidates.items() if k != "tccp"}}
             per_clip[name] = {"run_stats": stats}
             for method, frames in candidates.items():
                 res = evaluate_arrays(frames, real_n, audio, sr=sr, fps=fps, cfg=cfg.eval)
