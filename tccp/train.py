@@ -383,6 +383,8 @@ class Trainer:
             if len(self.val_set) == 0:
                 self.val_set = None
         self.val_clips = [c.name for c in self.val_set.clips] if self.val_set is not None else []
+        if self.val_set is not None and {c.size for c in self.val_set.clips} != {self.crop_size}:
+            raise TCCPError(f"{cfg.data}: validation clips are not all prepared at {self.crop_size} px like the training clips")
         self.sampler = StepSampler(len(self.train_set), cfg.batch, cfg.seed, self.dist.rank, self.dist.world)
         self.latent_shape = tuple(self.train_set[0][self.spec.target].shape)  # (C, N, h, w)
 
@@ -664,7 +666,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainRe
 def export_weights(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """A flat weights-only copy of a run's latest checkpoint: EMA + raw weights in
     `dtype`, config, step, plus the run's metrics.jsonl and loss.png; no optimizer.
-    Small enough to come back from a GPU machine (~23 MB for `small` in fp16, six
+    Small enough to come back from a GPU machine (~11 MB for `small` in fp16, six
     files, one folder deep) and usable with `--resume-from` (Adam moments restart, so
     not bit-exact), `--init` or `--export-pack`."""
     src = latest_checkpoint(ckpt)
