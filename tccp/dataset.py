@@ -419,8 +419,7 @@ def _fingerprint(clip: PreparedClip) -> str:
     """Changes whenever the clip is re-prepared (so stale latents are re-encoded)."""
     m = clip.meta
     key = json.dumps(
-        [m.get("source"), m.get("n_frames"), m.get("size"), m.get("created"), m.get("version")]
-        + ([clip.max_frames] if clip.max_frames is not None else []),
+        [m.get("source"), m.get("n_frames"), m.get("size"), m.get("created"), m.get("version")],
         sort_keys=True,
     )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -510,9 +509,12 @@ def encode_dataset_latents(
         except ImportError:
             pass
     merged: dict[str, torch.Tensor] = {}
-    meta: dict[str, str] = {"format": "tccp-latents", "version": "1", "size": str(size or "")}
+    # a prefix (`max_frames`) or resized (`size`) cache is recorded here; the per-clip
+    # fingerprints only track the prepared folders, so such a cache is reused as-is
+    meta: dict[str, str] = {"format": "tccp-latents", "version": "1", "size": str(size or ""),
+                            "max_frames": str(max_frames or "")}
     for clip in clips:
-        fp = _fingerprint(clip) + (f"@{size}" if size else "")
+        fp = _fingerprint(clip)
         keys = [f"{clip.name}/{k}" for k in _LATENT_KINDS]
         part = parts_dir / f"{clip.name}.safetensors"
         tensors: dict[str, torch.Tensor] | None = None

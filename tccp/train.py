@@ -105,6 +105,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA
     init: str | None = None  # pack / checkpoint / run folder to start the weights from
     cache: str | None = None  # latent cache file (default: DATA/latents or OUT/cache)
+    cache_frames: int | None = None  # encode only the first N frames of each clip (CPU)
+    cache_size: int | None = None  # encode crops resized to this size (e.g. 64 on CPU)
     progress: bool = True
     resume: bool = False
     resume_from: str | None = None  # continue from this checkpoint folder into `out`
@@ -357,7 +359,8 @@ class Trainer:
         # one process builds the cache; the others wait and read it
         if self.dist.main:
             self.cache = ensure_latent_cache(cfg.data, self.out, self.device if self.device.type == "cuda" else "cpu",
-                                             path=cfg.cache, progress=cfg.progress)
+                                             path=cfg.cache, progress=cfg.progress,
+                                             max_frames=cfg.cache_frames, size=cfg.cache_size)
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -387,6 +390,8 @@ class Trainer:
             raise TCCPError(f"{cfg.data}: validation clips are not all prepared at {self.crop_size} px like the training clips")
         self.sampler = StepSampler(len(self.train_set), cfg.batch, cfg.seed, self.dist.rank, self.dist.world)
         self.latent_shape = tuple(self.train_set[0][self.spec.target].shape)  # (C, N, h, w)
+        # the model sees crops of latent side x 8 (a resized cache differs from the folders)
+        self.crop_size = int(self.latent_shape[-1]) * 8
 
     def _window(self) -> int:
         from tccp.models.config import get_config

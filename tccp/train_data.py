@@ -160,6 +160,8 @@ def ensure_latent_cache(
     device: str | torch.device = "cpu",
     path: str | os.PathLike | None = None,
     progress: bool = True,
+    max_frames: int | None = None,
+    size: int | None = None,
 ) -> Path:
     """Encode every prepared clip under `data_dir` to TAEF2 latents once (resumable per
     clip; see `tccp.dataset.encode_dataset_latents`) and return the cache file."""
@@ -177,4 +179,5 @@ def ensure_latent_cache(
 
     ae = load_autoencoder(device=device)
     batch = 64 if str(device).startswith("cuda") else 16
-    return encode_dataset_latents(folders, ae, target, batch_size=batch, progress=progress)
+    return encode_dataset_latents(folders, ae, target, batch_size=batch, progress=progress,
+                                  max_frames=max_frames, size=size)

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     m = p.add_argument_group("misc")
     m.add_argument("--cache", metavar="FILE", help="latent cache file (default DATA/latents/latents.safetensors)")
+    m.add_argument("--cache-frames", type=int, metavar="N",
+                   help="when building the cache, encode only the first N frames of each clip (CPU budget)")
+    m.add_argument("--cache-size", type=int, metavar="PX",
+                   help="when building the cache, resize crops to PX (e.g. 64 for the CPU demo config)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (1 is fastest on cores shared with other jobs)")
@@ -95,6 +99,8 @@ def main(args: argparse.Namespace) -> int:
         bf16=not args.no_bf16,
         init=args.init,
         cache=args.cache,
+        cache_frames=args.cache_frames,
+        cache_size=args.cache_size,
         progress=not args.no_progress,
         resume=args.resume,
         resume_from=args.resume_from,
