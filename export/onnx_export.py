@@ -211,13 +211,14 @@ def _quiet_export():
     the graphs right, so the noise is silenced."""
     import logging
 
-    with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
-        # (oneDNN only slows tracing down: it builds a kernel per traced conv shape)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         level = logging.getLogger("torch.onnx").level
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            yield
+            # oneDNN only slows tracing down (it builds a kernel per traced conv shape)
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
         finally:
             logging.getLogger("torch.onnx").setLevel(level)
 
@@ -261,14 +262,18 @@ def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- export
-def export_graphs(pipeline: Any, out: Path, opset: int = DEFAULT_OPSET, fp16: bool = False) -> dict[str, Any]:
-    """Write every graph of `pipeline` (fp32 torch) into `out`; returns manifest entries."""
+def export_graphs(pipeline: Any, out: Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                  only: Any = None) -> dict[str, Any]:
+    """Write every graph of `pipeline` (fp32 torch; `only`: a subset of graph names)
+    into `out`; returns the manifest entries."""
     import onnx
 
     if not 14 <= opset <= MAX_OPSET:
         raise TCCPError(f"--opset {opset}: supported range is 14..{MAX_OPSET} (onnx {onnx.__version__})")
     graphs: dict[str, Any] = {}
     for spec in graph_specs(pipeline):
+        if only is not None and spec.name not in only:
+            continue
         path = out / f"{spec.name}.onnx"
         spec.module.eval()
         t0 = time.perf_counter()
@@ -285,6 +290,7 @@ def export_graphs(pipeline: Any, out: Path, opset: int = DEFAULT_OPSET, fp16: bo
             # weights and activations in fp16, graph inputs/outputs stay fp32, so every
             # backend feeds the same tensors whatever the precision
             model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+            _toposort(model.graph)  # the converter appends its input casts at the end
             onnx.save(model, str(path))
         onnx.checker.check_model(model)
         graphs[spec.name] = {
@@ -296,6 +302,27 @@ def export_graphs(pipeline: Any, out: Path, opset: int = DEFAULT_OPSET, fp16: bo
             "export_s": round(time.perf_counter() - t0, 2),
         }
     return graphs
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder graph.node topologically in place (ONNX requires it; Kahn's order,
+    stable with respect to the original order)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise RuntimeError("ONNX graph has a cycle or a dangling input")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _save_constants(pipeline: Any, path: Path) -> list[str]:
