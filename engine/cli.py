@@ -1,4 +1,8 @@
-"""`tccp run`: regenerate the talking head of a video so it speaks the given audio."""
+"""`tccp run`: regenerate the talking head of a video so it speaks the given audio.
+
+`tccp run --live` does the same live: the microphone drives a looping context video or
+a camera, shown in a window or recorded to an mp4 (`streaming.mic.run_live`).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ __all__ = ["add_arguments", "main", "print_summary", "make_progress"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", required=True, metavar="IN", help="context video (any format ffmpeg reads)")
-    p.add_argument("--audio", metavar="AUDIO", help="driving audio (default: the video's own track)")
-    p.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264 + AAC)")
+    p.add_argument("--video", metavar="IN", help="context video (any format ffmpeg reads); with --live also a "
+                   "camera: 0, camera, camera:1 (default camera 0)")
+    p.add_argument("--audio", metavar="AUDIO", help="driving audio (default: the video's own track; with --live: "
+                   "the microphone)")
+    p.add_argument("--out", metavar="OUT.mp4", help="output mp4 (H.264 + AAC); with --live also 'window' (default)")
+    p.add_argument("--live", action="store_true", help="live: the microphone drives a looping video or a camera")
     p.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: 4)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim")
@@ -25,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tracked: stage 2 follows the input's own tracked landmarks")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backend", default="torch", help="inference backend (torch)")
-    p.add_argument("--identity", metavar="IMAGE", help="take the identity from this image's face")
+    p.add_argument("--identity", metavar="IMAGE", help="take the identity from this image's face (no fine-tuning)")
+    p.add_argument("--avatar", metavar="NAME_OR_DIR", help="an avatar pack (tccp avatar create): its fine-tuned "
+                   "model and reference images; NAME is looked up in ./avatars and ~/.tccp/avatars")
+    p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
+                   help="scale the lip opening: 0 closed, 1 as predicted (default), >1 exaggerated (max 4)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="only the first S seconds of the driving audio")
     p.add_argument("--seed", type=int, default=0)
@@ -129,18 +140,36 @@ def print_warnings(caught: list) -> None:
             print(text, file=sys.stderr)
 
 
-def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False):
+def check_mouth_scale(value: float) -> float:
+    from tccp.errors import TCCPError
+    from tccp.mouth import MAX_SCALE, check_scale
+
+    try:
+        return check_scale(value)
+    except ValueError:
+        raise TCCPError(f"--mouth-scale {value}: must be between 0 and {MAX_SCALE:g}") from None
+
+
+def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False, *,
+               avatar: str | None = None, mouth_scale: float = 1.0):
     """SharedModel for the CLI; `allow_random` turns a missing default pack into a
-    random-weight tiny model with a loud warning (the demo's temporary fallback)."""
+    random-weight tiny model with a loud warning (the demo's temporary fallback).
+    `avatar` (name or folder) loads the avatar's fine-tuned pack and reference images
+    instead of `pack`; `mouth_scale` is the runner's lip-opening factor."""
     from engine.model import SharedModel
     from engine.runner import PipelineRunner, default_pack_missing
     from tccp.errors import TCCPError
 
+    mouth_scale = check_mouth_scale(mouth_scale)
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise TCCPError("--device cuda: no CUDA device is available (use --device cpu)")
+    if avatar is not None:
+        if pack is not None:
+            raise TCCPError("--model and --avatar: pass one (an avatar brings its own fine-tuned model)")
+        return SharedModel(PipelineRunner.from_avatar(avatar, device=device, backend=backend, mouth_scale=mouth_scale))
     if pack is None and default_pack_missing():
         if not allow_random:
             raise TCCPError("no model pack: the bundled pack is missing; pass --model PACK")
@@ -150,8 +179,10 @@ def load_model(pack: str | None, device: str, backend: str, allow_random: bool =
             "[bold red]WARNING: the bundled model pack does not exist yet; using a RANDOM-WEIGHT "
             "tiny model. The output face will be noise, not a talking head.[/]"
         )
-        return SharedModel(PipelineRunner.random("tiny", device=device))
-    return SharedModel.load(pack=pack, device=device, backend=backend)
+        runner = PipelineRunner.random("tiny", device=device)
+        runner.mouth_scale = mouth_scale
+        return SharedModel(runner)
+    return SharedModel(PipelineRunner.from_pack(pack, device=device, backend=backend, mouth_scale=mouth_scale))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -161,6 +192,13 @@ def main(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise TCCPError(f"--steps {args.steps}: must be at least 1")
+    check_mouth_scale(args.mouth_scale)
+    if args.avatar is not None and args.identity is not None:
+        raise TCCPError("--identity and --avatar: pass one (the avatar brings its own reference images)")
+    if args.live:
+        return main_live(args)
+    if args.video is None or args.out is None:
+        raise TCCPError("--video and --out are required (or pass --live)")
     for name in ("video", "audio", "identity"):
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
@@ -172,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
-    model = load_model(args.model, args.device, args.backend)
+    model = load_model(args.model, args.device, args.backend, avatar=args.avatar, mouth_scale=args.mouth_scale)
     caught: list = []
     try:
         with quiet_native_stderr() as caught, make_progress("generating", quiet=args.quiet) as bar:
@@ -184,6 +222,60 @@ def main(args: argparse.Namespace) -> int:
         model.close()
         print_warnings(caught)
     print_summary(result)
+    return 0
+
+
+def _camera_spec(value: str) -> bool:
+    v = value.strip().lower()
+    return v.isdigit() or v == "camera" or v.startswith("camera:")
+
+
+def main_live(args: argparse.Namespace) -> int:
+    """`tccp run --live`: audio source first (no microphone fails before any model
+    work), then the model, then `streaming.mic.run_live` until Ctrl-C, the window's
+    q/Esc, the end of an --audio file or --max-seconds."""
+    import asyncio
+
+    from engine.config import EngineConfig
+    from streaming.mic import FileAudioSource, MicSource, run_live
+    from tccp.errors import TCCPError
+
+    video = args.video if args.video is not None else "0"
+    if not _camera_spec(video) and not Path(video).exists():
+        raise TCCPError(f"{video}: no such file (or pass a camera: 0, camera, camera:1)")
+    out = args.out if args.out is not None else "window"
+    if out != "window" and Path(out).suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise TCCPError(f"{out}: output must be an .mp4 file or 'window'")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
+    if args.identity is not None and not Path(args.identity).exists():
+        raise TCCPError(f"{args.identity}: no such file")
+    audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
+    cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
+    if args.steps is not None:
+        cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
+    if args.identity is not None:
+        from engine.filerun import load_image
+
+        cfg = cfg.with_(identity=load_image(args.identity))
+    source = int(video) if video.strip().isdigit() else video
+    model = load_model(args.model, args.device, args.backend, avatar=args.avatar, mouth_scale=args.mouth_scale)
+    caught: list = []
+    try:
+        with quiet_native_stderr() as caught:
+            result = asyncio.run(run_live(source, out, model, cfg, audio=audio, duration_s=args.max_seconds))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        audio.stop()
+        model.close()
+        print_warnings(caught)
+    s = result.stats or {}
+    print(f"tccp run --live: {result.frames_out} frames ({result.frames_generated} generated) in "
+          f"{result.seconds:.1f} s, stopped by {result.stopped_by or 'end'}"
+          + (f"; output {result.output}" if result.output else ""))
+    if s.get("degradations"):
+        print(f"degradations: {s['degradations']}")
     return 0
 
 

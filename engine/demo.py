@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PACK", help="model pack (default: the bundled pack)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps per stage")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--avatar", metavar="NAME_OR_DIR", help="speak as this avatar (tccp avatar create)")
+    p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
+                   help="lip opening factor: 0 closed, 1 as predicted, >1 exaggerated")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S")
     p.add_argument("--preview-frames", type=int, default=4)
     p.add_argument("--quiet", action="store_true")
@@ -73,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = EngineConfig()
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
-    model = load_model(args.model, args.device, "torch", allow_random=True)
+    model = load_model(args.model, args.device, "torch", allow_random=args.avatar is None,
+                       avatar=args.avatar, mouth_scale=args.mouth_scale)
     caught: list = []
     try:
         with quiet_native_stderr() as caught, make_progress("demo", quiet=args.quiet) as bar:

@@ -33,6 +33,7 @@ class ModelState:
     sketch: Any  # sketch latent (generated, or tracked in 'tracked' mode): stage-1 slot
     context: Any  # head-masked context latent of that frame (stage-1 c_v of slot 0)
     mel: np.ndarray  # (16, 80) its mel window (c_l of slot 0)
+    ref_index: int | None = None  # avatar reference used (keeps the choice stable)
 
 
 @dataclass
@@ -126,26 +127,50 @@ class PipelineRunner:
     `window` call with slot 0 = each stream's carried last frame, decode the faces.
     Short (final) windows are padded by repeating their last frame so every request
     of a batch has the same shapes; padded outputs are dropped.
+
+    `mouth_scale` (`tccp.mouth`, ControlTalk's alpha) scales the lip opening of the
+    sketches that drive stage 2: tracked sketches are warped before encoding; stage 1's
+    sketch latents are decoded, warped and re-encoded (only when the factor is not 1).
+    `references` (`tccp.avatar_refs.ReferenceBank`, an avatar's) replaces the requests'
+    identity: each window gets the reference nearest to its tracked head pose. Both
+    are per model (every session on it), not per request.
     """
 
-    def __init__(self, pipeline: Any, size: int | None = None) -> None:
+    def __init__(self, pipeline: Any, size: int | None = None, *, mouth_scale: float = 1.0,
+                 references: Any = None) -> None:
+        from tccp.mouth import check_scale
+
         if pipeline.autoencoder is None:
             raise ValueError("PipelineRunner needs a pipeline with an autoencoder")
         self.pipeline = pipeline
         cfg = pipeline.stage1.cfg
         self.size = int(size or pipeline.pack_config.get("crop_size") or cfg.latent_size * 8)
         self.frames = int(cfg.frames)
+        self.mouth_scale = check_scale(mouth_scale)
+        self.references = references
+        if references is not None and references.crops.shape[1] != self.size:
+            raise ValueError(f"reference crops are {references.crops.shape[1]} px, the model works at {self.size} px")
         self._t1 = _StageTimer(pipeline.stage1)
         self._t2 = _StageTimer(pipeline.stage2)
 
     @classmethod
-    def from_pack(cls, pack: str | None = None, device: str = "cpu", backend: str = "torch") -> "PipelineRunner":
+    def from_pack(cls, pack: str | None = None, device: str = "cpu", backend: str = "torch",
+                  **kwargs: Any) -> "PipelineRunner":
         from tccp.errors import TCCPError
         from tccp.pack import load_pack
 
         if backend != "torch":
             raise TCCPError(f"--backend {backend}: not available in the engine (only 'torch')")
-        return cls(load_pack(pack, device=device))
+        return cls(load_pack(pack, device=device), **kwargs)
+
+    @classmethod
+    def from_avatar(cls, avatar: Any, device: str = "cpu", backend: str = "torch", **kwargs: Any) -> "PipelineRunner":
+        """The avatar's fine-tuned pack with its references (`tccp.avatar.Avatar`, or a
+        name / folder resolved by `tccp.avatar.load_avatar`)."""
+        from tccp.avatar import load_avatar
+
+        av = load_avatar(avatar) if not hasattr(avatar, "bank") else avatar
+        return cls.from_pack(str(av.path), device=device, backend=backend, references=av.bank(), **kwargs)
 
     @classmethod
     def random(cls, config: str = "tiny", device: str = "cpu", seed: int = 0, **overrides: Any) -> "PipelineRunner":
@@ -185,6 +210,40 @@ class PipelineRunner:
         z = z.to(self.pipeline.device, self.pipeline.dtype)
         return z.reshape(tuple(lead) + tuple(z.shape[1:]))
 
+    def _warp(self, sketches: np.ndarray) -> np.ndarray:
+        """(..., S, S, 3) sketch images with the mouth opening scaled by `mouth_scale`."""
+        from tccp.mouth import warp_mouth
+
+        flat = sketches.reshape((-1,) + sketches.shape[-3:])
+        out = np.stack([warp_mouth(img, self.mouth_scale) for img in flat])
+        return out.reshape(sketches.shape)
+
+    def _sketch_edit(self) -> Any:
+        """The stage-1 -> stage-2 edit for `mouth_scale` (None when the factor is 1)."""
+        if self.mouth_scale == 1.0:
+            return None
+        from einops import rearrange
+
+        pipe = self.pipeline
+
+        def edit(lat: Any) -> Any:  # raw latents (B, C, N, h, w)
+            b = lat.shape[0]
+            imgs = pipe.decode(lat).cpu().numpy()  # (B, N, S, S, 3)
+            z = self._encode(self._warp(imgs))  # (B, N, C, h, w)
+            return rearrange(z, "b n c h w -> b c n h w", b=b).to(lat.dtype)
+
+        return edit
+
+    def _references(self, requests: Sequence[WindowRequest]) -> tuple[Any, list[int]]:
+        """Per request, the avatar reference nearest to its head pose, as latents."""
+        import torch
+
+        bank = self.references
+        lat = bank.latents(self._encode)  # (K, C, h, w)
+        idx = [bank.choose(r.sketches[0] if r.n else None, r.state.ref_index if r.state is not None else None)
+               for r in requests]
+        return lat[torch.as_tensor(idx, device=lat.device)], idx
+
     def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
         import torch
         from einops import rearrange
@@ -206,13 +265,20 @@ class PipelineRunner:
         mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
         t_enc = time.perf_counter()
         ctx_lat = self._encode(ctx_img)  # (B, new, C, h, w)
-        if all(r.identity_latent is not None for r in requests):
+        ref_idx: list[int | None] = [None] * b
+        if self.references is not None:
+            ref_lat, ref_idx = self._references(requests)
+        elif all(r.identity_latent is not None for r in requests):
             ref_lat = torch.stack([r.identity_latent for r in requests]).to(pipe.device, pipe.dtype)
         else:
             ref_lat = self._encode(np.stack([r.identity for r in requests]))  # (B, C, h, w)
         sk_lat = None
         if tracked:
-            sk_lat = self._encode(np.stack([pad_frames(r.sketches, new) for r in requests]))
+            sk_img = np.stack([pad_frames(r.sketches, new) for r in requests])
+            if self.mouth_scale != 1.0:
+                sk_img = self._warp(sk_img)
+            sk_lat = self._encode(sk_img)
+        edit = None if tracked else self._sketch_edit()
         enc_s = time.perf_counter() - t_enc
         mel_t = torch.from_numpy(mel).to(pipe.device, pipe.dtype)  # (B, new, 16, 80)
 
@@ -225,7 +291,7 @@ class PipelineRunner:
             sk0, face0 = pipe.first_frame(
                 five(ctx_lat[:, :1]), mel_t[:, :1], ref_lat, steps=steps, sampler=sampler,
                 cfg_scale=cfg_scale, tracked_sketch_lat=five(sk_lat[:, :1]) if tracked else None,
-                generator=gen,
+                generator=gen, sketch_edit=edit,
             )
             first_face = face0  # (B, C, 1, h, w)
             prev_face, prev_sketch = face0[:, :, 0], sk0[:, :, 0]
@@ -248,7 +314,7 @@ class PipelineRunner:
         sk_out, face_out = pipe.window(
             five(ctx_win), mel_win, ref_lat, prev_sketch, prev_face, steps=steps, sampler=sampler,
             cfg_scale=cfg_scale, tracked_sketch_lat=five(tracked_win) if tracked else None,
-            generator=gen,
+            generator=gen, sketch_edit=edit,
         )  # (B, C, new, h, w) each
         if restart:
             face_out = torch.cat([first_face, face_out], dim=2)
@@ -258,6 +324,8 @@ class PipelineRunner:
             ctx_used, mel_used = ctx_new, mel_new
         faces = pipe.decode(face_out).cpu().numpy()  # (B, n_out, S, S, 3)
         sketches = pipe.decode(sk_out).cpu().numpy() if r0.want_sketches else None
+        if sketches is not None and edit is not None:
+            sketches = self._warp(sketches)  # what drove stage 2 (stage 1's output is carried raw)
 
         total = time.perf_counter() - t_start
         stage1 = enc_s + (self._t1.total - s1_before)
@@ -271,6 +339,7 @@ class PipelineRunner:
                 sketch=sk_out[i, :, last].detach().clone(),
                 context=ctx_used[i, last].detach().clone(),
                 mel=mel_used[i, last].detach().cpu().numpy().astype(np.float32),
+                ref_index=ref_idx[i],
             )
             results.append(WindowResult(
                 faces=faces[i, :n].copy(),

@@ -13,6 +13,11 @@ last frame (clean, flag 1) and returns the N-1 new frames. The batch dimension i
 concurrent streams. All latents in and out are raw TAEF2 latents; the pipeline
 applies the pack's latent normalisation on the way in and undoes it on the way out.
 
+`sketch_edit` (optional, both steps) transforms stage 1's sketch latents (raw TAEF2
+latents, (B, C, N, h, w)) before they drive stage 2, e.g. `tccp.mouth`'s mouth-opening
+factor; the returned sketch stays stage 1's own output, so the next window's stage 1
+continues from what it generated, not from the edit.
+
 Classifier-free guidance (cfg_scale != 1) guides on c_l only (audio + identity vs the
 learned null tokens, as trained with condition dropout); c_v and the clean slot are
 the same in both halves, which run as one doubled batch.
@@ -21,7 +26,7 @@ the same in both halves, which run as one doubled batch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from einops import rearrange
@@ -140,6 +145,12 @@ class TCCPPipeline:
         kwargs = {"eta": self.sampler.eta} if name == "ddim" else {}
         return sample(name, fn, x_T, self.schedule, steps, generator=generator, fixed=fixed, **kwargs)
 
+    def _edited(self, sketch: torch.Tensor, edit: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """Model-space sketch -> model-space sketch after `edit` (which sees raw latents)."""
+        if edit is None:
+            return sketch
+        return self._in(edit(self.norm.from_model(sketch)))
+
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
     def first_frame(
@@ -153,6 +164,7 @@ class TCCPPipeline:
         cfg_scale: float | None = None,
         tracked_sketch_lat: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        sketch_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first frame of each stream.
 
@@ -165,7 +177,8 @@ class TCCPPipeline:
             sketch = self._run(self.stage1, ctx, mel, ref, None, steps, sampler, cfg_scale, generator)
         else:
             sketch = self._in(_frames(tracked_sketch_lat))
-        face = self._run(self.stage2, sketch, mel, ref, None, steps, sampler, cfg_scale, generator)
+        drive = self._edited(sketch, sketch_edit) if tracked_sketch_lat is None else sketch
+        face = self._run(self.stage2, drive, mel, ref, None, steps, sampler, cfg_scale, generator)
         return self.norm.from_model(sketch), self.norm.from_model(face)
 
     @torch.inference_mode()
@@ -181,6 +194,7 @@ class TCCPPipeline:
         cfg_scale: float | None = None,
         tracked_sketch_lat: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        sketch_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next N-1 frames of each stream.
 
@@ -198,7 +212,8 @@ class TCCPPipeline:
             sketch = self._run(self.stage1, ctx, mel, ref, prev_sketch, steps, sampler, cfg_scale, generator)
         else:
             sketch = self._in(_frames(tracked_sketch_lat))
-        face = self._run(self.stage2, sketch, mel, ref, prev_face, steps, sampler, cfg_scale, generator)
+        drive = self._edited(sketch, sketch_edit) if tracked_sketch_lat is None else sketch
+        face = self._run(self.stage2, drive, mel, ref, prev_face, steps, sampler, cfg_scale, generator)
         return self.norm.from_model(sketch[:, :, 1:]), self.norm.from_model(face[:, :, 1:])
 
     # ------------------------------------------------------------------ decoding
