@@ -34,7 +34,7 @@ log = logging.getLogger("tccp.serve")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY = 64 * 1024
-PROTECTED = ("/offer", "/metrics", "/test-report")
+PROTECTED = ("/offer", "/metrics", "/test-report", "/avatars")
 
 
 @dataclass
@@ -52,6 +52,10 @@ class ServerConfig:
     """Enable POST /test-report (the page's `?report=1` mode posts its counters there)."""
     label: str = "model"
     """What the sessions are, for /healthz ('passthrough' in the debug mode)."""
+    avatar_roots: tuple[str, ...] | None = None
+    """Folders whose avatars the page may pick (None: ./avatars, ~/.tccp/avatars)."""
+    default_avatar: str | None = None
+    """The avatar of sessions whose offer names none (`--avatar`), for GET /avatars."""
 
 
 @dataclass
@@ -192,6 +196,31 @@ async def _test_report(request):
     return web.json_response({"ok": True})
 
 
+def _avatar_roots(cfg: ServerConfig) -> list[Path] | None:
+    return None if cfg.avatar_roots is None else [Path(r) for r in cfg.avatar_roots]
+
+
+async def _avatars(request):
+    """Installed avatars the offer may name: {"avatars": [{name, refs, created,
+    validation}], "default": name | null}. Folder paths stay on the server."""
+    from aiohttp import web
+
+    from tccp.avatar import list_avatars
+
+    cfg: ServerConfig = state_of(request.app).config
+    loop = asyncio.get_running_loop()
+    items = await loop.run_in_executor(None, list_avatars, _avatar_roots(cfg))
+    shown = [{k: it.get(k) for k in ("name", "refs", "created", "validation")} for it in items if it.get("ok")]
+    return web.json_response({"avatars": shown, "default": cfg.default_avatar})
+
+
+def _accepts_avatar(factory) -> bool:
+    try:
+        return "avatar" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 async def _offer(request):
     from aiohttp import web
     from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -205,6 +234,19 @@ async def _offer(request):
         st.metrics.sessions_rejected.labels("too_large" if data.status == 413 else "bad_request").inc()
         return data
     problem = _check_offer(data)
+    avatar = data.get("avatar") if isinstance(data, dict) else None
+    if not problem and avatar not in (None, ""):
+        from tccp.avatar import resolve_avatar, valid_name
+
+        if not isinstance(avatar, str) or not valid_name(avatar):
+            problem = '"avatar" must be the name of an installed avatar (GET /avatars)'
+        elif not _accepts_avatar(st.session_factory):
+            problem = f"this server cannot switch avatars ({cfg.label} sessions)"
+        else:
+            try:
+                resolve_avatar(avatar, _avatar_roots(cfg), allow_path=False)
+            except TCCPError as exc:
+                problem = str(exc)
     if problem:
         st.metrics.sessions_rejected.labels("bad_request").inc()
         return _error(400, problem)
@@ -220,9 +262,11 @@ async def _offer(request):
     st.pending += 1  # reserve the slot before the first await
     try:
         try:
-            session = st.session_factory()
+            session = st.session_factory(avatar=avatar) if avatar else st.session_factory()
             if inspect.isawaitable(session):
                 session = await session
+        except TCCPError as exc:  # e.g. a broken avatar pack: one line, the client's choice
+            return _error(400, f"could not start a session: {exc}")
         except Exception as exc:
             log.exception("could not create a session")
             return _error(500, f"could not start a session: {exc}")
@@ -295,6 +339,7 @@ def create_app(config: ServerConfig, session_factory) -> "Any":
     app.router.add_post("/offer", _offer)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/avatars", _avatars)
     if config.test_report:
         app.router.add_post("/test-report", _test_report)
     app.on_shutdown.append(_close_all)
@@ -353,6 +398,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PACK", help="model pack folder (default: bundled)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="model device (default cpu)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: engine's)")
+    p.add_argument("--avatar", default=None, metavar="NAME_OR_DIR",
+                   help="default avatar of sessions (the page can pick another installed one)")
+    p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
+                   help="lip opening factor: 0 closed, 1 as predicted, >1 exaggerated")
+    p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
+                   help="generated: lips from the audio (default); tracked: lips follow the camera")
     p.add_argument("--media-timeout", type=float, default=5.0,
                    help="close a peer after this many seconds without incoming media (default 5)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM); browsers need HTTPS off localhost")
@@ -378,19 +429,60 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def model_session_factory(pack: str | None, device: str, steps: int | None = None):
-    """Load the shared model once; each call makes one live engine Session on it.
+class ModelSessions:
+    """Session factory of the model server: `await factory(avatar=None)` makes one live
+    engine Session.
 
-    One SharedModel for the whole server: sessions queue their windows on its single
-    worker thread, which batches windows of different peers that arrive together.
+    One SharedModel per model actually used: the default (the pack, or `--avatar`) is
+    loaded up front; an avatar an offer picks is loaded on first use (off the event
+    loop) and kept, since its fine-tuned weights are a model of their own. Sessions on
+    one model queue their windows on its single worker thread, which batches windows
+    of different peers that arrive together.
     """
-    from engine.cli import load_model
-    from engine.config import EngineConfig
-    from engine.session import Session
 
-    shared = load_model(pack, device, "torch")
-    cfg = EngineConfig(live=True) if steps is None else EngineConfig(live=True, steps=steps)
-    return lambda: Session(shared, cfg)
+    def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
+                 mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None) -> None:
+        from engine.cli import load_model
+        from engine.config import EngineConfig
+
+        self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
+        self.cfg = EngineConfig(live=True, landmarks=landmarks)
+        if steps is not None:
+            self.cfg = self.cfg.with_(steps=steps, min_steps=min(self.cfg.min_steps, steps))
+        self.default = load_model(pack, device, "torch", avatar=avatar, mouth_scale=mouth_scale)
+        self.default_name = None if avatar is None else Path(str(avatar)).name
+        self.models: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    def _load_avatar(self, name: str):
+        from engine.cli import load_model
+        from tccp.avatar import resolve_avatar
+
+        folder = resolve_avatar(name, self.roots, allow_path=False)
+        return load_model(None, self.device, "torch", avatar=str(folder), mouth_scale=self.mouth_scale)
+
+    async def model_for(self, avatar: str | None = None):
+        if not avatar or avatar == self.default_name:
+            return self.default
+        async with self._lock:  # one load per avatar, however many offers race
+            if avatar not in self.models:
+                loop = asyncio.get_running_loop()
+                self.models[avatar] = await loop.run_in_executor(None, self._load_avatar, avatar)
+            return self.models[avatar]
+
+    async def __call__(self, avatar: str | None = None):
+        from engine.session import Session
+
+        return Session(await self.model_for(avatar), self.cfg)
+
+    def close(self) -> None:
+        for m in [self.default, *self.models.values()]:
+            m.close()
+
+
+def model_session_factory(pack: str | None, device: str, steps: int | None = None, **kwargs: Any) -> ModelSessions:
+    """Load the default model once; see `ModelSessions`."""
+    return ModelSessions(pack, device, steps, **kwargs)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -408,10 +500,17 @@ def main(args: argparse.Namespace) -> int:
 
         factory, label = PassthroughSession, "passthrough"
     else:
-        factory, label = model_session_factory(args.model, args.device, args.steps), "model"
+        factory = model_session_factory(args.model, args.device, args.steps, avatar=args.avatar,
+                                        mouth_scale=args.mouth_scale, landmarks=args.landmarks)
+        label = "model"
+    default_avatar = None
+    if args.avatar is not None:
+        from tccp.avatar import valid_name
+
+        default_avatar = args.avatar if valid_name(args.avatar) else Path(args.avatar).name
     cfg = ServerConfig(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
-        media_timeout_s=args.media_timeout, label=label,
+        media_timeout_s=args.media_timeout, label=label, default_avatar=default_avatar,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print("warning: listening beyond localhost without --token: anyone who can reach "

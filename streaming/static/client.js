@@ -6,6 +6,7 @@
 //   ?report=1    test mode: autostart, and after `frames` (default 50) decoded frames
 //                POST {framesReceived, width, height, ...} to /test-report
 //   ?frames=N    frames to wait for in report mode
+//   ?avatar=NAME preselect an installed avatar (the list comes from GET /avatars)
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -80,7 +81,7 @@ async function start() {
     resp = await fetch("offer", {
       method: "POST",
       headers: authHeaders(),
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+      body: JSON.stringify(offerBody()),
     });
   } catch (err) {
     setStatus("server unreachable: " + err.message, true);
@@ -96,6 +97,33 @@ async function start() {
   await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
   $("stop").disabled = false;
   statsTimer = setInterval(updateStats, 500);
+}
+
+function offerBody() {
+  const body = { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
+  const avatar = $("avatar").value;
+  if (avatar) body.avatar = avatar;
+  return body;
+}
+
+async function loadAvatars() {
+  // installed avatars the server can switch to; the default option is the caller's own face
+  try {
+    const resp = await fetch("avatars", { headers: authHeaders() });
+    if (!resp.ok) return;
+    const data = await resp.json();
+    const sel = $("avatar");
+    const wanted = params.get("avatar") || data.default || "";
+    if (data.default) sel.options[0].textContent = data.default + " (server default)";
+    for (const a of data.avatars || []) {
+      if (a.name === data.default) continue;
+      const opt = document.createElement("option");
+      opt.value = a.name;
+      opt.textContent = a.name;
+      sel.appendChild(opt);
+    }
+    if (wanted && wanted !== data.default) sel.value = wanted;
+  } catch (e) { /* no list: the server default is used */ }
 }
 
 function stop() {
@@ -165,4 +193,4 @@ async function updateStats() {
 $("start").onclick = start;
 $("stop").onclick = stop;
 $("sound").onchange = (ev) => { $("remote").muted = !ev.target.checked; };
-if (reportMode || params.get("autostart") === "1") start();
+loadAvatars().finally(() => { if (reportMode || params.get("autostart") === "1") start(); });
