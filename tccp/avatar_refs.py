@@ -78,10 +78,10 @@ def select_references(features: np.ndarray, k: int, floor: Sequence[float] = (0.
     return [int(ok[i]) for i in chosen]
 
 
-def _centroid(sketch: np.ndarray, part: str) -> np.ndarray | None:
+def _centroid(sketch: np.ndarray, part: str, classes: tuple) -> np.ndarray | None:
     from tccp.mouth import part_pixels
 
-    ys, xs, w = part_pixels(sketch, part)
+    ys, xs, w = part_pixels(sketch, part, classes=classes)
     if len(xs) < 3:
         return None
     return np.array([np.average(xs, weights=w), np.average(ys, weights=w)])
@@ -90,9 +90,12 @@ def _centroid(sketch: np.ndarray, part: str) -> np.ndarray | None:
 def sketch_pose(sketch: np.ndarray) -> np.ndarray | None:
     """(yaw, pitch) proxies read off a sketch image (None if nose or eyes are missing):
     nose centroid minus the eyes' midpoint, over the eye distance."""
-    nose = _centroid(sketch, "nose")
-    re = _centroid(sketch, "right_eye")
-    le = _centroid(sketch, "left_eye")
+    from tccp.mouth import classify_parts
+
+    classes = classify_parts(sketch)
+    nose = _centroid(sketch, "nose", classes)
+    re = _centroid(sketch, "right_eye", classes)
+    le = _centroid(sketch, "left_eye", classes)
     if nose is None or re is None or le is None:
         return None
     dist = float(np.linalg.norm(le - re))

@@ -38,6 +38,7 @@ __all__ = [
     "UPPER_OUTER",
     "LOWER_OUTER",
     "scale_mouth_landmarks",
+    "classify_parts",
     "part_pixels",
     "SketchMouth",
     "find_mouth",
@@ -111,27 +112,38 @@ _PART_NAMES = tuple(SKETCH_COLORS)
 _PART_RGB = np.array([SKETCH_COLORS[k] for k in _PART_NAMES], np.float32)  # (K, 3)
 
 
-def part_pixels(sketch: np.ndarray, part: str, tol: float = 48.0, min_strength: float = 0.3
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def classify_parts(sketch: np.ndarray, tol: float = 48.0, min_strength: float = 0.3
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every lit pixel of a sketch assigned to a part: (flat pixel index, part index
+    into `tccp.sketch.SKETCH_COLORS`, strength); see `part_pixels`."""
+    img = np.asarray(sketch, np.float32).reshape(-1, 3)
+    lit = np.flatnonzero(img.max(axis=1) >= min_strength * 100.0)  # most of a sketch is black
+    px = img[lit]
+    cc = (_PART_RGB * _PART_RGB).sum(1)  # (K,)
+    alpha = np.clip(px @ _PART_RGB.T / cc, 0.0, 1.5)  # (P, K)
+    resid = np.linalg.norm(px[:, None, :] - alpha[:, :, None] * _PART_RGB[None], axis=2)
+    resid = np.where(alpha >= min_strength, resid, np.inf)
+    best = resid.argmin(axis=1)
+    rows = np.arange(len(best))
+    ok = resid[rows, best] < tol
+    return lit[ok], best[ok], np.minimum(alpha[rows, best], 1.0)[ok].astype(np.float64)
+
+
+def part_pixels(sketch: np.ndarray, part: str, tol: float = 48.0, min_strength: float = 0.3,
+                classes: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pixels of one coloured sketch part: (ys, xs, strength).
 
     A pixel is modelled as `strength x colour` (anti-aliased lines on black, and TAEF2's
     blurry decodes of sketch latents, are darker versions of the part colour); it
     belongs to the part whose colour explains it with the smallest residual, if that
-    residual is under `tol` and the strength over `min_strength`.
+    residual is under `tol` and the strength over `min_strength`. `classes` reuses a
+    `classify_parts` result of the same image.
     """
-    img = np.asarray(sketch, np.float32).reshape(-1, 3)
-    cc = (_PART_RGB * _PART_RGB).sum(1)  # (K,)
-    alpha = np.clip(img @ _PART_RGB.T / cc, 0.0, 1.5)  # (P, K)
-    resid = np.linalg.norm(img[:, None, :] - alpha[:, :, None] * _PART_RGB[None], axis=2)
-    resid = np.where(alpha >= min_strength, resid, np.inf)
-    best = resid.argmin(axis=1)
-    k = _PART_NAMES.index(part)
-    sel = (best == k) & (resid[np.arange(len(best)), best] < tol)
-    idx = np.flatnonzero(sel)
-    h, w = np.asarray(sketch).shape[:2]
-    ys, xs = np.divmod(idx, w)
-    return ys.astype(np.float64), xs.astype(np.float64), np.minimum(alpha[idx, k], 1.0).astype(np.float64)
+    idx, lab, strength = classes if classes is not None else classify_parts(sketch, tol, min_strength)
+    sel = lab == _PART_NAMES.index(part)
+    w = np.asarray(sketch).shape[1]
+    ys, xs = np.divmod(idx[sel], w)
+    return ys.astype(np.float64), xs.astype(np.float64), strength[sel]
 
 
 @dataclass
@@ -172,10 +184,45 @@ def _runs(values: np.ndarray, weights: np.ndarray, gap: float) -> list[tuple[flo
     return out
 
 
-def _inter_ocular(sketch: np.ndarray) -> float | None:
+def _wvar(v: np.ndarray, w: np.ndarray) -> float:
+    mu = np.average(v, weights=w)
+    return float(np.average((v - mu) ** 2, weights=w))
+
+
+def _centre_gap(iy, ix, iw, oy, ox, ow, a: float, b: float, xc: float, width: float) -> float:
+    """Inner-lip gap in px at the mouth's centre columns, sub-pixel.
+
+    Per column: two separate inner-lip runs give the distance of their centres; lines
+    too close to separate (small openings at 64 px) form one run whose spread is that
+    of one line plus (gap/2)^2, so the gap is read from the excess spread over the
+    upper outer lip line in the same column (same thickness, same drawing).
+    """
+    gaps = []
+    for x in range(int(round(xc)) - 1, int(round(xc)) + 2):
+        mid = a + b * x
+        c = (ix == x) & (np.abs(iy - mid) < 0.5 * width)
+        if not c.any():
+            continue
+        d, w = iy[c] - mid, iw[c]
+        runs = _runs(d, w, gap=1.5)
+        if len(runs) >= 2:
+            top = sorted(sorted(runs, key=lambda r: -r[1])[:2])  # the two heaviest: upper, lower
+            gaps.append(max(0.0, top[1][0] - top[0][0]))
+            continue
+        co = (ox == x) & (oy < mid)
+        if not co.any():
+            continue
+        do, wo = oy[co] - mid, ow[co]
+        line = min(_runs(do, wo, gap=1.5), key=lambda r: r[0])  # the upper outer line
+        near = np.abs(do - line[0]) < 2.0
+        gaps.append(2.0 * np.sqrt(max(0.0, _wvar(d, w) - _wvar(do[near], wo[near]))))
+    return float(np.mean(gaps)) if gaps else 0.0
+
+
+def _inter_ocular(sketch: np.ndarray, classes: tuple | None = None) -> float | None:
     """Outer eye corners: the extreme x of the two eye contours (mesh 33 and 263)."""
-    ry, rx, _ = part_pixels(sketch, "right_eye")
-    ly, lx, _ = part_pixels(sketch, "left_eye")
+    ry, rx, _ = part_pixels(sketch, "right_eye", classes=classes)
+    ly, lx, _ = part_pixels(sketch, "left_eye", classes=classes)
     if len(rx) < 3 or len(lx) < 3:
         return None
     # the subject's right eye is on the image's left
@@ -186,7 +233,8 @@ def _inter_ocular(sketch: np.ndarray) -> float | None:
 
 def find_mouth(sketch: np.ndarray, tol: float = 48.0) -> SketchMouth | None:
     """The lips of a sketch image, or None when they cannot be found."""
-    oy, ox, ow = part_pixels(sketch, "lips_outer", tol)
+    classes = classify_parts(sketch, tol)
+    oy, ox, ow = part_pixels(sketch, "lips_outer", classes=classes)
     if len(ox) < 4:
         return None
     # the outer (red) line is the most distinctive colour: it bounds where the inner
@@ -196,7 +244,7 @@ def find_mouth(sketch: np.ndarray, tol: float = 48.0) -> SketchMouth | None:
     pad = 2.0 + 0.1 * (hi_x - lo_x)
     keep = (ox >= lo_x - pad) & (ox <= hi_x + pad) & (oy >= lo_y - pad) & (oy <= hi_y + pad)
     oy, ox, ow = oy[keep], ox[keep], ow[keep]
-    iy, ix, iw = part_pixels(sketch, "lips_inner", tol)
+    iy, ix, iw = part_pixels(sketch, "lips_inner", classes=classes)
     inside = (ix >= lo_x - pad) & (ix <= hi_x + pad) & (iy >= lo_y - pad) & (iy <= hi_y + pad)
     iy, ix, iw = iy[inside], ix[inside], iw[inside]
     if len(ix) < 4:
@@ -207,16 +255,8 @@ def find_mouth(sketch: np.ndarray, tol: float = 48.0) -> SketchMouth | None:
     # midline: the inner lines are symmetric about it, so a weighted line fit through
     # all inner-lip pixels runs along it (tilted with head roll)
     b, a = np.polyfit(ix, iy, 1, w=np.sqrt(iw)) if len(set(ix.tolist())) > 1 else (0.0, float(iy.mean()))
-    d_in = iy - (a + b * ix)
     xc, half = 0.5 * (x0 + x1), 0.5 * (x1 - x0)
-    centre = np.abs(ix - xc) <= max(1.0, 0.25 * half)
-    aperture = 0.0
-    if centre.sum() >= 2:
-        runs = _runs(d_in[centre], iw[centre], gap=1.5)
-        if len(runs) >= 2:
-            # the two heaviest clusters are the upper and lower inner lines
-            top = sorted(sorted(runs, key=lambda r: -r[1])[:2])
-            aperture = max(0.0, top[1][0] - top[0][0])
+    aperture = _centre_gap(iy, ix, iw, oy, ox, ow, a, b, xc, x1 - x0)
     upper = lower = max(1.0, 0.15 * (x1 - x0))  # fallback lip thickness
     if len(ox):
         d_out = oy - (a + b * ox)
@@ -225,7 +265,7 @@ def find_mouth(sketch: np.ndarray, tol: float = 48.0) -> SketchMouth | None:
             upper = max(1.0, float(-d_out[oc & (d_out < 0)].min()) - 0.5 * aperture)
         if (oc & (d_out > 0)).any():
             lower = max(1.0, float(d_out[oc & (d_out > 0)].max()) - 0.5 * aperture)
-    return SketchMouth(x0, x1, float(a), float(b), float(aperture), upper, lower, _inter_ocular(sketch))
+    return SketchMouth(x0, x1, float(a), float(b), float(aperture), upper, lower, _inter_ocular(sketch, classes))
 
 
 def sketch_aperture(sketch: np.ndarray) -> float:
