@@ -447,11 +447,21 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
             }
             (tmp / AVATAR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             (tmp / CARD_FILE).write_text(card_markdown(meta))
+            _fix_permissions(tmp)
         log(f"avatar written: {out} ({time.monotonic() - t0:.0f} s)")
         return AvatarResult(out, meta, time.monotonic() - t0, validation)
     finally:
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _fix_permissions(folder: Path) -> None:
+    """Temp-file writers create private (0600/0700) entries; an installed avatar is
+    read by servers running as other users, so give it plain mkdir/open permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _validate(base: Path, avatar_dir: Path, tail_dirs: list[Path], cache: Path, bank: Any, device: str,
