@@ -354,6 +354,8 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
         raise TCCPError(f"{out}: the avatar's folder name must be letters, digits, '.', '_' or '-'")
     if out.exists() and not cfg.force:
         raise TCCPError(f"{out}: already exists; pass --force to replace it")
+    if cfg.minutes is None and cfg.steps is None:
+        raise TCCPError("give a fine-tuning budget: --minutes M and/or --steps N")
     if cfg.minutes is not None and cfg.minutes <= 0:
         raise TCCPError(f"--minutes {cfg.minutes}: must be positive")
     if cfg.steps is not None and cfg.steps < 0:
@@ -372,6 +374,7 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
     keep_work = cfg.work is not None
     work = Path(cfg.work) if keep_work else Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a kept --work folder: prepared clips are reused, runs are not
     try:
         # 1-2. split + prepare
         sources, train_dirs, tail_dirs = [], [], []
