@@ -44,13 +44,14 @@ class SamplerConfig:
     steps: int = 10
     cfg_scale: float = 1.0
     eta: float = 0.0  # DDIM only
+    clip_x0: float | None = 3.0  # clamp x0 estimates to TAEF2's latent range (model space)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplerConfig":
-        return cls(**{k: d[k] for k in ("name", "steps", "cfg_scale", "eta") if k in d})
+        return cls(**{k: d[k] for k in ("name", "steps", "cfg_scale", "eta", "clip_x0") if k in d})
 
 
 @dataclass
@@ -142,7 +143,8 @@ class TCCPPipeline:
         fn = cfg_model_fn(model, (tokens, c_v, flags), (model.null_conditions(b, n).to(tokens.dtype), c_v, flags), scale)
         dev = generator.device if generator is not None else c_v.device
         x_T = torch.randn(c_v.shape, generator=generator, device=dev).to(c_v.device, c_v.dtype)
-        kwargs = {"eta": self.sampler.eta} if name == "ddim" else {}
+        kwargs: dict[str, Any] = {"eta": self.sampler.eta} if name == "ddim" else {}
+        kwargs["clip_x0"] = self.sampler.clip_x0
         return sample(name, fn, x_T, self.schedule, steps, generator=generator, fixed=fixed, **kwargs)
 
     def _edited(self, sketch: torch.Tensor, edit: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:

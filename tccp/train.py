@@ -105,6 +105,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA
     init: str | None = None  # pack / checkpoint / run folder to start the weights from
     cache: str | None = None  # latent cache file (default: DATA/latents or OUT/cache)
+    prediction: str = "eps"  # "eps" (paper) | "v" (robust for few-step sampling of small models)
     cache_frames: int | None = None  # encode only the first N frames of each clip (CPU)
     cache_size: int | None = None  # encode crops resized to this size (e.g. 64 on CPU)
     progress: bool = True
@@ -405,7 +406,7 @@ class Trainer:
         cfg = self.cfg
         shape = self.latent_shape
         self.model_cfg = _model_config_for_data(cfg, (shape[0], shape[2], shape[3]))
-        self.schedule = Schedule()
+        self.schedule = Schedule(prediction=cfg.prediction)
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = build_model(self.model_cfg).to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)

@@ -272,3 +272,21 @@ def test_overfit_one_batch() -> None:
         loss.backward()
         opt.step()
     assert math.isfinite(first) and loss_fn().item() < first / 5
+
+
+def test_clip_x0_bounds_few_step_output():
+    """An eps model that is badly off (as an undertrained one is) sends few-step x0
+    estimates far outside the data range; clip_x0 keeps them in it."""
+    import torch
+
+    from tccp.diffusion.samplers import ddim, dpmpp_2m
+    from tccp.diffusion.schedule import Schedule
+
+    sch = Schedule()
+    x_T = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    bad = lambda x, t: torch.full_like(x, -1.0)  # noqa: E731  (a constant, wrong eps)
+    for sampler in (ddim, dpmpp_2m):
+        free = sampler(bad, x_T, sch, steps=4)
+        clipped = sampler(bad, x_T, sch, steps=4, clip_x0=3.0)
+        assert free.abs().max() > 10
+        assert clipped.abs().max() <= 3.0 + 1e-5

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
     o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                   help="model target: eps (paper) or v (keeps few-step x0 estimates bounded)")
     o.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     m = p.add_argument_group("misc")
     m.add_argument("--cache", metavar="FILE", help="latent cache file (default DATA/latents/latents.safetensors)")
@@ -100,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
         init=args.init,
         cache=args.cache,
         cache_frames=args.cache_frames,
+        prediction=args.prediction,
         cache_size=args.cache_size,
         progress=not args.no_progress,
         resume=args.resume,

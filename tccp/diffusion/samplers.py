@@ -33,11 +33,23 @@ def _impose(x: torch.Tensor, fixed: Fixed) -> torch.Tensor:
     return torch.where(mask.bool(), value.to(x.dtype), x)
 
 
-def _denoise(model_fn: ModelFn, x: torch.Tensor, t: int, schedule: Schedule, fixed: Fixed) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) estimates at x_t; the fixed slots are given to the model clean."""
+def _denoise(
+    model_fn: ModelFn, x: torch.Tensor, t: int, schedule: Schedule, fixed: Fixed, clip_x0: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) estimates at x_t; the fixed slots are given to the model clean.
+
+    `clip_x0` clamps the x0 estimate to the data range (DDPM's `clip_denoised`) and
+    re-derives eps from it. Why: with eps prediction on the linear schedule,
+    x0 = (x_t - sqrt(1-a) eps) / sqrt(a) amplifies any eps error ~150x at t = T, so a
+    few-step sampler on an imperfect model otherwise lands far outside the latent range.
+    """
     x_in = _impose(x, fixed)
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     x0, eps = schedule.to_x0_eps(x_in, tt, model_fn(x_in, tt))
+    if clip_x0 is not None:
+        a = float(schedule.alphas_cumprod[t])
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x_in - a**0.5 * x0) / max(1 - a, 1e-12) ** 0.5
     return _impose(x0, fixed), eps
 
 
@@ -59,13 +71,14 @@ def ddim(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     fixed: Fixed = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al.); eta = 0 deterministic, eta = 1 is ancestral (DDPM-like)."""
     ts = schedule.timesteps(steps)
     x = x_T
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, eps = _denoise(model_fn, x, t, schedule, fixed)
+        x0, eps = _denoise(model_fn, x, t, schedule, fixed, clip_x0)
         if s < 0:
             x = x0
             break
@@ -86,6 +99,7 @@ def ddpm(
     steps: int | None = None,
     generator: torch.Generator | None = None,
     fixed: Fixed = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling (the paper's sampler). `steps=None` runs all T steps;
     fewer steps use the DDPM posterior between the strided timesteps."""
@@ -93,7 +107,7 @@ def ddpm(
     x = x_T
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _ = _denoise(model_fn, x, t, schedule, fixed)
+        x0, _ = _denoise(model_fn, x, t, schedule, fixed, clip_x0)
         if s < 0:
             x = x0
             break
@@ -114,6 +128,7 @@ def dpmpp_2m(
     steps: int = 10,
     generator: torch.Generator | None = None,
     fixed: Fixed = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al.), the k-diffusion formulation in sigma space
     (x_sigma = x_t / sqrt(alpha_bar)). Deterministic; `generator` is unused."""
@@ -123,7 +138,7 @@ def dpmpp_2m(
     old = None
     for i, t in enumerate(ts):
         x_vp = x / (1 + sig[i] ** 2) ** 0.5
-        den, _ = _denoise(model_fn, x_vp, t, schedule, fixed)
+        den, _ = _denoise(model_fn, x_vp, t, schedule, fixed, clip_x0)
         if sig[i + 1] == 0:
             x = den
             break
