@@ -208,6 +208,7 @@ def bench_backend(name: str, pack: Path, clip: Any, cfg: BenchConfig, cache: str
     first_s: list[float] = []
     window_s: list[float] = []
     model_s: list[float] = []
+    parts: dict[str, list[float]] = {"stage1_incl_encode": [], "stage2_incl_decode": [], "composite": []}
     frames = 0
     outputs = None
     with RssSampler() as rss:
@@ -229,11 +230,30 @@ def bench_backend(name: str, pack: Path, clip: Any, cfg: BenchConfig, cache: str
                 t_end = time.perf_counter()
                 window_s.append(t_end - t)
                 model_s.append(tm - t)
+                parts["stage1_incl_encode"].append(res[0].stage1_s)
+                parts["stage2_incl_decode"].append(res[0].stage2_s)
+                parts["composite"].append(t_end - tm)
                 t_all += t_end - t
                 if rep == 0 and m < 2:
                     outputs.append(res[0].faces.copy())
+    # the autoencoder alone, per window of one stream: at 128 px TAEF2 costs more
+    # FLOPs than the small diffusion model, so it is worth seeing separately
+    ae_enc, ae_dec = [], []
+    lat = pipe.autoencoder.encode_images(clip.faces[:new])
+    for _ in range(cfg.repeat):
+        _sync(cfg.device)
+        t = time.perf_counter()
+        pipe.autoencoder.encode_images(clip.contexts[:new])
+        _sync(cfg.device)
+        t1 = time.perf_counter()
+        pipe.autoencoder.decode(lat)
+        _sync(cfg.device)
+        ae_enc.append(t1 - t)
+        ae_dec.append(time.perf_counter() - t1)
     out = {
         "backend": getattr(getattr(pipe, "backend", None), "name", name),
+        "autoencoder_p50_ms": {"encode_window": float(np.median(ae_enc) * 1000),
+                               "decode_window": float(np.median(ae_dec) * 1000), "frames": new},
         "setup_s": round(setup_s, 2),
         "window": window,
         "new_frames_per_window": new,
@@ -241,6 +261,9 @@ def bench_backend(name: str, pack: Path, clip: Any, cfg: BenchConfig, cache: str
         "window_latency": _stats(window_s),
         "model_latency": _stats(model_s),
         "first_frame_latency": _stats(first_s),
+        # the engine runner's own split: stage 1 includes TAEF2 encoding of the crops,
+        # stage 2 the rest of the call (its sampler steps and TAEF2 decoding)
+        "breakdown_p50_ms": {k: float(np.percentile(v, 50) * 1000) for k, v in parts.items()},
         "peak_rss_mb": rss.peak / 2**20,
         "latencies_ms": [x * 1000 for x in window_s],
     }
@@ -439,15 +462,17 @@ def main(args: argparse.Namespace) -> int:
     for b in cfg.backends:
         if b not in BACKENDS:
             raise TCCPError(f"--backend {b}: unknown (choose from {', '.join(BACKENDS)})")
-    clip = None
-    if args.clip:
-        from export.realdata import load_real_clip
-
-        clip = load_real_clip(args.clip, with_frames=True)
     with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
         pack, label = resolve_pack(args.model, args.config, scratch)
         if args.config:
             console.print(f"[bold red]benchmarking RANDOM WEIGHTS of config {args.config!r} (speed only)[/]")
+        clip = None
+        if args.clip:
+            from export.realdata import load_real_clip
+            from tccp.pack import read_pack_config
+
+            size = int(read_pack_config(pack).get("crop_size", 128))  # the crop size the pack runs at
+            clip = load_real_clip(args.clip, with_frames=True, size=size)
         report = run_bench(pack, label, cfg, clip=clip, log=lambda m: console.print(m))
     with atomic_path(Path(args.json)) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")

@@ -17,7 +17,7 @@ import numpy as np
 
 from tccp.errors import TCCPError
 
-__all__ = ["RealClip", "cache_root", "prepare_sample", "load_real_clip", "sample_clip"]
+__all__ = ["RealClip", "cache_root", "prepare_sample", "load_real_clip", "resize_clip", "sample_clip"]
 
 
 @dataclass
@@ -83,11 +83,14 @@ def load_real_clip(
     n: int | None = None,
     with_frames: bool = False,
     identity_index: int | None = None,
+    size: int | None = None,
 ) -> RealClip:
     """Frames `start .. start+n-1` of a prepared clip folder (`tccp prepare` output).
 
     The identity reference is frame `identity_index` (default: the frame furthest from
-    the piece, so the model cannot copy the answer from its reference)."""
+    the piece, so the model cannot copy the answer from its reference). `size`
+    resamples the crops (area filter, as training's resized latent cache does) for a
+    pack trained at another crop size than the clip was prepared at."""
     from tccp.dataset import PreparedClip
 
     folder = Path(folder)
@@ -114,7 +117,7 @@ def load_real_clip(
         frames = media.read_video(src, fps=clip.fps, max_frames=start + n).frames[start:]
         if frames.shape[0] < n:
             raise TCCPError(f"{src}: has fewer frames than its prepared folder {folder}")
-    return RealClip(
+    out = RealClip(
         name=clip.name,
         size=clip.size,
         faces=clip.faces[sl],
@@ -126,6 +129,24 @@ def load_real_clip(
         landmarks=lm,
         identity=clip.faces[identity_index],
         frames=frames,
+    )
+    return out if size is None or int(size) == clip.size else resize_clip(out, int(size))
+
+
+def resize_clip(clip: RealClip, size: int) -> RealClip:
+    """The same clip with its crops, masks and landmarks at `size` px."""
+    import dataclasses
+
+    import cv2
+
+    def stack(x: np.ndarray, interp: int) -> np.ndarray:
+        return np.stack([cv2.resize(im, (size, size), interpolation=interp) for im in x])
+
+    area = cv2.INTER_AREA if size < clip.size else cv2.INTER_LINEAR
+    return dataclasses.replace(
+        clip, size=size, faces=stack(clip.faces, area), contexts=stack(clip.contexts, area),
+        sketches=stack(clip.sketches, area), masks=stack(clip.masks, cv2.INTER_LINEAR),
+        landmarks=clip.landmarks * (size / clip.size), identity=stack(clip.identity[None], area)[0],
     )
 
 

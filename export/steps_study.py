@@ -47,9 +47,10 @@ class StudyConfig:
     seed: int = 0
 
 
-def held_out_windows(folders: Sequence[str | os.PathLike], frames: int, per_clip: int) -> list[Any]:
+def held_out_windows(folders: Sequence[str | os.PathLike], frames: int, per_clip: int,
+                     size: int | None = None) -> list[Any]:
     """`per_clip` evenly spaced windows of `frames` frames (all with a tracked face and
-    real audio) from each prepared clip folder, as `RealClip`s."""
+    real audio) from each prepared clip folder, as `RealClip`s at `size` px."""
     from export.realdata import load_real_clip
     from tccp.dataset import PreparedClip
 
@@ -61,7 +62,7 @@ def held_out_windows(folders: Sequence[str | os.PathLike], frames: int, per_clip
             continue
         pick = starts[np.unique(np.linspace(0, starts.size - 1, per_clip).round().astype(int))]
         for s in pick:
-            out.append(load_real_clip(folder, int(s), frames))
+            out.append(load_real_clip(folder, int(s), frames, size=size))
     return out
 
 
@@ -235,7 +236,8 @@ def study_from_args(args: argparse.Namespace) -> int:
         backend = args.backend[0] if isinstance(args.backend, list) else (args.backend or "torch")
         pipe = load_pipeline(pack, backend=backend, device=getattr(args, "device", "cpu"))
         frames = int(pipe.stage1.cfg.frames)
-        windows = held_out_windows(clips, frames, cfg.windows_per_clip)
+        size = int(pipe.pack_config.get("crop_size") or pipe.stage1.cfg.latent_size * 8)
+        windows = held_out_windows(clips, frames, cfg.windows_per_clip, size=size)
         if not windows:
             raise TCCPError(f"no window of {frames} frames with a tracked face and audio in {', '.join(map(str, clips))}")
         console.print(f"steps study: {len(windows)} windows from {len(clips)} clip(s), {label}")

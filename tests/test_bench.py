@@ -158,3 +158,15 @@ def test_steps_sweep_cli(cache: Path, tmp_path: Path) -> None:
     assert set(report["results"]) == {"ddim"} and report["config"]["teacher_forced_slot0"]
     assert cli_main(["bench", "--steps-sweep", "--model", str(tiny_pack(cache)), "--prepared", str(tmp_path / "none"),
                      "--json", str(out)]) == 2
+
+
+def test_clip_resized_to_the_pack_crop_size(cache: Path, clip) -> None:
+    """A pack trained at another crop size gets area-resampled crops (as training's
+    resized cache), masks and landmarks scaled alike."""
+    from export.realdata import load_real_clip
+
+    small = load_real_clip(sample_folder(cache), start=2, n=4, size=32)
+    assert small.size == 32 and small.faces.shape == (4, 32, 32, 3) and small.masks.shape == (4, 32, 32)
+    assert small.identity.shape == (32, 32, 3) and small.mel.shape == (4, 16, 80)
+    np.testing.assert_allclose(small.landmarks, clip.landmarks[2:6] * 0.5, rtol=1e-6)
+    assert abs(small.faces.astype(float).mean() - clip.faces[2:6].astype(float).mean()) < 2.0
