@@ -52,7 +52,8 @@ def test_restart_then_continue_carries_the_last_frame(runner):
     assert np.array_equal(first.faces, again.faces)  # seeded: reproducible
     # the carried face latent is exactly what frame 6 decodes from
     decoded = runner.pipeline.decode(st.face[:, None][None])[0, 0].cpu().numpy()
-    assert np.array_equal(decoded, first.faces[6])
+    # (a batched vs a single decode may round a pixel differently)
+    assert np.abs(decoded.astype(int) - first.faces[6].astype(int)).max() <= 1
     nxt = runner.run_batch([_req(runner, state=st, k=1)])[0]
     assert nxt.faces.shape == (7, s, s, 3)
     assert first.stage1_s > 0 and first.stage2_s > 0
