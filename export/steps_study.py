@@ -122,7 +122,7 @@ def run_study(pipeline: Any, windows: Sequence[Any], cfg: StudyConfig = StudyCon
     for sampler in cfg.samplers:
         cells[sampler] = {}
         for steps in cfg.steps:
-            psnr, rmse, lmd, secs = [], [], [], []
+            psnr, rmse, lmd, secs, found = [], [], [], [], []
             for w, p in zip(windows, prepared):
                 g = torch.Generator().manual_seed(cfg.seed)
                 t0 = time.perf_counter()
@@ -134,10 +134,14 @@ def run_study(pipeline: Any, windows: Sequence[Any], cfg: StudyConfig = StudyCon
                 err = norm.to_model(sk.float().cpu()) - norm.to_model(p["sk"][:, :, 1:])
                 rmse.append(float(err.pow(2).mean().sqrt()))
                 if lip_ok:
-                    lmd.append(lip_lmd(_track_lips(gen), p["real_lm"]))
+                    gen_lm = _track_lips(gen)
+                    found.append(float(np.isfinite(gen_lm[:, 0, 0]).mean()))
+                    lmd.append(lip_lmd(gen_lm, p["real_lm"]))
             cell = {
                 "face_psnr_db": _mean(psnr), "sketch_latent_rmse": _mean(rmse),
-                "lip_lmd": _mean(lmd) if lip_ok else None, "seconds_per_window": _mean(secs),
+                "lip_lmd": _mean(lmd) if lip_ok else None,
+                # share of generated frames where mediapipe found a face (LipLMD is over those)
+                "lip_face_found": _mean(found) if lip_ok else None, "seconds_per_window": _mean(secs),
                 "per_window": {"face_psnr_db": psnr, "sketch_latent_rmse": rmse, **({"lip_lmd": lmd} if lip_ok else {})},
             }
             cells[sampler][str(steps)] = cell
