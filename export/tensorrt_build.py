@@ -101,7 +101,7 @@ def build_engines(folder: str | os.PathLike, manifest: dict[str, Any], *, max_ba
         raise TCCPError(f"--max-batch {max_batch} / --opt-batch {opt_batch}: need 1 <= opt <= max")
     folder = Path(folder)
     (folder / ENGINE_DIR).mkdir(exist_ok=True)
-    frames = int(manifest["frames"])
+    frames = max(int(manifest["frames"]), 8)  # the engine's window (8) may exceed the model's training N
     engines = {}
     for name, g in manifest["graphs"].items():
         per_frame = name.startswith("ae_")  # every frame of every stream in one call
