@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated: stage 1 predicts landmarks from context+audio (default); "
                         "tracked: stage 2 follows the input's own tracked landmarks")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--backend", default="torch", help="inference backend (torch)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                   help="inference backend (default torch; onnxruntime/tensorrt export the pack on first use)")
     p.add_argument("--identity", metavar="IMAGE", help="take the identity from this image's face (no fine-tuning)")
     p.add_argument("--avatar", metavar="NAME_OR_DIR", help="an avatar pack (tccp avatar create): its fine-tuned "
                    "model and reference images; NAME is looked up in ./avatars and ~/.tccp/avatars")

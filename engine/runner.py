@@ -159,9 +159,13 @@ class PipelineRunner:
         from tccp.errors import TCCPError
         from tccp.pack import load_pack
 
-        if backend != "torch":
-            raise TCCPError(f"--backend {backend}: not available in the engine (only 'torch')")
-        return cls(load_pack(pack, device=device), **kwargs)
+        if backend == "torch":
+            return cls(load_pack(pack, device=device), **kwargs)
+        if backend not in ("onnxruntime", "tensorrt"):
+            raise TCCPError(f"--backend {backend}: unknown (choose torch, onnxruntime or tensorrt)")
+        from export.backends import load_pipeline  # exports the pack on first use (cached)
+
+        return cls(load_pipeline(pack, backend=backend, device=device), **kwargs)
 
     @classmethod
     def from_avatar(cls, avatar: Any, device: str = "cpu", backend: str = "torch", **kwargs: Any) -> "PipelineRunner":
