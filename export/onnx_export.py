@@ -244,17 +244,11 @@ def ort_session(path: str | os.PathLike, device: str = "cpu", threads: int | Non
 
 def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The manifest of an export folder, checked (TCCPError naming the file if bad)."""
+    from tccp.io_utils import read_descriptor
+
     path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise TCCPError(f"{path}: missing, {folder} is not a tccp export folder")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TCCPError(f"{path}: unreadable export manifest ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
-        raise TCCPError(f"{path}: not a tccp export manifest")
-    if int(m.get("version", 0)) > EXPORT_VERSION:
-        raise TCCPError(f"{path}: export version {m.get('version')} is newer than this tccp supports")
+    m = read_descriptor(path, EXPORT_FORMAT, EXPORT_VERSION, missing=f"{folder} is not a tccp export folder",
+                        unreadable="export manifest", not_a="tccp export manifest", noun="export")
     for name, g in m.get("graphs", {}).items():
         if not (Path(folder) / g["file"]).is_file():
             raise TCCPError(f"{Path(folder) / g['file']}: graph {name} listed in the manifest is missing")

@@ -18,7 +18,6 @@ Anything wrong with an avatar is a one-line `TCCPError` naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tccp.errors import TCCPError
+from tccp.io_utils import read_descriptor
 
 __all__ = [
     "AVATAR_FORMAT",
@@ -83,16 +83,8 @@ def resolve_avatar(name_or_dir: str | os.PathLike, roots: Sequence[Path] | None 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
     path = folder / AVATAR_FILE
-    if not path.is_file():
-        raise TCCPError(f"{path}: missing, {folder} is not an avatar pack")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TCCPError(f"{path}: unreadable avatar description ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != AVATAR_FORMAT:
-        raise TCCPError(f"{path}: not a TCCP avatar description")
-    if int(meta.get("version", 0)) > AVATAR_VERSION:
-        raise TCCPError(f"{path}: avatar version {meta.get('version')} is newer than this tccp supports")
+    meta = read_descriptor(path, AVATAR_FORMAT, AVATAR_VERSION, missing=f"{folder} is not an avatar pack",
+                           unreadable="avatar description", not_a="TCCP avatar description", noun="avatar")
     refs = meta.get("refs")
     if not isinstance(refs, list) or not refs or not all(isinstance(r, dict) and "file" in r for r in refs):
         raise TCCPError(f"{path}: lists no reference images")

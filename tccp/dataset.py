@@ -570,13 +570,10 @@ class LatentWindowDataset(Dataset):
         require_audio: bool = True,
     ) -> None:
         cache = load_latent_cache(cache_file)
-        clips = [PreparedClip(f) for f in _select_split(_expand(folders), split)]
-        # a cache built with `max_frames` holds a prefix: view the clip the same way
+        # a cache built with `max_frames` holds a prefix: view each clip the same way
         clips = [
-            PreparedClip(c.folder, max_frames=int(cache[c.name]["faces"].shape[0]))
-            if c.name in cache and cache[c.name]["faces"].shape[0] < c.n_frames
-            else c
-            for c in clips
+            PreparedClip(f, max_frames=int(cache[f.name]["faces"].shape[0]) if f.name in cache else None)
+            for f in _select_split(_expand(folders), split)
         ]
         missing = [c.name for c in clips if c.name not in cache]
         if missing:

@@ -12,7 +12,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+import json
+from typing import Any, Iterator
 
 from tccp.errors import TCCPError
 
@@ -111,3 +112,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_descriptor(
+    path: Path, fmt: str, version: int, *, missing: str, unreadable: str, not_a: str, noun: str
+) -> dict[str, Any]:
+    """A versioned JSON descriptor (pack config, avatar, export manifest), checked.
+
+    Every problem is one TCCPError line naming the file: "<path>: missing, <missing>",
+    "<path>: unreadable <unreadable> (...)", "<path>: not a <not_a>", or the
+    <noun> version being newer than this tccp supports.
+    """
+    if not path.is_file():
+        raise TCCPError(f"{path}: missing, {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TCCPError(f"{path}: unreadable {unreadable} ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise TCCPError(f"{path}: not a {not_a}")
+    if int(data.get("version", 0)) > version:
+        raise TCCPError(f"{path}: {noun} version {data.get('version')} is newer than this tccp supports")
+    return data

@@ -23,6 +23,7 @@ import torch
 
 from tccp.diffusion.schedule import Schedule
 from tccp.errors import TCCPError
+from tccp.io_utils import read_descriptor
 from tccp.models.config import MVConfig
 from tccp.models.mvcontrolnet import MVControlNet
 from tccp.pipeline import LatentNorm, SamplerConfig, TCCPPipeline
@@ -89,16 +90,8 @@ def read_pack_config(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise TCCPError(f"{folder}: model pack not found (no such folder)")
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise TCCPError(f"{cfg_path}: missing, {folder} is not a model pack")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TCCPError(f"{cfg_path}: unreadable pack config ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != PACK_FORMAT:
-        raise TCCPError(f"{cfg_path}: not a TCCP model pack config")
-    if int(config.get("version", 0)) > PACK_VERSION:
-        raise TCCPError(f"{cfg_path}: pack version {config.get('version')} is newer than this tccp supports")
+    config = read_descriptor(cfg_path, PACK_FORMAT, PACK_VERSION, missing=f"{folder} is not a model pack",
+                             unreadable="pack config", not_a="TCCP model pack config", noun="pack")
     for key in ("stage1", "stage2"):
         if not isinstance(config.get(key), dict):
             raise TCCPError(f"{cfg_path}: '{key}' model config missing")

@@ -378,7 +378,7 @@ class Trainer:
         sizes = {c.size for c in self.train_set.clips}
         if len(sizes) != 1:
             raise TCCPError(f"{cfg.data}: prepared clips of different sizes {sorted(sizes)}; prepare them at one --size")
-        self.crop_size = sizes.pop()
+        prepared_size = sizes.pop()
         self.val_set = None
         self.val_batches: list[dict] = []
         if val_f:
@@ -387,8 +387,8 @@ class Trainer:
             if len(self.val_set) == 0:
                 self.val_set = None
         self.val_clips = [c.name for c in self.val_set.clips] if self.val_set is not None else []
-        if self.val_set is not None and {c.size for c in self.val_set.clips} != {self.crop_size}:
-            raise TCCPError(f"{cfg.data}: validation clips are not all prepared at {self.crop_size} px like the training clips")
+        if self.val_set is not None and {c.size for c in self.val_set.clips} != {prepared_size}:
+            raise TCCPError(f"{cfg.data}: validation clips are not all prepared at {prepared_size} px like the training clips")
         self.sampler = StepSampler(len(self.train_set), cfg.batch, cfg.seed, self.dist.rank, self.dist.world)
         self.latent_shape = tuple(self.train_set[0][self.spec.target].shape)  # (C, N, h, w)
         # the model sees crops of latent side x 8 (a resized cache differs from the folders)
