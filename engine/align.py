@@ -1,6 +1,6 @@
 """A/V alignment for pushed streams: video onto a 25 fps grid, audio into a timeline.
 
-Files arrive already resampled (tccp.media), but live sources deliver frames at their
+Files arrive already resampled (tccp.media.io), but live sources deliver frames at their
 own, jittery rate (30 fps webcams, WebRTC with dropped packets) and audio in chunks of
 arbitrary size. The models need exactly one frame per 1/25 s and the 0.2 s of audio
 centred on each frame, so the session puts both on one clock here.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tccp.audio import log_mel, mel_windows
+from tccp.media.audio import log_mel, mel_windows
 
 __all__ = ["GridFrame", "FrameAligner", "AudioBuffer", "mel_for_frames"]
 
@@ -34,7 +34,7 @@ class FrameAligner:
     """Resample pushed `(pts, frame)` to a fixed-rate grid by timestamp.
 
     Grid slot `k` (time `t0 + k / fps`, `t0` = first pts) shows the latest input frame
-    whose pts <= the slot time, the same rule `tccp.media.iter_video` uses for files,
+    whose pts <= the slot time, the same rule `tccp.media.io.iter_video` uses for files,
     so a file pushed frame by frame aligns exactly as it would have been read. A slot
     is emitted as soon as it is decided (a frame at or after its time arrived). A stall
     longer than `max_gap` slots is not bridged with a frozen frame: the grid skips

@@ -63,7 +63,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     img = cv2.imread(str(p), cv2.IMREAD_COLOR)
     if img is not None:
         return np.ascontiguousarray(img[:, :, ::-1])
-    from tccp import media
+    from tccp.media import io as media
 
     try:
         for _, frame in media.iter_video(p, fps=None, max_frames=1, min_frames=1):
@@ -80,7 +80,7 @@ def context_frames(video: Path, n_out: int, fps: float) -> tuple[Iterator[np.nda
     least as long as the audio is streamed and cut (constant memory); a shorter one is
     decoded once and played ping-pong.
     """
-    from tccp import media
+    from tccp.media import io as media
 
     info = media.probe(video)
     if not info.has_video:
@@ -117,7 +117,7 @@ def context_frames(video: Path, n_out: int, fps: float) -> tuple[Iterator[np.nda
 
 
 def _driving_audio(video: Path, audio: Path | None, sr: int, max_seconds: float | None) -> tuple[np.ndarray, Path]:
-    from tccp import media
+    from tccp.media import io as media
 
     src = audio if audio is not None else video
     if not src.exists():
@@ -154,8 +154,8 @@ async def run_file_async(
     by default the video's own face is used. `preview_frames` > 0 keeps that many
     (original, sketch, generated) triples spread over the run for a preview image.
     """
-    from tccp import media
     from engine.prep import prepare_identity
+    from tccp.media import io as media
 
     video, out = Path(video), Path(out)
     if not video.exists():

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-__all__ = ["Runner", "SharedModel", "ModelStats"]
+__all__ = ["Runner", "SharedModel", "ModelStats", "load_model", "check_mouth_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +223,49 @@ class SharedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_mouth_scale(value: float) -> float:
+    """`value` if it is a valid lip-opening factor, else a one-line `TCCPError`."""
+    from tccp.errors import TCCPError
+    from tccp.face.mouth import MAX_SCALE, check_scale
+
+    try:
+        return check_scale(value)
+    except ValueError:
+        raise TCCPError(f"--mouth-scale {value}: must be between 0 and {MAX_SCALE:g}") from None
+
+
+def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False, *,
+               avatar: str | None = None, mouth_scale: float = 1.0):
+    """SharedModel for the commands (`tccp run`, `demo`, `serve`, `eval --suite`);
+    `allow_random` turns a missing default pack into a random-weight tiny model with a
+    loud warning (the demo's temporary fallback).
+    `avatar` (name or folder) loads the avatar's fine-tuned pack and reference images
+    instead of `pack`; `mouth_scale` is the runner's lip-opening factor."""
+    from engine.runner import PipelineRunner, default_pack_missing
+    from tccp.errors import TCCPError
+
+    mouth_scale = check_mouth_scale(mouth_scale)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TCCPError("--device cuda: no CUDA device is available (use --device cpu)")
+    if avatar is not None:
+        if pack is not None:
+            raise TCCPError("--model and --avatar: pass one (an avatar brings its own fine-tuned model)")
+        return SharedModel(PipelineRunner.from_avatar(avatar, device=device, backend=backend, mouth_scale=mouth_scale))
+    if pack is None and default_pack_missing():
+        if not allow_random:
+            raise TCCPError("no model pack: the bundled pack is missing; pass --model PACK")
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            "[bold red]WARNING: the bundled model pack does not exist yet; using a RANDOM-WEIGHT "
+            "tiny model. The output face will be noise, not a talking head.[/]"
+        )
+        runner = PipelineRunner.random("tiny", device=device)
+        runner.mouth_scale = mouth_scale
+        return SharedModel(runner)
+    return SharedModel(PipelineRunner.from_pack(pack, device=device, backend=backend, mouth_scale=mouth_scale))

@@ -2,7 +2,7 @@
 
 Runs in the session's own worker thread (mediapipe graphs are stateful and not
 thread-safe, and must not block the event loop). The crops, masks and sketches are
-made exactly as `tccp.prepare` makes the training data (same boxes, sizes, head mask
+made exactly as `tccp.data.prepare` makes the training data (same boxes, sizes, head mask
 and grey fill), so the models see at inference what they saw in training.
 
 Gaps: streaming has no look-ahead beyond the current window, so a missing face is
@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tccp import face_geometry as fg
-from tccp.sketch import draw_sketch
+from tccp.face import geometry as fg
+from tccp.face.sketch import draw_sketch
 
 __all__ = ["PreparedWindow", "WindowPreparer", "prepare_identity"]
 
@@ -91,7 +91,7 @@ class WindowPreparer:
     @property
     def tracker(self):
         if self._tracker is None:
-            from tccp.face_track import FaceTracker, FaceTrackerConfig
+            from tccp.face.track import FaceTracker, FaceTrackerConfig
 
             self._tracker = FaceTracker(FaceTrackerConfig(
                 fps=self.fps, max_gap=self.max_gap,
@@ -174,7 +174,7 @@ class WindowPreparer:
 def prepare_identity(image: np.ndarray, size: int, name: str = "identity image") -> np.ndarray:
     """Face crop (`size`, uint8 RGB) of the single image `image` for the identity condition."""
     from tccp.errors import TCCPError
-    from tccp.face_track import FaceTracker
+    from tccp.face.track import FaceTracker
 
     with FaceTracker() as tr:
         obs = tr.update(np.ascontiguousarray(image))

@@ -128,17 +128,17 @@ class PipelineRunner:
     Short (final) windows are padded by repeating their last frame so every request
     of a batch has the same shapes; padded outputs are dropped.
 
-    `mouth_scale` (`tccp.mouth`, ControlTalk's alpha) scales the lip opening of the
+    `mouth_scale` (`tccp.face.mouth`, ControlTalk's alpha) scales the lip opening of the
     sketches that drive stage 2: tracked sketches are warped before encoding; stage 1's
     sketch latents are decoded, warped and re-encoded (only when the factor is not 1).
-    `references` (`tccp.avatar_refs.ReferenceBank`, an avatar's) replaces the requests'
+    `references` (`tccp.avatars.refs.ReferenceBank`, an avatar's) replaces the requests'
     identity: each window gets the reference nearest to its tracked head pose. Both
     are per model (every session on it), not per request.
     """
 
     def __init__(self, pipeline: Any, size: int | None = None, *, mouth_scale: float = 1.0,
                  references: Any = None) -> None:
-        from tccp.mouth import check_scale
+        from tccp.face.mouth import check_scale
 
         if pipeline.autoencoder is None:
             raise ValueError("PipelineRunner needs a pipeline with an autoencoder")
@@ -169,9 +169,9 @@ class PipelineRunner:
 
     @classmethod
     def from_avatar(cls, avatar: Any, device: str = "cpu", backend: str = "torch", **kwargs: Any) -> "PipelineRunner":
-        """The avatar's fine-tuned pack with its references (`tccp.avatar.Avatar`, or a
-        name / folder resolved by `tccp.avatar.load_avatar`)."""
-        from tccp.avatar import load_avatar
+        """The avatar's fine-tuned pack with its references (`tccp.avatars.store.Avatar`, or a
+        name / folder resolved by `tccp.avatars.store.load_avatar`)."""
+        from tccp.avatars.store import load_avatar
 
         av = load_avatar(avatar) if not hasattr(avatar, "bank") else avatar
         return cls.from_pack(str(av.path), device=device, backend=backend, references=av.bank(), **kwargs)
@@ -182,7 +182,7 @@ class PipelineRunner:
         trained pack exists). Latent channels are forced to TAEF2's 32."""
         import torch
 
-        from tccp.autoencoder import LATENT_CHANNELS, load_autoencoder
+        from tccp.models.autoencoder import LATENT_CHANNELS, load_autoencoder
         from tccp.models.config import get_config
         from tccp.models.mvcontrolnet import MVControlNet
         from tccp.pipeline import TCCPPipeline
@@ -216,7 +216,7 @@ class PipelineRunner:
 
     def _warp(self, sketches: np.ndarray) -> np.ndarray:
         """(..., S, S, 3) sketch images with the mouth opening scaled by `mouth_scale`."""
-        from tccp.mouth import warp_mouth
+        from tccp.face.mouth import warp_mouth
 
         flat = sketches.reshape((-1,) + sketches.shape[-3:])
         out = np.stack([warp_mouth(img, self.mouth_scale) for img in flat])

@@ -170,7 +170,7 @@ def graph_specs(pipeline: Any) -> list[GraphSpec]:
             ))
     if pipeline.autoencoder is None:
         raise TCCPError("model pack: export needs the TAEF2 autoencoder (tccp/assets/taef2)")
-    from tccp.autoencoder import DOWNSCALE, LATENT_CHANNELS
+    from tccp.models.autoencoder import DOWNSCALE, LATENT_CHANNELS
 
     h = size // DOWNSCALE
     specs.append(GraphSpec("ae_encoder", EncoderGraph(pipeline.autoencoder), [("images", ("batch", 3, size, size))],
@@ -192,7 +192,7 @@ def _sha256(path: Path) -> str:
 def pack_hash(pack: str | os.PathLike) -> str:
     """sha256 over the pack's files and the TAEF2 weights (the graphs contain both), so
     an export can tell whether it still matches its source."""
-    from tccp.autoencoder import ASSET_DIR
+    from tccp.models.autoencoder import ASSET_DIR
 
     folder = Path(pack)
     h = hashlib.sha256()

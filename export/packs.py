@@ -23,7 +23,7 @@ def random_pack(config: str, out_dir: str | os.PathLike, seed: int = 0, crop_siz
     forced to TAEF2's 32). The control branches' zero convs are nudged off zero, as
     in `engine.runner.PipelineRunner.random`, so the random model really depends on
     its video condition (a zero branch would hide control-branch export bugs)."""
-    from tccp.autoencoder import DOWNSCALE, LATENT_CHANNELS
+    from tccp.models.autoencoder import DOWNSCALE, LATENT_CHANNELS
     from tccp.models.config import get_config
     from tccp.models.mvcontrolnet import MVControlNet
     from tccp.pack import save_pack

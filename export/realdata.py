@@ -3,7 +3,7 @@
 Random tensors make poor parity inputs: they sit in value ranges the networks never
 see (a diverging graph can look fine on noise and fail on faces) and they say nothing
 about speed on the shapes the engine really runs. So every check here starts from a
-clip prepared exactly as training data is (`tccp.prepare`): by default a short piece
+clip prepared exactly as training data is (`tccp.data.prepare`): by default a short piece
 of the bundled sample, cut and prepared once into a cache folder.
 """
 
@@ -49,13 +49,13 @@ def cache_root() -> Path:
 
 
 def prepare_sample(frames: int = 16, size: int = 128, cache: str | os.PathLike | None = None) -> Path:
-    """The first `frames` frames of the bundled sample, prepared by `tccp.prepare`.
+    """The first `frames` frames of the bundled sample, prepared by `tccp.data.prepare`.
 
     Cut to a piece first because preparing runs face tracking on every frame; the
     result is cached (prepare_clip skips a complete folder), so only the first call
     pays for mediapipe."""
-    from tccp import media
-    from tccp.prepare import prepare_clip
+    from tccp.data.prepare import prepare_clip
+    from tccp.media import io as media
 
     root = Path(cache) if cache is not None else cache_root() / "samples"
     work = root / f"sample-{frames}f"
@@ -71,7 +71,7 @@ def prepare_sample(frames: int = 16, size: int = 128, cache: str | os.PathLike |
 
 
 def _masks(lm: np.ndarray, size: int, dilate: float, forehead: float) -> np.ndarray:
-    from tccp.face_geometry import head_mask
+    from tccp.face.geometry import head_mask
 
     box = np.array([0, 0, size, size], np.float32)  # landmarks are already in crop px
     return np.stack([head_mask(np.nan_to_num(f), box, size, dilate=dilate, forehead=forehead) for f in lm])
@@ -91,7 +91,7 @@ def load_real_clip(
     the piece, so the model cannot copy the answer from its reference). `size`
     resamples the crops (area filter, as training's resized latent cache does) for a
     pack trained at another crop size than the clip was prepared at."""
-    from tccp.dataset import PreparedClip
+    from tccp.data.datasets import PreparedClip
 
     folder = Path(folder)
     try:
@@ -109,7 +109,7 @@ def load_real_clip(
     mask_cfg = clip.meta.get("mask", {})
     frames = None
     if with_frames:
-        from tccp import media
+        from tccp.media import io as media
 
         src = Path(clip.meta["source"])
         if not src.is_file():

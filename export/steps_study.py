@@ -52,7 +52,7 @@ def held_out_windows(folders: Sequence[str | os.PathLike], frames: int, per_clip
     """`per_clip` evenly spaced windows of `frames` frames (all with a tracked face and
     real audio) from each prepared clip folder, as `RealClip`s at `size` px."""
     from export.realdata import load_real_clip
-    from tccp.dataset import PreparedClip
+    from tccp.data.datasets import PreparedClip
 
     out = []
     for folder in folders:
@@ -67,8 +67,8 @@ def held_out_windows(folders: Sequence[str | os.PathLike], frames: int, per_clip
 
 
 def find_held_out(root: str | os.PathLike) -> list[Path]:
-    """The validation clips (tccp.dataset.VALIDATION_CLIPS) under a prepared root."""
-    from tccp.dataset import VALIDATION_CLIPS, find_prepared, split_clips
+    """The validation clips (tccp.data.datasets.VALIDATION_CLIPS) under a prepared root."""
+    from tccp.data.datasets import VALIDATION_CLIPS, find_prepared, split_clips
 
     root = Path(root)
     if not root.is_dir():
@@ -81,7 +81,7 @@ def find_held_out(root: str | os.PathLike) -> list[Path]:
 
 def _track_lips(faces: np.ndarray) -> np.ndarray:
     """(n, 478, 2) raw mediapipe landmarks of face crops, NaN where no face is found."""
-    from tccp.face_track import FaceTracker
+    from tccp.face.track import FaceTracker
 
     with FaceTracker() as tracker:
         tr = tracker.track(faces)
@@ -202,7 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="PACK", help="model pack (default: the bundled pack)")
     src.add_argument("--config", metavar="NAME", help="RANDOM weights of a named config (machinery test only)")
     p.add_argument("--prepared", metavar="DIR", default="data_prepared", help="root of prepared clips; the "
-                   "held-out clips (tccp.dataset.VALIDATION_CLIPS) found there are used")
+                   "held-out clips (tccp.data.datasets.VALIDATION_CLIPS) found there are used")
     p.add_argument("--clips", nargs="+", metavar="FOLDER", help="explicit prepared clip folders instead")
     p.add_argument("--steps", nargs="+", type=int, default=list(DEFAULT_STEPS))
     p.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS), choices=("ddim", "dpmpp_2m", "ddpm"))
@@ -246,7 +246,7 @@ def study_from_args(args: argparse.Namespace) -> int:
             raise TCCPError(f"no window of {frames} frames with a tracked face and audio in {', '.join(map(str, clips))}")
         console.print(f"steps study: {len(windows)} windows from {len(clips)} clip(s), {label}")
         report = run_study(pipe, windows, cfg, log=lambda m: console.print(m))
-    from export.bench import machine_info
+    from export.machine import machine_info
 
     report = {"model": label, "random_weights": "RANDOM" in label, "backend": backend,
               "machine": machine_info(getattr(args, "device", "cpu")), **report}

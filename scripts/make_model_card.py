@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--suite-json", type=Path, help="reuse a finished suite result instead of running it")
     args = ap.parse_args()
 
-    from tccp.dataset import VALIDATION_CLIPS
+    from tccp.data.datasets import VALIDATION_CLIPS
     from tccp.metrics.suite import SuiteConfig, format_table, run_suite
 
     m1, m2 = read_metrics(args.stage1), read_metrics(args.stage2)

@@ -26,13 +26,13 @@ https://github.com/madebyollin/taesd under the MIT License (see `LICENSE` here).
 
 Converted unchanged from `taef2_encoder.pth` / `taef2_decoder.pth` by
 `scripts/vendor_taef2.py` (float32 tensors, same names). The modules that load them
-are `tccp/autoencoder.py`, written from the published layout.
+are `tccp/models/autoencoder.py`, written from the published layout.
 """
 
 
 def main(src: Path = DEFAULT_SRC) -> None:
     DST.mkdir(parents=True, exist_ok=True)
-    from tccp.autoencoder import make_decoder, make_encoder
+    from tccp.models.autoencoder import make_decoder, make_encoder
 
     for name, make in (("encoder", make_encoder), ("decoder", make_decoder)):
         state = torch.load(src / f"taef2_{name}.pth", map_location="cpu", weights_only=True)

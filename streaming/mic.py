@@ -153,7 +153,7 @@ class FileAudioSource:
 
     def __init__(self, path: str | Path, sr: int = SR, block_s: float = 0.02,
                  realtime: bool = True, loop: bool = False) -> None:
-        from tccp.media import read_audio
+        from tccp.media.io import read_audio
 
         self.path = Path(path)
         if not self.path.exists():

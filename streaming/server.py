@@ -205,7 +205,7 @@ async def _avatars(request):
     validation}], "default": name | null}. Folder paths stay on the server."""
     from aiohttp import web
 
-    from tccp.avatar import list_avatars
+    from tccp.avatars.store import list_avatars
 
     cfg: ServerConfig = state_of(request.app).config
     loop = asyncio.get_running_loop()
@@ -236,7 +236,7 @@ async def _offer(request):
     problem = _check_offer(data)
     avatar = data.get("avatar") if isinstance(data, dict) else None
     if not problem and avatar not in (None, ""):
-        from tccp.avatar import resolve_avatar, valid_name
+        from tccp.avatars.store import resolve_avatar, valid_name
 
         if not isinstance(avatar, str) or not valid_name(avatar):
             problem = '"avatar" must be the name of an installed avatar (GET /avatars)'
@@ -442,8 +442,8 @@ class ModelSessions:
 
     def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
                  mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None) -> None:
-        from engine.cli import load_model
         from engine.config import EngineConfig
+        from engine.model import load_model
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
         self.cfg = EngineConfig(live=True, landmarks=landmarks)
@@ -455,8 +455,8 @@ class ModelSessions:
         self._lock = asyncio.Lock()
 
     def _load_avatar(self, name: str):
-        from engine.cli import load_model
-        from tccp.avatar import resolve_avatar
+        from engine.model import load_model
+        from tccp.avatars.store import resolve_avatar
 
         folder = resolve_avatar(name, self.roots, allow_path=False)
         return load_model(None, self.device, "torch", avatar=str(folder), mouth_scale=self.mouth_scale)
@@ -505,7 +505,7 @@ def main(args: argparse.Namespace) -> int:
         label = "model"
     default_avatar = None
     if args.avatar is not None:
-        from tccp.avatar import valid_name
+        from tccp.avatars.store import valid_name
 
         default_avatar = args.avatar if valid_name(args.avatar) else Path(args.avatar).name
     cfg = ServerConfig(

@@ -35,11 +35,11 @@ class FrameSink(Protocol):
 
 
 class FileSink:
-    """mp4 (H.264 + AAC) written through `tccp.media.VideoWriter` (atomic on close)."""
+    """mp4 (H.264 + AAC) written through `tccp.media.io.VideoWriter` (atomic on close)."""
 
     def __init__(self, path: str | Path, fps: float = 25.0, sr: int = 16000, audio: bool = True,
                  max_gap_s: float = 2.0) -> None:
-        from tccp.media import VideoWriter
+        from tccp.media.io import VideoWriter
 
         self.path = Path(path)
         if self.path.suffix.lower() not in (".mp4", ".m4v", ".mov"):

@@ -33,7 +33,7 @@ class LoopingVideoSource:
 
     def __init__(self, path: str | Path, fps: float = 25.0, loops: int | None = None,
                  realtime: bool = True) -> None:
-        from tccp.media import probe
+        from tccp.media.io import probe
 
         self.path = Path(path)
         if not self.path.exists():
@@ -47,7 +47,7 @@ class LoopingVideoSource:
         self.sent = 0
 
     async def frames(self, origin: float) -> AsyncIterator[tuple[float, np.ndarray]]:
-        from tccp.media import iter_video
+        from tccp.media.io import iter_video
 
         loop = asyncio.get_running_loop()
         start = time.monotonic() - origin  # session time of this source's frame 0

@@ -165,7 +165,7 @@ def load_pack(
     if with_autoencoder:
         if config.get("autoencoder", "taef2") != "taef2":
             raise TCCPError(f"{cfg_path}: unknown autoencoder {config.get('autoencoder')!r} (only 'taef2')")
-        from tccp.autoencoder import load_autoencoder
+        from tccp.models.autoencoder import load_autoencoder
 
         try:
             autoencoder = load_autoencoder(device=device, dtype=dtype)

@@ -14,7 +14,7 @@ concurrent streams. All latents in and out are raw TAEF2 latents; the pipeline
 applies the pack's latent normalisation on the way in and undoes it on the way out.
 
 `sketch_edit` (optional, both steps) transforms stage 1's sketch latents (raw TAEF2
-latents, (B, C, N, h, w)) before they drive stage 2, e.g. `tccp.mouth`'s mouth-opening
+latents, (B, C, N, h, w)) before they drive stage 2, e.g. `tccp.face.mouth`'s mouth-opening
 factor; the returned sketch stays stage 1's own output, so the next window's stage 1
 continues from what it generated, not from the edit.
 
@@ -85,7 +85,7 @@ class TCCPPipeline:
     ) -> None:
         self.stage1 = stage1.eval()
         self.stage2 = stage2.eval()
-        self.autoencoder = autoencoder  # TAEF2 (tccp.autoencoder.TinyAutoencoder) or None
+        self.autoencoder = autoencoder  # TAEF2 (tccp.models.autoencoder.TinyAutoencoder) or None
         self.sampler = sampler or SamplerConfig()
         self.schedule = schedule or Schedule()
         self.norm = latent_norm or LatentNorm()

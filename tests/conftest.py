@@ -1,5 +1,6 @@
-"""Shared test fixtures: where the shared data lives, a scratch output folder, and
-makers of the bad or odd inputs users bring (so every module tests the same cases).
+"""Shared test fixtures: where the shared data lives, a scratch output folder, one torch
+thread for the tiny-model modules, and makers of the bad or odd inputs users bring (so
+every module tests the same cases). Test doubles of the engine are in `fakes.py`.
 
 The `make_*` functions are plain functions (importable as `from conftest import ...`)
 and each also has a fixture of the same name without the prefix that builds the file
@@ -33,6 +34,19 @@ def shared() -> Path:
     if not SHARED.exists():
         pytest.skip("../shared is not available")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")`): the tiny models are too small to gain from intra-op threads,
+    and on a busy 2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -85,7 +99,7 @@ def _gradient_frames(n: int, h: int = 64, w: int = 64) -> np.ndarray:
 def make_clip(path: Path, n: int = 30, fps: float = 25.0, h: int = 64, w: int = 64,
               audio: bool = True) -> Path:
     """A small valid clip: frame i has brightness ~ i, with a sine track if `audio`."""
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     sound = None
     if audio:
@@ -102,7 +116,7 @@ def make_short_clip(path: Path, n: int = 5) -> Path:
 
 def make_noise_clip(path: Path, n: int = 30, size: int = 96, seed: int = 0) -> Path:
     """A valid clip (with audio) of colour noise: no face anywhere."""
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)

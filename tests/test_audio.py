@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tccp.audio import MEL, energy_envelope, log_mel, mel_frame_rate, mel_windows
+from tccp.media.audio import MEL, energy_envelope, log_mel, mel_frame_rate, mel_windows
 
 SR = 16000
 

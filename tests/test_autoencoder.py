@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tccp.autoencoder import (
+from tccp.models.autoencoder import (
     ASSET_DIR,
     DOWNSCALE,
     LATENT_CHANNELS,

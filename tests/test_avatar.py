@@ -18,19 +18,9 @@ import pytest
 from conftest import shared_file
 from tccp.errors import TCCPError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine
-    OpenMP threads oversubscribe it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,7 @@ def _cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproces
 
 
 def test_create_writes_a_complete_avatar_pack(avatar, tiny_pack):
-    from tccp.avatar import load_avatar
+    from tccp.avatars.store import load_avatar
     from tccp.pack import load_pack, load_stage_state
 
     names = sorted(p.name for p in avatar.iterdir())
@@ -103,7 +93,7 @@ def test_create_writes_a_complete_avatar_pack(avatar, tiny_pack):
 
 
 def test_references_cover_pose_and_mouth():
-    from tccp.avatar_refs import ReferenceBank, select_references
+    from tccp.avatars.refs import ReferenceBank, select_references
 
     rng = np.random.default_rng(0)
     # frontal closed (most frames), turned head, open mouth; plus one tracking glitch
@@ -125,9 +115,9 @@ def test_references_cover_pose_and_mouth():
 def test_run_uses_the_avatar_by_name(avatar, clip, tmp_path, monkeypatch):
     """`tccp run --avatar NAME` from the folder holding ./avatars: the run's identity
     comes from the avatar's references (the runner's reference bank)."""
-    from engine.cli import load_model
-    from tccp import media
+    from engine.model import load_model
     from tccp.cli import main
+    from tccp.media import io as media
 
     monkeypatch.chdir(avatar.parent.parent)
     out = tmp_path / "out.mp4"
@@ -156,7 +146,7 @@ def test_run_uses_the_avatar_by_name(avatar, clip, tmp_path, monkeypatch):
 
 
 def test_missing_or_corrupt_avatar_is_a_one_line_error(avatar, clip, tmp_path):
-    from engine.cli import load_model
+    from engine.model import load_model
 
     r = _cli("run", "--video", str(clip), "--avatar", "nosuch", "--out", str(tmp_path / "o.mp4"), cwd=tmp_path)
     assert r.returncode == 2

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from tccp import dataset as ds
-from tccp import prepare as prep
-from tccp.media import write_video
-from tccp.sketch import SKETCH_INDICES, draw_sketch
+from tccp.data import datasets as ds
+from tccp.data import prepare as prep
+from tccp.face.sketch import SKETCH_INDICES, draw_sketch
+from tccp.media.io import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -194,7 +194,7 @@ def test_split_clips_fixed_validation() -> None:
 
 
 def test_latent_cache_resumes(tmp_path: Path) -> None:
-    from tccp.autoencoder import load_autoencoder
+    from tccp.models.autoencoder import load_autoencoder
 
     root = tmp_path / "prepared"
     make_prepared(root, "clip_x", n=10, seed=1)
@@ -232,7 +232,7 @@ def test_latent_cache_resumes(tmp_path: Path) -> None:
 
 def test_dataset_imports_no_mediapipe_or_av() -> None:
     code = (
-        "import sys, tccp.dataset; "
+        "import sys, tccp.data.datasets; "
         "bad = [m for m in ('mediapipe', 'av', 'librosa', 'scipy') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -22,7 +22,7 @@ def test_run_on_onnxruntime_writes_a_video(tmp_path, monkeypatch):
         pytest.skip("no bundled pack")
     monkeypatch.setenv("TCCP_CACHE", str(tmp_path / "cache"))  # export into the test's folder
     from tccp.cli import main
-    from tccp.media import load_clip, sample_paths
+    from tccp.media.io import load_clip, sample_paths
 
     out = tmp_path / "ort.mp4"
     video, speech = sample_paths()

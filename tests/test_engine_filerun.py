@@ -11,23 +11,13 @@ import pytest
 from engine.config import EngineConfig
 from engine.filerun import pingpong_index, run_file
 from engine.model import SharedModel
-from engine.testing import FakeRunner, FakeTracker, FaultyRunner
-from tccp import media
+from fakes import FakeRunner, FakeTracker, FaultyRunner
 from tccp.errors import TCCPError
+from tccp.media import io as media
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LEVELS = np.arange(12) * 20 + 20  # corner brightness that encodes the context frame index
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models are too small to gain from intra-op threads, and on a busy
-    2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _marked_clip(path: Path, n: int, size: int = 160) -> Path:
@@ -119,7 +109,7 @@ def test_identity_image_face_is_the_identity_reference(tmp_path):
     import cv2
 
     from engine.prep import prepare_identity
-    from tccp import face_geometry as fg
+    from tccp.face import geometry as fg
 
     video, _ = media.sample_paths()
     face_img = media.read_video(video, max_frames=8).frames[5]

@@ -18,8 +18,8 @@ from engine.degrade import DegradeController, ladder
 from engine.filerun import pingpong_index
 from engine.model import SharedModel
 from engine.stats import SessionStats, WindowTiming
-from tccp.audio import log_mel, mel_windows
-from tccp import face_geometry as fg
+from tccp.face import geometry as fg
+from tccp.media.audio import log_mel, mel_windows
 
 
 # --------------------------------------------------------------------------- composite

@@ -10,17 +10,7 @@ import torch
 
 from engine.runner import PipelineRunner, WindowRequest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models are too small to gain from intra-op threads, and on a busy
-    2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 under a slow generator, a slow consumer in live mode, and two sessions on one model
 where one fails.
 
-Timing-dependent cases use the engine's fast stand-ins (`engine.testing`) so they test
+Timing-dependent cases use the engine's fast stand-ins (`tests/fakes.py`) so they test
 the queueing policy, not the speed of this machine; the model-backed cases use a
 random-weight tiny TCCP pipeline and real face tracking on the bundled sample.
 """
@@ -17,27 +17,17 @@ import pytest
 from engine.config import EngineConfig
 from engine.model import SharedModel
 from engine.session import EngineError, Session
-from engine.testing import FakeRunner, FakeTracker, FaultyRunner
+from fakes import FakeRunner, FakeTracker, FaultyRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FPS = 25.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models are too small to gain from intra-op threads, and on a busy
-    2-core machine OpenMP threads oversubscribe it (10x slower calls)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def sample():
     """First 1.2 s of the bundled sample: frames (N, H, W, 3) and 16 kHz audio."""
-    from tccp import media
+    from tccp.media import io as media
 
     video, _ = media.sample_paths()
     clip = media.load_clip(video, max_frames=30)

@@ -43,14 +43,14 @@ CLIP = CLIPS / "vr_face3.mp4"
 def clip():
     if not CLIP.exists():
         pytest.skip(f"shared data not available: {CLIP}")
-    from tccp.media import load_clip
+    from tccp.media.io import load_clip
 
     return load_clip(CLIP, max_seconds=3.0)
 
 
 @pytest.fixture(scope="module")
 def real(clip):
-    from tccp.evaluate import track_frames
+    from tccp.metrics.evaluate import track_frames
 
     tv = track_frames(clip.frames)
     assert tv.found.mean() > 0.95
@@ -60,7 +60,7 @@ def real(clip):
 @pytest.fixture(scope="module")
 def delayed(clip):
     """The clip delayed by SHIFT frames (the first frame held): generated lags real."""
-    from tccp.evaluate import track_frames
+    from tccp.metrics.evaluate import track_frames
 
     f = clip.frames
     return track_frames(np.concatenate([np.repeat(f[:1], SHIFT, 0), f[:-SHIFT]]))
@@ -68,13 +68,13 @@ def delayed(clip):
 
 @pytest.fixture(scope="module")
 def frozen(clip):
-    from tccp.evaluate import track_frames
+    from tccp.metrics.evaluate import track_frames
 
     return track_frames(np.repeat(clip.frames[:1], len(clip.frames), 0))
 
 
 def _cfg(**kw):
-    from tccp.evaluate import EvalConfig
+    from tccp.metrics.evaluate import EvalConfig
 
     kw.setdefault("identity", False)
     return EvalConfig(**kw)
@@ -192,7 +192,7 @@ def test_jitter_is_zero_for_smooth_motion_and_grows_with_noise():
 
 
 def test_identical_pair(clip, real):
-    from tccp.evaluate import evaluate_arrays, track_frames
+    from tccp.metrics.evaluate import evaluate_arrays, track_frames
 
     again = track_frames(clip.frames)  # tracking is deterministic with a fresh tracker
     np.testing.assert_array_equal(again.landmarks, real.landmarks)
@@ -215,7 +215,7 @@ def test_identical_pair(clip, real):
 
 
 def test_delayed_copy_gives_lag_k(clip, real, delayed):
-    from tccp.evaluate import evaluate_arrays
+    from tccp.metrics.evaluate import evaluate_arrays
 
     m = evaluate_arrays(delayed, real, clip.audio, cfg=_cfg()).metrics
     assert m["lipsync"]["lag_frames"] == SHIFT
@@ -232,7 +232,7 @@ def test_delayed_copy_gives_lag_k(clip, real, delayed):
 
 
 def test_frozen_mouth_has_no_correlation(clip, real, frozen):
-    from tccp.evaluate import evaluate_arrays
+    from tccp.metrics.evaluate import evaluate_arrays
 
     m = evaluate_arrays(frozen, real, clip.audio, cfg=_cfg()).metrics
     r = m["lipsync"]["aperture_corr"]
@@ -246,14 +246,14 @@ def test_frozen_mouth_has_no_correlation(clip, real, frozen):
 
 
 def _regions(real, n, cfg):
-    from tccp.evaluate import head_masks_for_frame
+    from tccp.metrics.evaluate import head_masks_for_frame
 
     h, w = real.frames.shape[1:3]
     return [head_masks_for_frame(real.landmarks[t], (h, w), cfg) for t in range(n)]
 
 
 def test_changes_outside_the_head_are_detected(clip, real):
-    from tccp.evaluate import TrackedVideo, evaluate_arrays
+    from tccp.metrics.evaluate import TrackedVideo, evaluate_arrays
 
     cfg = _cfg()
     n = 12
@@ -277,7 +277,7 @@ def test_changes_outside_the_head_are_detected(clip, real):
 
 
 def test_seam_band_error_is_measured(clip, real):
-    from tccp.evaluate import TrackedVideo, evaluate_arrays
+    from tccp.metrics.evaluate import TrackedVideo, evaluate_arrays
 
     cfg = _cfg()
     n = 10
@@ -294,7 +294,7 @@ def test_seam_band_error_is_measured(clip, real):
 
 
 def test_window_joins_show_up_as_seams(clip, real):
-    from tccp.evaluate import TrackedVideo, evaluate_arrays
+    from tccp.metrics.evaluate import TrackedVideo, evaluate_arrays
 
     cfg = _cfg(window=8)
     layout = cfg.layout
@@ -314,7 +314,7 @@ def test_identity_similarity(clip, real):
 
     emb, why = load_embedder()
     if emb is None:
-        from tccp.evaluate import evaluate_arrays
+        from tccp.metrics.evaluate import evaluate_arrays
 
         m = evaluate_arrays(real.head(10), real.head(10), None, cfg=_cfg(identity=True)).metrics
         assert m["identity"] is None and m["identity_note"]
@@ -333,8 +333,8 @@ def test_identity_similarity(clip, real):
     # another person (vr_face5) is beyond it
     other_clip = CLIPS / "vr_face5.mp4"
     if other_clip.exists():
-        from tccp.evaluate import track_frames
-        from tccp.media import load_clip
+        from tccp.media.io import load_clip
+        from tccp.metrics.evaluate import track_frames
 
         other = track_frames(load_clip(other_clip, max_frames=8, require_audio=False).frames)
         both = real.found[:8] & other.found
@@ -349,7 +349,7 @@ def test_identity_similarity(clip, real):
 @pytest.fixture(scope="module")
 def clip_files(clip, tmp_path_factory):
     """A 1.6 s real clip and a copy delayed by SHIFT frames, as mp4 with audio."""
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     folder = tmp_path_factory.mktemp("eval_clips")
     n = 40
@@ -427,7 +427,7 @@ def test_cli_user_errors_are_one_line(clip_files, tmp_out, capsys):
 def test_suite_with_a_stand_in_generator(tmp_out):
     if not CLIP.exists():
         pytest.skip(f"shared data not available: {CLIP}")
-    from tccp.media import load_clip, write_video
+    from tccp.media.io import load_clip, write_video
     from tccp.metrics.suite import METHODS, SuiteConfig, format_table, run_suite
 
     calls = []
@@ -454,7 +454,7 @@ def test_suite_with_a_stand_in_generator(tmp_out):
     table = format_table(res)
     for method in METHODS:
         assert method in table
-    from tccp.evaluate import to_jsonable
+    from tccp.metrics.evaluate import to_jsonable
 
     json.dumps(to_jsonable(res), allow_nan=False)
 

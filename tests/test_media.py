@@ -19,9 +19,9 @@ from conftest import (
     make_wav,
     shared_file,
 )
-from tccp import media
 from tccp.errors import TCCPError
 from tccp.io_utils import atomic_dir, atomic_path
+from tccp.media import io as media
 
 
 def _brightness(frames: np.ndarray) -> np.ndarray:

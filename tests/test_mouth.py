@@ -1,4 +1,4 @@
-"""Mouth-opening factor (`tccp.mouth`): exact on landmarks, measurable and monotone on
+"""Mouth-opening factor (`tccp.face.mouth`): exact on landmarks, measurable and monotone on
 sketch images (what drives stage 2), and wired into the runner on both paths."""
 
 from __future__ import annotations
@@ -8,26 +8,18 @@ import pytest
 
 from conftest import shared_file
 from tccp import face
-from tccp.mouth import check_scale, find_mouth, scale_mouth_landmarks, sketch_aperture, warp_mouth
-from tccp.sketch import LIPS_INNER, LIPS_OUTER, draw_sketch
+from tccp.face.mouth import check_scale, find_mouth, scale_mouth_landmarks, sketch_aperture, warp_mouth
+from tccp.face.sketch import LIPS_INNER, LIPS_OUTER, draw_sketch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCALES = (0.0, 0.5, 1.0, 1.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def speech_track():
     """Tracked landmarks and face boxes of 2 s of a real speaker (mouth opening and closing)."""
-    from tccp import media
+    from tccp.media import io as media
 
     clip = shared_file("data", "clips", "vr_face5.mp4")
     frames = media.read_video(clip, max_frames=50).frames
@@ -113,7 +105,7 @@ def test_warp_touches_only_the_mouth(speech_track):
 def _request(runner, frames, lm, boxes, mode, n=7):
     from engine.prep import _crops
     from engine.runner import WindowRequest
-    from tccp import face_geometry as fg
+    from tccp.face import geometry as fg
 
     size = runner.size
     crops = [_crops(frames[k], lm[k], boxes[k], fg.context_box(lm[k]), size, 0.1, 0.35) for k in range(n)]

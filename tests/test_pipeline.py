@@ -147,9 +147,9 @@ def test_pack_fp16_is_the_rounded_model(pipe: TCCPPipeline, tmp_path: Path) -> N
 
 
 def test_pack_with_autoencoder(pipe: TCCPPipeline, tmp_path: Path) -> None:
-    pytest.importorskip("tccp.autoencoder")
+    pytest.importorskip("tccp.models.autoencoder")
     try:
-        from tccp.autoencoder import load_autoencoder
+        from tccp.models.autoencoder import load_autoencoder
 
         load_autoencoder()
     except FileNotFoundError:

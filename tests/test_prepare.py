@@ -23,8 +23,8 @@ from conftest import (
     make_wav,
     shared_file,
 )
-from tccp import prepare as prep
 from tccp.cli import main as cli_main
+from tccp.data import prepare as prep
 from tccp.errors import TCCPError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def face_frames() -> np.ndarray:
     """40 frames of a real close-up (vr_face3), 256 px to keep tracking quick."""
     import cv2
 
-    from tccp.media import read_video
+    from tccp.media.io import read_video
 
     src = shared_file("data", "clips", "vr_face3.mp4")
     frames = read_video(src, max_frames=N_FACE).frames
@@ -45,14 +45,14 @@ def face_frames() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    from tccp.media import read_audio
+    from tccp.media.io import read_audio
 
     return read_audio(shared_file("data", "clips", "vr_face3.mp4"))[: int(N_FACE / 25 * 16000)]
 
 
 @pytest.fixture(scope="module")
 def face_clip(tmp_path_factory, face_frames, speech) -> Path:
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     path = tmp_path_factory.mktemp("clips") / "talk.mp4"
     write_video(path, face_frames, audio=speech, crf=12)
@@ -69,7 +69,7 @@ def _run(argv: list[str], capfd) -> tuple[int, list[str]]:
 
 
 def _bad_silent_clip(d: Path, face_frames) -> Path:
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     return write_video(d / "silent.mp4", face_frames[:10])
 
@@ -147,7 +147,7 @@ def test_real_clip_end_to_end(tmp_path: Path, face_clip: Path, face_frames) -> N
     # compact: well under the ~3.4 KB/frame that 48 clips in 40 MiB allow
     assert prep.folder_size(folder) < 2500 * N_FACE
 
-    from tccp.dataset import PreparedClip
+    from tccp.data.datasets import PreparedClip
     from tccp.face import crop
 
     clip = PreparedClip(folder)
@@ -176,7 +176,7 @@ def test_real_clip_end_to_end(tmp_path: Path, face_clip: Path, face_frames) -> N
 def test_resume_skip_force_and_multi_clip(tmp_path: Path, face_frames, speech, capfd) -> None:
     """A clip with no audio track takes the same-stem .wav beside it; a bad clip in a
     batch is reported and the batch goes on; a rerun skips finished clips."""
-    from tccp.media import write_video
+    from tccp.media.io import write_video
 
     src = tmp_path / "in"
     src.mkdir()

@@ -16,7 +16,7 @@ from tccp.errors import TCCPError
 
 async def test_run_live_records_until_the_audio_ends(tmp_path):
     from engine.config import EngineConfig
-    from tccp.media import probe, read_video
+    from tccp.media.io import probe, read_video
 
     video = make_clip(tmp_path / "ctx.mp4", n=10)  # 0.4 s: must loop to cover the audio
     wav = make_wav(tmp_path / "speech.wav", seconds=1.2)
@@ -72,7 +72,7 @@ async def test_run_live_with_the_model(tmp_path):
     from engine.config import EngineConfig
     from engine.model import SharedModel
     from engine.runner import PipelineRunner
-    from tccp.media import probe
+    from tccp.media.io import probe
 
     video = shared_file("data", "clips", "vr_face3.mp4")
     wav = shared_file("data", "audio", "speech_5s_44k.wav")

@@ -134,7 +134,7 @@ async def test_passthrough_live_drops_oldest_when_nobody_reads():
 
 def test_file_sink_fills_gaps_and_aligns_audio(tmp_path):
     from streaming.sinks import FileSink
-    from tccp.media import probe, read_audio, read_video
+    from tccp.media.io import probe, read_audio, read_video
 
     out = tmp_path / "live.mp4"
     sink = FileSink(out, fps=25.0, sr=16000)
@@ -203,7 +203,7 @@ def test_mic_source_on_this_machine_works_or_says_no_microphone():
 
 async def test_file_audio_source_delivers_the_whole_file_in_blocks(tmp_path):
     from streaming.mic import FileAudioSource
-    from tccp.media import read_audio
+    from tccp.media.io import read_audio
 
     wav = make_wav(tmp_path / "a.wav", seconds=0.5, sr=16000)
     src = FileAudioSource(wav, realtime=False)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (CLIPS / "vr_face3.mp4").is_file(), reason="
 
 
 def _trim(src: Path, dst: Path, seconds: float) -> Path:
-    from tccp.media import load_clip, write_video
+    from tccp.media.io import load_clip, write_video
 
     clip = load_clip(src, max_seconds=seconds)
     write_video(dst, clip.frames, fps=clip.fps, audio=clip.audio, sr=clip.sr)
@@ -31,8 +31,8 @@ def _trim(src: Path, dst: Path, seconds: float) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    from tccp.prepare import prepare_clip
-    from tccp.train_data import ensure_latent_cache
+    from tccp.data.prepare import prepare_clip
+    from tccp.data.windows import ensure_latent_cache
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread()
@@ -58,7 +58,7 @@ def one_thread():
 
 
 def _cfg(data: Path, out: Path, **kw):
-    from tccp.train import TrainConfig
+    from tccp.training.trainer import TrainConfig
 
     base = dict(stage="faces", data=str(data), out=str(out), config="tiny", steps=4, batch=2,
                 device="cpu", progress=False, val_every=0, ckpt_every=0, val_windows=4, log_every=1)
@@ -74,7 +74,7 @@ def _quiet(msg: str) -> None:
 
 
 def test_ema_decay_warms_up_to_the_cap():
-    from tccp.ema import ema_decay
+    from tccp.training.ema import ema_decay
 
     assert ema_decay(0) == pytest.approx(0.1)
     assert ema_decay(80) == pytest.approx(0.9)
@@ -83,7 +83,7 @@ def test_ema_decay_warms_up_to_the_cap():
 
 
 def test_ema_tracks_weights():
-    from tccp.ema import EMA
+    from tccp.training.ema import EMA
 
     m = torch.nn.Linear(3, 2)
     ema = EMA(m, decay=0.5, warmup=False)
@@ -95,7 +95,7 @@ def test_ema_tracks_weights():
 
 
 def test_step_sampler_is_a_function_of_the_step_and_shards_ranks():
-    from tccp.train_data import StepSampler
+    from tccp.data.windows import StepSampler
 
     a = StepSampler(10, batch=3, seed=1)
     b = StepSampler(10, batch=3, seed=1)
@@ -109,7 +109,7 @@ def test_step_sampler_is_a_function_of_the_step_and_shards_ranks():
 
 
 def test_lr_warmup_and_cosine():
-    from tccp.train import TrainConfig, lr_at
+    from tccp.training.trainer import TrainConfig, lr_at
 
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
@@ -122,8 +122,8 @@ def test_lr_warmup_and_cosine():
 
 
 def test_validation_clips_are_never_trained_on(data_dir, tmp_path):
-    from tccp.dataset import VALIDATION_CLIPS
-    from tccp.train import Trainer
+    from tccp.data.datasets import VALIDATION_CLIPS
+    from tccp.training.trainer import Trainer
 
     tr = Trainer(_cfg(data_dir, tmp_path / "run"), log=_quiet)
     assert tr.train_clips == ["vr_face3"]
@@ -133,7 +133,7 @@ def test_validation_clips_are_never_trained_on(data_dir, tmp_path):
 
 
 def test_stage_inputs(data_dir, tmp_path):
-    from tccp.train import Trainer
+    from tccp.training.trainer import Trainer
 
     for stage, target, control in (("landmarks", "sketches", "contexts"), ("faces", "faces", "sketches")):
         tr = Trainer(_cfg(data_dir, tmp_path / stage, stage=stage), log=_quiet)
@@ -148,7 +148,7 @@ def test_stage_inputs(data_dir, tmp_path):
 
 
 def test_overfit_reduces_the_loss(data_dir, tmp_path):
-    from tccp.train import Trainer, _Objective
+    from tccp.training.trainer import Trainer, _Objective
 
     tr = Trainer(_cfg(data_dir, tmp_path / "run", steps=40, batch=4, lr=5e-3, warmup_steps=5, p_first=0.0), log=_quiet)
     fixed = tr._batch(0)
@@ -167,8 +167,8 @@ def test_overfit_reduces_the_loss(data_dir, tmp_path):
 
 
 def test_exact_resume_matches_straight_run(data_dir, tmp_path):
-    from tccp.checkpoint import latest_checkpoint, load_checkpoint
-    from tccp.train import train
+    from tccp.training.checkpoint import latest_checkpoint, load_checkpoint
+    from tccp.training.trainer import train
 
     straight = train(_cfg(data_dir, tmp_path / "a", steps=6, p_first=0.5), log=_quiet)
     half = train(_cfg(data_dir, tmp_path / "b", steps=3, p_first=0.5), log=_quiet)
@@ -194,7 +194,7 @@ def test_checkpoint_artifacts_and_weights_reload(data_dir, tmp_path):
 
     from tccp.models.config import MVConfig
     from tccp.models.mvcontrolnet import MVControlNet
-    from tccp.train import export_weights, train
+    from tccp.training.trainer import export_weights, train
 
     out = tmp_path / "run"
     res = train(_cfg(data_dir, out, steps=4, val_every=2, ckpt_every=2), log=_quiet)
@@ -230,7 +230,7 @@ def test_checkpoint_artifacts_and_weights_reload(data_dir, tmp_path):
 
 
 def test_time_budget_stops_with_a_checkpoint(data_dir, tmp_path):
-    from tccp.train import train
+    from tccp.training.trainer import train
 
     res = train(_cfg(data_dir, tmp_path / "run", steps=10_000, minutes=0.01), log=_quiet)
     assert res.stopped == "time budget" and res.step < 10_000
@@ -238,8 +238,8 @@ def test_time_budget_stops_with_a_checkpoint(data_dir, tmp_path):
 
 
 def test_init_from_a_run_copies_weights(data_dir, tmp_path):
-    from tccp.checkpoint import load_tensors
-    from tccp.train import Trainer, train
+    from tccp.training.checkpoint import load_tensors
+    from tccp.training.trainer import Trainer, train
 
     train(_cfg(data_dir, tmp_path / "s1", stage="landmarks", steps=2), log=_quiet)
     tr = Trainer(_cfg(data_dir, tmp_path / "s2", init=str(tmp_path / "s1")), log=_quiet)
@@ -270,7 +270,7 @@ def test_cli_errors(data_dir, tmp_path, capsys):
 def test_one_process_gloo_ddp(data_dir, tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from tccp.train import train
+    from tccp.training.trainer import train
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -286,10 +286,10 @@ def test_one_process_gloo_ddp(data_dir, tmp_path, monkeypatch):
 
 
 def test_export_pack_and_init_from_it(data_dir, tmp_path):
-    from tccp.checkpoint import latest_checkpoint, load_checkpoint
     from tccp.cli import main
     from tccp.pack import load_pack
-    from tccp.train import Trainer, train
+    from tccp.training.checkpoint import latest_checkpoint, load_checkpoint
+    from tccp.training.trainer import Trainer, train
 
     train(_cfg(data_dir, tmp_path / "s1", stage="landmarks", steps=1), log=_quiet)
     train(_cfg(data_dir, tmp_path / "s2", stage="faces", steps=1, seed=1), log=_quiet)

@@ -62,7 +62,7 @@ def write_wav(path: Path, audio: np.ndarray, sr: int) -> Path:
 def fake_media(tmp_path_factory):
     import cv2
 
-    from tccp.media import read_audio, read_video
+    from tccp.media.io import read_audio, read_video
 
     clip = shared_file("data", "clips", "vr_face3.mp4")
     folder = tmp_path_factory.mktemp("fake_media")

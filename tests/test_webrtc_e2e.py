@@ -31,7 +31,7 @@ def clip():
     """vr_face3 (a real talking face): 2 s of frames at SIZE and its audio at 48 kHz."""
     import cv2
 
-    from tccp.media import read_audio, read_video
+    from tccp.media.io import read_audio, read_video
 
     path = shared_file("data", "clips", "vr_face3.mp4")
     frames = read_video(path, max_frames=50).frames

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from tccp.avatar_create import AvatarConfig, create_avatar
+    from tccp.avatars.create import AvatarConfig, create_avatar
 
     if args.threads is not None:
         import torch
@@ -76,7 +76,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
-    from tccp.avatar import avatar_roots, list_avatars
+    from tccp.avatars.store import avatar_roots, list_avatars
 
     items = list_avatars()
     if not items:
@@ -94,7 +94,7 @@ def _list() -> int:
 
 
 def _show(name: str) -> int:
-    from tccp.avatar import CARD_FILE, load_avatar
+    from tccp.avatars.store import CARD_FILE, load_avatar
 
     av = load_avatar(name)
     card = av.path / CARD_FILE

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     suite = parser.add_argument_group("suite (model on held-out clips vs baselines)")
     suite.add_argument("--suite", action="store_true", help="run the pipeline on held-out clips and compare")
     suite.add_argument("--clips", nargs="+", metavar="CLIP",
-                       help="clip names or files (default: tccp.dataset.VALIDATION_CLIPS)")
+                       help="clip names or files (default: tccp.data.datasets.VALIDATION_CLIPS)")
     suite.add_argument("--model", metavar="PACK", help="model pack (default: the bundled one)")
     suite.add_argument("--steps", type=int, help="sampler steps (default: the engine's)")
     suite.add_argument("--seconds", type=float, default=4.0,
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from tccp.evaluate import EvalConfig
+    from tccp.metrics.evaluate import EvalConfig
 
     if args.window < 2:
         raise TCCPError(f"--window {args.window}: must be at least 2 (conditioning slot + 1 new frame)")
@@ -104,8 +104,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.json and not args.report:
         raise TCCPError("--json/--report: say where to write the metrics")
     cfg = _config(args)
-    from tccp.evaluate import evaluate_files, write_json
     from tccp.io_utils import ensure_writable_dir
+    from tccp.metrics.evaluate import evaluate_files, write_json
     from tccp.metrics.report import load_stats, write_report
 
     # check outputs before minutes of tracking
@@ -142,7 +142,7 @@ def _main_suite(args: argparse.Namespace) -> int:
         eval=_config(args),
     )
     result = run_suite(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    from tccp.evaluate import write_json
+    from tccp.metrics.evaluate import write_json
 
     write_json(result, args.json)
     print(format_table(result))

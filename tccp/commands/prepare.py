@@ -1,4 +1,4 @@
-"""`tccp prepare CLIP... --out DIR`: clips -> prepared training samples (see tccp.prepare)."""
+"""`tccp prepare CLIP... --out DIR`: clips -> prepared training samples (see tccp.data.prepare)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def _close(bar) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from tccp.data.prepare import PrepareConfig, folder_size, prepare_clip, prepare_clips
     from tccp.io_utils import ensure_writable_dir
-    from tccp.prepare import PrepareConfig, folder_size, prepare_clip, prepare_clips
 
     if args.workers < 1:
         raise TCCPError(f"--workers {args.workers}: must be at least 1")

@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     if args.export_pack:
         if not (args.stage1 and args.stage2):
             raise TCCPError("--export-pack needs --stage1 RUN and --stage2 RUN")
-        from tccp.train import export_pack
+        from tccp.training.trainer import export_pack
 
         card = {"name": args.name} if args.name else {}
         path = export_pack(args.stage1, args.stage2, args.export_pack, card)
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("stage", "data", "out") if not getattr(args, k)]
     if missing:
         raise TCCPError(f"tccp train: missing {', '.join(missing)}")
-    from tccp.train import TrainConfig, export_weights, train
+    from tccp.training.trainer import TrainConfig, export_weights, train
 
     if args.threads:
         import torch

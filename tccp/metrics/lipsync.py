@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tccp.face_geometry import inter_ocular
-from tccp.sketch import LIPS_INNER, LIPS_OUTER
+from tccp.face.geometry import inter_ocular
+from tccp.face.sketch import LIPS_INNER, LIPS_OUTER
 
 __all__ = [
     "LIP_INDICES",

@@ -110,7 +110,7 @@ def frame_strip(result, path: str | os.PathLike, count: int = 6, size: int = 160
     """Head crops of `count` evenly spaced frames: real / generated / 4x |difference|."""
     import cv2
 
-    from tccp.face_geometry import crop, face_box
+    from tccp.face.geometry import crop, face_box
 
     gen = result.generated
     ref = result.real
@@ -216,7 +216,7 @@ def load_stats(path: str | os.PathLike) -> Any:
 
 def write_report(result, folder: str | os.PathLike, stats: Any = None, fps: float = 25.0) -> list[Path]:
     """Write metrics.json, timeline.png, strip.png (and latency.png) into `folder`."""
-    from tccp.evaluate import write_json
+    from tccp.metrics.evaluate import write_json
 
     out = ensure_writable_dir(folder)
     written = [write_json(result.metrics, out / "metrics.json")]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from tccp.errors import TCCPError
-from tccp.evaluate import EvalConfig, TrackedVideo, evaluate_arrays, track_frames
+from tccp.metrics.evaluate import EvalConfig, TrackedVideo, evaluate_arrays, track_frames
 
 __all__ = [
     "SuiteConfig",
@@ -82,7 +82,7 @@ def default_clips_dir() -> Path:
 
 def resolve_clips(cfg: SuiteConfig) -> list[Path]:
     """Clip files: existing paths as given, names looked up in the clips folder."""
-    from tccp.dataset import VALIDATION_CLIPS
+    from tccp.data.datasets import VALIDATION_CLIPS
 
     names = list(cfg.clips) if cfg.clips else list(VALIDATION_CLIPS)
     folder = cfg.clips_dir or default_clips_dir()
@@ -106,9 +106,9 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
     None loads `cfg.model` (None: the bundled pack) the way `tccp run` does.
     """
     try:
-        from engine.cli import load_model
         from engine.config import EngineConfig
         from engine.filerun import run_file
+        from engine.model import load_model
     except ImportError as exc:
         raise TCCPError(f"engine: the file run is not available ({exc})") from None
     close: Callable[[], None] = lambda: None  # noqa: E731
@@ -140,7 +140,7 @@ def reference_frame_baseline(real: TrackedVideo, cfg: EvalConfig, feather: float
     """
     import cv2
 
-    from tccp.evaluate import head_masks_for_frame
+    from tccp.metrics.evaluate import head_masks_for_frame
 
     frames = real.frames
     ok = np.flatnonzero(real.found)
@@ -165,7 +165,7 @@ def reference_frame_baseline(real: TrackedVideo, cfg: EvalConfig, feather: float
 
 def _roundtrip(frames: np.ndarray, audio: np.ndarray | None, path: Path, fps: float, sr: int) -> np.ndarray:
     """Encode and decode, so baselines carry the same codec loss as the engine output."""
-    from tccp.media import read_video, write_video
+    from tccp.media.io import read_video, write_video
 
     write_video(path, frames, fps=fps, audio=audio, sr=sr)
     out = read_video(path, fps=fps, min_frames=1).frames
@@ -201,7 +201,7 @@ def run_suite(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the pipeline and both baselines on each clip; return the JSON-ready result."""
-    from tccp.media import load_clip
+    from tccp.media.io import load_clip
 
     say = progress or (lambda msg: None)
     clips = resolve_clips(cfg)

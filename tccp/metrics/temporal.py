@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tccp.face_geometry import inter_ocular
+from tccp.face.geometry import inter_ocular
 
 __all__ = [
     "WindowLayout",

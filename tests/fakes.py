@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.runner import ModelState, WindowRequest, WindowResult
-from tccp import face_geometry as fg
+from tccp.face import geometry as fg
 
 __all__ = ["FakeRunner", "FaultyRunner", "FakeTracker", "synthetic_landmarks"]
 
@@ -92,7 +92,7 @@ class _Obs:
 
 
 class FakeTracker:
-    """Stands in for `tccp.face_track.FaceTracker`: a face at a fixed place in every
+    """Stands in for `tccp.face.track.FaceTracker`: a face at a fixed place in every
     frame whose mean brightness is above `min_mean` (dark frames have "no face")."""
 
     def __init__(self, min_mean: float = 8.0, where: tuple[float, float, float] | None = None) -> None:

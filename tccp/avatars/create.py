@@ -4,15 +4,15 @@ Steps (all under a work folder; the avatar folder appears only when complete):
 
 1. **Split** each video into a training head and a held-out tail (`tail`, 15 % by
    default, at least 16 frames), re-encoded at 25 fps with the audio cut to match.
-2. **Prepare** both parts exactly as training data (`tccp.prepare`) at the base pack's
+2. **Prepare** both parts exactly as training data (`tccp.data.prepare`) at the base pack's
    crop size.
-3. **Fine-tune** stage 1 then stage 2 with `tccp.train`'s trainer, `--init` from the
+3. **Fine-tune** stage 1 then stage 2 with `tccp.training.trainer`'s trainer, `--init` from the
    base pack, within the time budget (40 % for stage 1, the rest for stage 2) or a
    step cap. Stage 2 (appearance) gets the larger share: identity is what an avatar is
    for, while stage 1's lip motion mostly transfers between people.
 4. **References**: a few frames of the training part chosen by farthest-point
-   sampling over (yaw, pitch, mouth aperture) (`tccp.avatar_refs`).
-5. **Validate** base vs fine-tuned on the tail (`tccp.avatar_eval`).
+   sampling over (yaw, pitch, mouth aperture) (`tccp.avatars.refs`).
+5. **Validate** base vs fine-tuned on the tail (`tccp.avatars.evaluate`).
 6. **Write** the pack (fine-tuned EMA weights, the base pack's schedule, sampler and
    latent normalisation), refs/*.png, avatar.json and AVATAR_CARD.md.
 """
@@ -89,8 +89,8 @@ def split_video(video: Path, train_out: Path, tail_out: Path, tail: float,
     """Write the head and the tail of `video` (25 fps, 16 kHz audio) as two mp4s;
     returns their frame counts. The audio is the clip's own track (or a same-stem .wav
     beside it, as `tccp prepare` finds it)."""
-    from tccp import media
-    from tccp.prepare import resolve_audio
+    from tccp.data.prepare import resolve_audio
+    from tccp.media import io as media
 
     info = media.probe(video)
     if not info.has_video:
@@ -152,7 +152,7 @@ def _model_overrides(base_cfg: dict, name: str | None, stage_key: str) -> tuple[
 
 
 def _prepare(clip: Path, out_dir: Path, size: int, source: Path) -> Path:
-    from tccp.prepare import PrepareConfig, prepare_clip
+    from tccp.data.prepare import PrepareConfig, prepare_clip
 
     try:
         return prepare_clip(clip, out_dir, config=PrepareConfig(size=size, preset="veryfast"))
@@ -165,7 +165,7 @@ def _prepare(clip: Path, out_dir: Path, size: int, source: Path) -> Path:
 
 def _train_stage(stage: str, cfg: AvatarConfig, data: Path, run: Path, cache: Path, base: Path,
                  base_cfg: dict, minutes: float | None, log: Callable[[str], None]) -> dict:
-    from tccp.train import TrainConfig, Trainer
+    from tccp.training.trainer import TrainConfig, Trainer
 
     name, over = _model_overrides(base_cfg, cfg.config, "stage1" if stage == "landmarks" else "stage2")
     norm = base_cfg.get("latent_norm") or {}
@@ -198,9 +198,9 @@ def _train_stage(stage: str, cfg: AvatarConfig, data: Path, run: Path, cache: Pa
 
 
 def _load_ema(run: Path) -> Any:
-    from tccp.checkpoint import latest_checkpoint, load_checkpoint
     from tccp.models.config import MVConfig
-    from tccp.train import build_model
+    from tccp.training.checkpoint import latest_checkpoint, load_checkpoint
+    from tccp.training.trainer import build_model
 
     ck = load_checkpoint(latest_checkpoint(run))
     model = build_model(MVConfig.from_dict(ck["config"]["model"]))
@@ -209,9 +209,9 @@ def _load_ema(run: Path) -> Any:
 
 
 def _choose_refs(folders: list[Path], k: int) -> list[dict]:
-    """Reference frames across the training clips (see tccp.avatar_refs)."""
-    from tccp.avatar_refs import landmark_features, select_references, sketch_pose
-    from tccp.dataset import PreparedClip
+    """Reference frames across the training clips (see tccp.avatars.refs)."""
+    from tccp.avatars.refs import landmark_features, select_references, sketch_pose
+    from tccp.data.datasets import PreparedClip
 
     rows, feats = [], []
     for f in folders:
@@ -333,13 +333,13 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
     import torch
 
     from tccp import __version__
-    from tccp.avatar import AVATAR_FILE, AVATAR_FORMAT, AVATAR_VERSION, CARD_FILE, valid_name
-    from tccp.avatar_refs import ReferenceBank
+    from tccp.avatars.refs import ReferenceBank
+    from tccp.avatars.store import AVATAR_FILE, AVATAR_FORMAT, AVATAR_VERSION, CARD_FILE, valid_name
+    from tccp.diffusion.schedule import Schedule
     from tccp.io_utils import atomic_dir, ensure_writable_dir
     from tccp.pack import read_pack_config, save_pack
     from tccp.pipeline import LatentNorm, SamplerConfig
-    from tccp.diffusion.schedule import Schedule
-    from tccp.train import _resolve_device
+    from tccp.training.trainer import _resolve_device
 
     log = log or _log_default
     t0 = time.monotonic()
@@ -428,7 +428,7 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
             listed = _write_refs(tmp, refs)
 
             # 5. validation
-            from tccp.train_data import ensure_latent_cache
+            from tccp.data.windows import ensure_latent_cache
 
             log("validating base pack vs avatar on the held-out tail")
             tail_cache = ensure_latent_cache(work / "tail", work, device, path=work / "tail_latents.safetensors",
@@ -469,7 +469,7 @@ def _fix_permissions(folder: Path) -> None:
 
 def _validate(base: Path, avatar_dir: Path, tail_dirs: list[Path], cache: Path, bank: Any, device: str,
               cfg: AvatarConfig, log: Callable[[str], None]) -> dict:
-    from tccp.avatar_eval import compare_packs
+    from tccp.avatars.evaluate import compare_packs
 
     v = compare_packs({"base": base, "avatar": avatar_dir}, tail_dirs, cache, bank, device=device,
                       steps=cfg.eval_steps, max_frames=cfg.eval_frames, log=log)

@@ -1,14 +1,16 @@
 """Face tracking, crops, masks and landmark sketches: the import surface.
 
-The work lives in three modules with one job each: `face_track` (mediapipe + smoothing;
-imports mediapipe only when a tracker is built), `face_geometry` (boxes, crops, masks,
-measures) and `sketch` (landmark drawings). Only `face_track` needs mediapipe, so the
-dataset and engine can use the rest on a machine without it.
+The work lives in three modules with one job each: `track` (mediapipe + smoothing;
+imports mediapipe only when a tracker is built), `geometry` (boxes, crops, masks,
+measures) and `sketch` (landmark drawings); `mouth` (mouth-opening control on landmarks
+and sketches) sits beside them. Importing this package does not import mediapipe, so
+the dataset and engine can use it (or import `tccp.face.sketch` / `tccp.face.geometry`
+directly) on a machine without it.
 """
 
 from __future__ import annotations
 
-from tccp.face_geometry import (
+from tccp.face.geometry import (
     CHIN,
     FOREHEAD,
     MASK_GREY,
@@ -27,7 +29,7 @@ from tccp.face_geometry import (
     square_box,
     to_crop_coords,
 )
-from tccp.face_track import (
+from tccp.face.track import (
     FaceObs,
     FaceTracker,
     FaceTrackerConfig,
@@ -38,7 +40,7 @@ from tccp.face_track import (
     jitter,
     require_face,
 )
-from tccp.sketch import SKETCH_COLORS, SKETCH_INDICES, SKETCH_PARTS, draw_sketch, sketch_thickness
+from tccp.face.sketch import SKETCH_COLORS, SKETCH_INDICES, SKETCH_PARTS, draw_sketch, sketch_thickness
 
 __all__ = [
     "CHIN",

@@ -4,7 +4,7 @@ ControlTalk (eq. 3) edits expression as `E' = E + alpha * dE`: the audio-driven 
 the expression is scaled by alpha (0 = mouth closed whatever the syllable, 1 = as
 predicted, > 1 exaggerated). TCCP has no expression coefficients, but its stage-1 ->
 stage-2 interface is an explicit lip geometry: the landmark *sketch* (colour-coded
-polylines, `tccp.sketch`). The "neutral" of the lips is the closed mouth (inner lips
+polylines, `tccp.face.sketch`). The "neutral" of the lips is the closed mouth (inner lips
 meeting on the lip midline), so the audio-driven part is the inner lips' displacement
 from that midline, and the edit scales it:
 
@@ -19,7 +19,7 @@ from that midline, and the edit scales it:
   tapers to zero over a band below/above the lips (chin, nose untouched).
 
 Both are measured with the same number, `mouth_aperture` (inner-lip gap over the
-inter-ocular distance, as `tccp.face_geometry.mouth_aperture`): `sketch_aperture` reads
+inter-ocular distance, as `tccp.face.geometry.mouth_aperture`): `sketch_aperture` reads
 it off a sketch image (lips and eye corners located by colour), so the effect of a
 factor is measurable on exactly what drives stage 2.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tccp.sketch import SKETCH_COLORS
+from tccp.face.sketch import SKETCH_COLORS
 
 __all__ = [
     "INNER_PAIRS",
@@ -120,7 +120,7 @@ _PART_RGB = np.array([SKETCH_COLORS[k] for k in _PART_NAMES], np.float32)  # (K,
 def classify_parts(sketch: np.ndarray, tol: float = 48.0, min_strength: float = 0.3
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every lit pixel of a sketch assigned to a part: (flat pixel index, part index
-    into `tccp.sketch.SKETCH_COLORS`, strength); see `part_pixels`."""
+    into `tccp.face.sketch.SKETCH_COLORS`, strength); see `part_pixels`."""
     img = np.asarray(sketch, np.float32).reshape(-1, 3)
     lit = np.flatnonzero(img.max(axis=1) >= min_strength * 100.0)  # most of a sketch is black
     px = img[lit]

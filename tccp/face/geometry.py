@@ -13,7 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tccp.sketch import FACE_OVAL
+from tccp.face.sketch import FACE_OVAL
 
 __all__ = [
     "FOREHEAD",

@@ -1,8 +1,8 @@
 """Training data: prepared clip folders -> 8-frame windows (pixels or cached latents).
 
-Reads what `tccp prepare` wrote (see `tccp.prepare` for the folder format). This module
+Reads what `tccp prepare` wrote (see `tccp.data.prepare` for the folder format). This module
 must run on a bare GPU machine, so it imports only torch, numpy and OpenCV (plus the
-mediapipe-free `tccp.sketch`, `tccp.face_geometry` and `tccp.audio` helpers, which
+mediapipe-free `tccp.face.sketch`, `tccp.face.geometry` and `tccp.media.audio` helpers, which
 themselves import only numpy/cv2 at module level); PyAV is used only as a fallback
 video reader when OpenCV cannot open a file.
 
@@ -31,8 +31,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
-from tccp.audio import mel_windows
-from tccp.sketch import draw_sketch
+from tccp.face.sketch import draw_sketch
+from tccp.media.audio import mel_windows
 
 __all__ = [
     "FORMAT_NAME",

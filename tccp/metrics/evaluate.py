@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tccp.errors import TCCPError
-from tccp.face_geometry import CHIN, FOREHEAD, head_mask, mouth_aperture
+from tccp.face.geometry import CHIN, FOREHEAD, head_mask, mouth_aperture
 from tccp.io_utils import atomic_path
 from tccp.metrics.fidelity import psnr_from_mse, ssim_map
 from tccp.metrics.lipsync import LIP_INDICES, best_lag, landmark_error_per_frame
@@ -62,7 +62,7 @@ class EvalConfig:
     max_lag: int = 10  # lag search range (frames) for mouth and audio correlations
     border_px: int = 3  # half-width of the seam band around the mask edge
     outside_margin: float = 0.25  # face heights between the mask and "outside"
-    mask_dilate: float = 0.1  # head_mask parameters (see tccp.face_geometry.head_mask)
+    mask_dilate: float = 0.1  # head_mask parameters (see tccp.face.geometry.head_mask)
     mask_forehead: float = 0.35
     energy_floor_db: float = 60.0  # audio energy is clipped this far below its peak
     identity: bool = True
@@ -107,7 +107,7 @@ def track_frames(frames: np.ndarray) -> TrackedVideo:
     A fresh tracker each time: mediapipe's video-mode mesh keeps state between clips,
     so a reused one would track two identical videos (slightly) differently.
     """
-    from tccp.face_track import FaceTracker
+    from tccp.face.track import FaceTracker
 
     with FaceTracker() as tracker:
         tr = tracker.track(frames)
@@ -123,7 +123,7 @@ def energy_db(audio: np.ndarray, sr: int, fps: float, n: int, floor_db: float = 
     Log energy follows perceived loudness and mouth opening better than raw RMS (a
     few loud plosives otherwise dominate the correlation).
     """
-    from tccp.audio import energy_envelope
+    from tccp.media.audio import energy_envelope
 
     env = energy_envelope(audio, sr=sr, fps=fps)
     env = np.concatenate([env, np.zeros(max(0, n - env.size), np.float32)])[:n]
@@ -147,7 +147,7 @@ def head_masks_for_frame(
 ) -> FrameRegions | None:
     """Head, outside and border-band masks of one frame, or None without a face.
 
-    The head is `tccp.face_geometry.head_mask` (oval swept up over the forehead, then
+    The head is `tccp.face.geometry.head_mask` (oval swept up over the forehead, then
     grown by `mask_dilate` face heights). The hull comes from `head_mask` itself on
     the square box (0, 0, S, S), S = max(H, W), i.e. a crop of scale 1 whose
     coordinates are frame coordinates; the growth is done with one distance
@@ -402,7 +402,7 @@ def evaluate_files(
 ) -> EvalResult:
     """Load, track and evaluate files. Audio: `audio`, else the real video's own track
     (reconstruction), else the generated video's track, else none."""
-    from tccp.media import load_clip, probe
+    from tccp.media.io import load_clip, probe
 
     cfg = cfg or EvalConfig()
     gpath = Path(generated)

@@ -38,10 +38,10 @@ def stage2_val_loss(
     seed: int = 0,
 ) -> tuple[float, int]:
     """(mean window-mode diffusion loss, windows used) of `stage2` on the clips."""
-    from tccp.dataset import LatentWindowDataset
+    from tccp.data.datasets import LatentWindowDataset
+    from tccp.data.windows import collate, fixed_subset, stage_spec
     from tccp.diffusion.loss import diffusion_loss
     from tccp.diffusion.schedule import Schedule
-    from tccp.train_data import collate, fixed_subset, stage_spec
 
     ds = LatentWindowDataset(cache, list(folders), window=window, split=None, deterministic=True, seed=seed)
     if len(ds) == 0:
@@ -65,7 +65,7 @@ def stage2_val_loss(
 
 
 def _head_masks(clip: Any, frames: np.ndarray) -> np.ndarray:
-    from tccp.face_geometry import head_mask
+    from tccp.face.geometry import head_mask
 
     s = clip.size
     box = np.array([0, 0, s, s], np.float32)
@@ -133,7 +133,7 @@ def compare_packs(
 ) -> dict[str, Any]:
     """Validation numbers of each named pack (e.g. {"base": ..., "avatar": ...})."""
     from engine.runner import PipelineRunner
-    from tccp.dataset import PreparedClip
+    from tccp.data.datasets import PreparedClip
     from tccp.pack import load_pack
 
     clips = [PreparedClip(f) for f in tail_folders]

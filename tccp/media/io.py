@@ -842,5 +842,5 @@ def write_video(
 
 def sample_paths() -> tuple[Path, Path]:
     """The bundled demo clip (with a visible face and its own audio) and a speech file."""
-    root = Path(__file__).resolve().parent / "assets" / "sample"
+    root = Path(__file__).resolve().parents[1] / "assets" / "sample"
     return root / "sample.mp4", root / "speech.wav"

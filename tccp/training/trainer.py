@@ -8,14 +8,14 @@ with slot 0 clean and the loss on the rest, and with probability `p_first` one-f
 windows for the first-frame step (paper 4.4).
 
 Optimisation follows the paper (Table 3) where it can: Adam(W) at lr 2e-4, EMA 0.9999
-(with a warm-up for short runs, see `tccp.ema`), linear 1000-step schedule; plus what
+(with a warm-up for short runs, see `tccp.training.ema`), linear 1000-step schedule; plus what
 makes small runs robust: linear lr warm-up, gradient clipping at 1.0, a small weight
 decay, bf16 autocast on CUDA.
 
 Exact resume: every random draw of step `s` (timesteps, noise, first-frame coin, c_l
 dropout, model dropout, identity-frame pick) comes from generators seeded with
 (seed, s, rank), and the batch of step `s` is a pure function of (seed, s, rank)
-(`tccp.train_data.StepSampler`). So a checkpoint needs only weights, EMA, optimizer
+(`tccp.data.windows.StepSampler`). So a checkpoint needs only weights, EMA, optimizer
 moments and the step: `N` steps straight equal `N/2` + resume + `N/2`.
 """
 
@@ -37,17 +37,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tccp.checkpoint import (
+from tccp.data.windows import StageSpec, StepSampler, collate, ensure_latent_cache, fixed_subset, stage_spec
+from tccp.errors import TCCPError
+from tccp.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_tensors,
     save_checkpoint,
     write_json,
 )
-from tccp.ema import EMA
-from tccp.errors import TCCPError
-from tccp.train_data import StageSpec, StepSampler, collate, ensure_latent_cache, fixed_subset, stage_spec
-from tccp.train_log import MetricsLog, plot_loss, read_metrics
+from tccp.training.ema import EMA
+from tccp.training.log import MetricsLog, plot_loss, read_metrics
 
 __all__ = [
     "TrainConfig",
@@ -348,7 +348,7 @@ class Trainer:
         return TrainConfig.from_dict(merged)
 
     def _setup_data(self) -> None:
-        from tccp.dataset import LatentWindowDataset, find_prepared, split_clips
+        from tccp.data.datasets import LatentWindowDataset, find_prepared, split_clips
 
         cfg = self.cfg
         folders = find_prepared(cfg.data)
@@ -367,7 +367,7 @@ class Trainer:
 
             dist.barrier()
             if not self.dist.main:
-                from tccp.train_data import cache_path
+                from tccp.data.windows import cache_path
 
                 self.cache = Path(cfg.cache) if cfg.cache else cache_path(cfg.data, self.out)
         window = self._window()

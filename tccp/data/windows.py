@@ -1,4 +1,4 @@
-"""What each training stage sees, and in which order (for `tccp.train`).
+"""What each training stage sees, and in which order (for `tccp.training.trainer`).
 
 Stage 1 (`landmarks`) generates sketch latents from the head-masked context (c_v);
 stage 2 (`faces`) generates face latents from the sketches (c_v). Both take c_l =
@@ -138,7 +138,7 @@ def _cache_is_current(path: Path, clips: Sequence) -> bool:
         return False
     from safetensors import safe_open
 
-    from tccp.dataset import _fingerprint  # the cache's own staleness key
+    from tccp.data.datasets import _fingerprint  # the cache's own staleness key
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -164,8 +164,8 @@ def ensure_latent_cache(
     size: int | None = None,
 ) -> Path:
     """Encode every prepared clip under `data_dir` to TAEF2 latents once (resumable per
-    clip; see `tccp.dataset.encode_dataset_latents`) and return the cache file."""
-    from tccp.dataset import PreparedClip, find_prepared
+    clip; see `tccp.data.datasets.encode_dataset_latents`) and return the cache file."""
+    from tccp.data.datasets import PreparedClip, find_prepared
 
     folders = find_prepared(data_dir)
     if not folders:
@@ -174,8 +174,8 @@ def ensure_latent_cache(
     clips = [PreparedClip(f) for f in folders]
     if _cache_is_current(target, clips):
         return target
-    from tccp.autoencoder import load_autoencoder
-    from tccp.dataset import encode_dataset_latents
+    from tccp.data.datasets import encode_dataset_latents
+    from tccp.models.autoencoder import load_autoencoder
 
     ae = load_autoencoder(device=device)
     batch = 64 if str(device).startswith("cuda") else 16

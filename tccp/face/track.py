@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from tccp.errors import TCCPError
-from tccp.face_geometry import crop, face_square, from_crop_coords, square_box
-from tccp.sketch import SKETCH_PARTS
+from tccp.face.geometry import crop, face_square, from_crop_coords, square_box
+from tccp.face.sketch import SKETCH_PARTS
 
 __all__ = [
     "OneEuroFilter",

@@ -6,11 +6,11 @@ and a rerun skips it. Format version 1:
 
 - `face.mp4`     face crops (S x S, H.264 yuv420p, CRF 16, 25 fps, no audio)
 - `context.mp4`  context crops (S x S, same centre, 2x wider) with the head greyed
-                 out (`face_geometry.head_mask` / `mask_context`): the stage-1 condition
+                 out (`tccp.face.geometry.head_mask` / `mask_context`): the stage-1 condition
 - `track.npz`    compressed: `landmarks` int16 (N, P, 2) face-crop coordinates in
                  1/`landmark_scale` px, delta-coded along time (cumsum to decode);
                  `landmark_index` (P,) mesh indices (the sketch subset
-                 `tccp.sketch.SKETCH_INDICES`, enough for sketches, masks, boxes and
+                 `tccp.face.sketch.SKETCH_INDICES`, enough for sketches, masks, boxes and
                  mouth metrics); `face_boxes`, `context_boxes` (N, 4) float32 in source
                  frame px; `found`, `interpolated` (N,) bool
 - `mel.npz`      compressed: `mel` uint8 (T, 80), log-mel at 80 frames/s;
@@ -52,11 +52,11 @@ __all__ = [
     "write_mel",
 ]
 
-FORMAT_NAME = "tccp-prepared"  # keep in sync with tccp.dataset (checked by a test)
+FORMAT_NAME = "tccp-prepared"  # keep in sync with tccp.data.datasets (checked by a test)
 FORMAT_VERSION = 1
 LANDMARK_SCALE = 16  # 1/16 px: the sub-pixel precision the sketches are drawn with
 _LM_LIMIT = 16383  # |q| bound so int16 deltas cannot overflow
-MEL_LO, MEL_HI = -4.0, 4.0  # tccp.audio.log_mel's output range
+MEL_LO, MEL_HI = -4.0, 4.0  # tccp.media.audio.log_mel's output range
 
 
 @dataclass
@@ -67,7 +67,7 @@ class PrepareConfig:
     fps: float = 25.0
     sr: int = 16000
     min_frames: int = 8
-    # head mask in the context crop (see face_geometry.head_mask)
+    # head mask in the context crop (see tccp.face.geometry.head_mask)
     mask_dilate: float = 0.1
     mask_forehead: float = 0.35
     strict_decoding: bool = True  # a damaged file is an error, not fewer frames
@@ -110,7 +110,7 @@ def resolve_audio(clip: Path, audio: Path | None, has_audio: bool) -> Path | Non
 
 
 def _load(clip: Path, audio: Path | None, cfg: PrepareConfig):
-    from tccp import media
+    from tccp.media import io as media
 
     info = media.probe(clip)
     if not info.has_video:
@@ -155,9 +155,10 @@ def _counted(frames, progress: Progress | None, phase: str):
 
 def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progress | None) -> dict:
     """Track, crop, mask and write every file of one clip into `tmp` (meta.json last)."""
-    from tccp import face, media
-    from tccp.audio import log_mel
-    from tccp.face_track import FaceTrackerConfig
+    from tccp import face
+    from tccp.face.track import FaceTrackerConfig
+    from tccp.media import io as media
+    from tccp.media.audio import log_mel
 
     size = cfg.size
     tcfg = FaceTrackerConfig(fps=cfg.fps, **cfg.tracker)

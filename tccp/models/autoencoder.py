@@ -33,7 +33,7 @@ __all__ = [
 
 LATENT_CHANNELS = 32
 DOWNSCALE = 8
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "taef2"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "taef2"
 _WIDTH = 64
 
 

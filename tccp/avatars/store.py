@@ -11,7 +11,7 @@ stage1/stage2.safetensors, both stages fine-tuned on the person) and holds
     AVATAR_CARD.md        the same for people: data used, steps, validation vs the
                           base pack
 
-`tccp avatar create` (tccp.avatar_create) writes one; `tccp run/serve/demo --avatar
+`tccp avatar create` (tccp.avatars.create) writes one; `tccp run/serve/demo --avatar
 NAME_OR_DIR` loads it: NAME resolves to ./avatars/NAME, then ~/.tccp/avatars/NAME.
 Anything wrong with an avatar is a one-line `TCCPError` naming the file.
 """
@@ -120,8 +120,8 @@ class Avatar:
         return int(self.refs.shape[1])
 
     def bank(self) -> Any:
-        """The references as the engine uses them (`tccp.avatar_refs.ReferenceBank`)."""
-        from tccp.avatar_refs import ReferenceBank
+        """The references as the engine uses them (`tccp.avatars.refs.ReferenceBank`)."""
+        from tccp.avatars.refs import ReferenceBank
 
         return ReferenceBank(self.refs, self.poses)
 

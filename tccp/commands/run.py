@@ -141,54 +141,10 @@ def print_warnings(caught: list) -> None:
             print(text, file=sys.stderr)
 
 
-def check_mouth_scale(value: float) -> float:
-    from tccp.errors import TCCPError
-    from tccp.mouth import MAX_SCALE, check_scale
-
-    try:
-        return check_scale(value)
-    except ValueError:
-        raise TCCPError(f"--mouth-scale {value}: must be between 0 and {MAX_SCALE:g}") from None
-
-
-def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False, *,
-               avatar: str | None = None, mouth_scale: float = 1.0):
-    """SharedModel for the CLI; `allow_random` turns a missing default pack into a
-    random-weight tiny model with a loud warning (the demo's temporary fallback).
-    `avatar` (name or folder) loads the avatar's fine-tuned pack and reference images
-    instead of `pack`; `mouth_scale` is the runner's lip-opening factor."""
-    from engine.model import SharedModel
-    from engine.runner import PipelineRunner, default_pack_missing
-    from tccp.errors import TCCPError
-
-    mouth_scale = check_mouth_scale(mouth_scale)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise TCCPError("--device cuda: no CUDA device is available (use --device cpu)")
-    if avatar is not None:
-        if pack is not None:
-            raise TCCPError("--model and --avatar: pass one (an avatar brings its own fine-tuned model)")
-        return SharedModel(PipelineRunner.from_avatar(avatar, device=device, backend=backend, mouth_scale=mouth_scale))
-    if pack is None and default_pack_missing():
-        if not allow_random:
-            raise TCCPError("no model pack: the bundled pack is missing; pass --model PACK")
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            "[bold red]WARNING: the bundled model pack does not exist yet; using a RANDOM-WEIGHT "
-            "tiny model. The output face will be noise, not a talking head.[/]"
-        )
-        runner = PipelineRunner.random("tiny", device=device)
-        runner.mouth_scale = mouth_scale
-        return SharedModel(runner)
-    return SharedModel(PipelineRunner.from_pack(pack, device=device, backend=backend, mouth_scale=mouth_scale))
-
-
 def main(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.filerun import run_file
+    from engine.model import check_mouth_scale, load_model
     from tccp.errors import TCCPError
 
     if args.steps is not None and args.steps < 1:
@@ -238,6 +194,7 @@ def main_live(args: argparse.Namespace) -> int:
     import asyncio
 
     from engine.config import EngineConfig
+    from engine.model import load_model
     from streaming.mic import FileAudioSource, MicSource, run_live
     from tccp.errors import TCCPError
 

@@ -11,7 +11,7 @@ the reference does not flicker between two near-equal candidates).
 
 At run time the engine only holds sketch images (the tracked landmarks drawn in
 colour), so the pose is read from those: the nose and eye contours are found by their
-colours (`tccp.mouth.part_pixels`), and yaw/pitch proxies are the nose centroid's
+colours (`tccp.face.mouth.part_pixels`), and yaw/pitch proxies are the nose centroid's
 offset from the eyes' midpoint in units of the eye distance. References carry the same
 numbers computed from their own sketches, so both sides are measured alike.
 """
@@ -40,7 +40,7 @@ def landmark_features(landmarks: np.ndarray) -> np.ndarray:
 
     Proxies, not angles: the nose tip's offset from the eyes' midpoint in eye-distance
     units (x: turning left/right, y: nodding), and `mouth_aperture`."""
-    from tccp.face_geometry import mouth_aperture
+    from tccp.face.geometry import mouth_aperture
 
     lm = np.asarray(landmarks, np.float64)
     re = lm[..., list(_RIGHT_EYE), :].mean(axis=-2)
@@ -79,7 +79,7 @@ def select_references(features: np.ndarray, k: int, floor: Sequence[float] = (0.
 
 
 def _centroid(sketch: np.ndarray, part: str, classes: tuple) -> np.ndarray | None:
-    from tccp.mouth import part_pixels
+    from tccp.face.mouth import part_pixels
 
     ys, xs, w = part_pixels(sketch, part, classes=classes)
     if len(xs) < 3:
@@ -90,7 +90,7 @@ def _centroid(sketch: np.ndarray, part: str, classes: tuple) -> np.ndarray | Non
 def sketch_pose(sketch: np.ndarray) -> np.ndarray | None:
     """(yaw, pitch) proxies read off a sketch image (None if nose or eyes are missing):
     nose centroid minus the eyes' midpoint, over the eye distance."""
-    from tccp.mouth import classify_parts
+    from tccp.face.mouth import classify_parts
 
     classes = classify_parts(sketch)
     nose = _centroid(sketch, "nose", classes)

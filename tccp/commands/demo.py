@@ -66,10 +66,11 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.cli import load_model, make_progress, print_summary, print_warnings, quiet_native_stderr
     from engine.config import EngineConfig
     from engine.filerun import run_file
-    from tccp.media import sample_paths
+    from engine.model import load_model
+    from tccp.commands.run import make_progress, print_summary, print_warnings, quiet_native_stderr
+    from tccp.media.io import sample_paths
 
     video, speech = sample_paths()
     out_dir = Path(args.out_dir)

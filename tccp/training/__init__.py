@@ -1,0 +1,2 @@
+"""Training one MVControlNet stage: the trainer (`trainer`), checkpoints (`checkpoint`),
+the weight EMA (`ema`) and the metrics log and loss curve (`log`)."""
