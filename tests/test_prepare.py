@@ -136,7 +136,7 @@ def test_real_clip_end_to_end(tmp_path: Path, face_clip: Path, face_frames) -> N
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     folder = out / "talk"
-    names = ("context.mp4", "face.mp4", "mel.npz", "meta.json", "track.npz")
+    names = ("audio.m4a", "context.mp4", "face.mp4", "mel.npz", "meta.json", "track.npz", "voice.npz")
     assert list_files(out) == sorted(["talk"] + [f"talk/{n}" for n in names])
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["complete"] is True and meta["version"] == prep.FORMAT_VERSION
@@ -144,6 +144,7 @@ def test_real_clip_end_to_end(tmp_path: Path, face_clip: Path, face_frames) -> N
     assert Path(meta["source"]) == face_clip.resolve() and Path(meta["audio_source"]) == face_clip.resolve()
     assert meta["n_found"] == N_FACE
     assert meta["audio"]["rms"] > 0.01 and abs(meta["audio"]["signal_seconds"] - N_FACE / 25) < 0.05
+    assert set(meta["speech"]) == {"fraction", "aperture_std", "lipsync"}
     # compact: well under the ~3.4 KB/frame that 48 clips in 40 MiB allow
     assert prep.folder_size(folder) < 2500 * N_FACE
 

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tccp-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 N_MESH_POINTS = 478
 MEL_WIDTH = 16  # mel frames per video frame window (0.2 s)
 
@@ -244,6 +244,28 @@ class PreparedClip:
     def mel_windows(self) -> np.ndarray:
         """(N, 16, 80) float32: the 0.2 s of mel centred on each video frame."""
         return mel_windows(self.mel, self.n_frames, fps=self.fps, width=MEL_WIDTH)
+
+    @cached_property
+    def audio(self) -> np.ndarray:
+        """(samples,) float32 16 kHz mono: the clip's driving audio (`audio.m4a`), cut
+        or padded to the video's length."""
+        from tccp.media.io import read_audio
+
+        a = read_audio(self.folder / "audio.m4a", 16000)
+        n = int(round(int(self.meta["n_frames"]) / self.fps * 16000))
+        return np.pad(a[:n], (0, max(0, n - len(a)))).astype(np.float32)
+
+    @cached_property
+    def voice(self) -> np.ndarray:
+        """(N,) float32 P(speech) per frame (Silero VAD at prepare time)."""
+        with np.load(self.folder / "voice.npz") as z:
+            return (z["vad"].astype(np.float32) / 255.0)[: self.n_frames]
+
+    @property
+    def lipsync(self) -> bool:
+        """Whether this clip is a lip-sync target: speech most of the time and a moving
+        mouth (music, silence and still faces are not; see `tccp.data.prepare`)."""
+        return bool((self.meta.get("speech") or {}).get("lipsync", False))
 
     @property
     def audible(self) -> np.ndarray:

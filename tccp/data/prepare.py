@@ -15,6 +15,9 @@ and a rerun skips it. Format version 1:
                  frame px; `found`, `interpolated` (N,) bool
 - `mel.npz`      compressed: `mel` uint8 (T, 80), log-mel at 80 frames/s;
                  value = q * meta.mel.scale + meta.mel.offset
+- `audio.m4a`    the driving audio, 16 kHz mono AAC at 32 kbit/s (~160 B per frame;
+                 Whisper features are computed from it at training time and cached)
+- `voice.npz`    `vad` uint8 (N,): P(speech) per video frame x 255 (Silero VAD)
 - `meta.json`    written last; `complete: true` marks a finished folder
 
 Why video for the crops: 128 px faces as H.264 cost ~1 KB per frame at a PSNR (~38 dB)
@@ -50,10 +53,11 @@ __all__ = [
     "folder_size",
     "write_track",
     "write_mel",
+    "write_audio",
 ]
 
 FORMAT_NAME = "tccp-prepared"  # keep in sync with tccp.data.datasets (checked by a test)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + audio.m4a, voice.npz, meta.speech
 LANDMARK_SCALE = 16  # 1/16 px: the sub-pixel precision the sketches are drawn with
 _LM_LIMIT = 16383  # |q| bound so int16 deltas cannot overflow
 MEL_LO, MEL_HI = -4.0, 4.0  # tccp.media.audio.log_mel's output range
@@ -186,6 +190,7 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progr
         tmp, lm_crop[:, sub], sub, track.face_boxes, track.context_boxes, track.found, track.interpolated
     )
     mel_meta = write_mel(tmp, log_mel(data.audio, data.sr), cfg.sr)
+    speech = write_audio(tmp, data.audio, n, cfg.fps, lm_crop[:, sub], sub)
 
     info = media.probe(clip)
     audio = np.asarray(data.audio, np.float32)
@@ -214,6 +219,7 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progr
             "rms": float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio.size else 0.0,
             "signal_seconds": float((nonzero[-1] + 1) / data.sr) if nonzero.size else 0.0,
         },
+        "speech": speech,
         "video": {"codec": "h264", "crf": cfg.crf, "preset": cfg.preset, "pix_fmt": "yuv420p"},
         "n_found": int(track.found.sum()),
         "n_interpolated": int(track.interpolated.sum()),
@@ -250,6 +256,35 @@ def write_mel(folder: Path, mel: np.ndarray, sr: int = 16000) -> dict:
     q, scale, offset = _quantise_mel(np.asarray(mel, np.float32))
     np.savez_compressed(Path(folder) / "mel.npz", mel=q)
     return {"scale": scale, "offset": offset, "n_frames": int(q.shape[0]), "fps": sr / 200}
+
+
+# a clip teaches lip sync when somebody speaks most of the time and the mouth moves;
+# music, silence, or a still face dubbed with speech (a generated face) teach wrong lips
+MIN_SPEECH_FRACTION = 0.5
+MIN_APERTURE_STD = 0.01
+
+
+def write_audio(folder: Path, audio: np.ndarray, n_frames: int, fps: float, landmarks: np.ndarray,
+                landmark_index: np.ndarray) -> dict:
+    """`audio.m4a` + `voice.npz`; returns `meta["speech"]`: the fraction of frames with
+    speech (Silero VAD), the mouth aperture's spread and whether the clip is a lip-sync
+    training target (`lipsync`)."""
+    from tccp.face.headframe import aperture, to_mesh
+    from tccp.media.io import write_audio_file
+    from tccp.media.vad import frame_voice_activity
+
+    a = np.clip(np.asarray(audio, np.float32), -1.0, 1.0)
+    write_audio_file(Path(folder) / "audio.m4a", a, 16000, bitrate=32000)
+    vad = frame_voice_activity(a, n_frames, fps)
+    np.savez_compressed(Path(folder) / "voice.npz", vad=np.round(vad * 255).astype(np.uint8))
+    ap = aperture(to_mesh(np.asarray(landmarks, np.float32), landmark_index))
+    fraction = float((vad > 0.5).mean()) if n_frames else 0.0
+    spread = float(np.std(ap)) if n_frames else 0.0
+    return {
+        "fraction": round(fraction, 4),
+        "aperture_std": round(spread, 5),
+        "lipsync": bool(fraction >= MIN_SPEECH_FRACTION and spread >= MIN_APERTURE_STD),
+    }
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ __all__ = [
     "read_audio",
     "load_clip",
     "write_video",
+    "write_audio_file",
     "VideoWriter",
     "sample_paths",
 ]
@@ -821,6 +822,31 @@ class VideoWriter:
             self.abort()
         except Exception:
             pass
+
+
+def write_audio_file(path: str | os.PathLike, audio: np.ndarray, sr: int = SR, bitrate: int = 32000) -> Path:
+    """Mono float32 audio -> an AAC `.m4a` file (written to a temp name, then renamed)."""
+    from tccp.io_utils import atomic_path
+
+    av = _av()
+    a = np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as c:
+            st = c.add_stream("aac", rate=sr)
+            st.layout = "mono"
+            st.bit_rate = int(bitrate)
+            for k in range(0, max(len(a), 1), 1024):
+                chunk = a[k : k + 1024]
+                if chunk.size == 0:
+                    chunk = np.zeros(1024, np.float32)
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk.reshape(1, -1)), format="flt", layout="mono")
+                af.sample_rate = sr
+                af.pts = k
+                for pkt in st.encode(af):
+                    c.mux(pkt)
+            for pkt in st.encode():
+                c.mux(pkt)
+    return Path(path)
 
 
 def write_video(

@@ -1,0 +1,94 @@
+"""What stage 2 regenerates: region masks from landmarks.
+
+`mouth` (the default for dubbing and live calls) is IP_LAP's lower half: from just
+below the nose down to the chin and out to the cheeks, so lips, teeth, chin and the
+skin that moves with them are regenerated and everything above (eyes, brows, nose,
+hair, pose) stays the source's. `head` is TCCP's whole-head inpainting region
+(`tccp.face.geometry.head_mask`).
+
+When generated lips differ from the source's (dubbing), the region must cover both:
+the source mouth must disappear and the new one must fit, so `region_mask` takes the
+union of the masks of every landmark set it is given. Masks are float32 in [0, 1] on
+a crop (or frame) grid; `feather` softens the edge for pasting.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+__all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "mask_box"]
+
+REGIONS = ("mouth", "head")
+# jaw line from the left cheek round the chin to the right cheek, then back along the
+# line under the nose (cheek, nostril wings, subnasale)
+LOWER_FACE = (
+    132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 361,
+    294, 327, 2, 98, 64,
+)
+_FOREHEAD, _CHIN = 10, 152
+
+
+def lower_face_polygon(mesh: np.ndarray) -> np.ndarray:
+    """(K, 2) polygon of the lower face from full-mesh points (478, 2)."""
+    return np.asarray(mesh, np.float64)[list(LOWER_FACE)]
+
+
+def _face_height(mesh: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(mesh, np.float64)[_FOREHEAD] - np.asarray(mesh, np.float64)[_CHIN]))
+
+
+def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: tuple[float, float] = (0.0, 0.0),
+                dilate: float = 0.04, feather: float = 0.0) -> np.ndarray:
+    """Union of the region's masks for each full-mesh landmark set in `meshes` (one
+    (478, 2) array or a list), on a grid of `shape` whose pixel (0, 0) sits at `offset`.
+
+    `dilate` and `feather` are fractions of the face height (forehead-chin); the mask is
+    dilated first, then blurred, so a feathered edge stays outside the hard region."""
+    if isinstance(meshes, np.ndarray) and meshes.ndim == 2:
+        meshes = [meshes]
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    height = 0.0
+    shift = 4
+    for mesh in meshes:
+        mesh = np.asarray(mesh, np.float64)
+        if not np.isfinite(mesh).all():
+            continue
+        height = max(height, _face_height(mesh))
+        if region == "mouth":
+            pts = lower_face_polygon(mesh)
+            poly = np.round((pts - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
+            cv2.fillPoly(mask, [poly], 1, cv2.LINE_8, shift)
+            continue
+        elif region == "head":
+            from tccp.face.geometry import OVAL_INDICES
+
+            oval = mesh[OVAL_INDICES]
+            up = mesh[_FOREHEAD] - mesh[_CHIN]
+            pts = np.concatenate([oval, oval + 0.35 * up])
+        else:
+            raise ValueError(f"region {region!r}: choose from {REGIONS}")
+        hull = cv2.convexHull(np.round((pts - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32))
+        cv2.fillConvexPoly(mask, hull, 1, cv2.LINE_8, shift)
+    r = int(round(dilate * height))
+    if r > 0:
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    out = mask.astype(np.float32)
+    sigma = feather * height
+    if sigma > 0:
+        grow = int(round(2 * sigma))
+        if grow > 0:
+            out = cv2.dilate(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2))
+        out = cv2.GaussianBlur(out, (0, 0), sigma)
+        out = np.maximum(out, mask.astype(np.float32))
+    return out
+
+
+def mask_box(mask: np.ndarray, pad: int = 2) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1) of mask > 0, padded and clipped; None if empty."""
+    ys, xs = np.nonzero(mask > 1e-3)
+    if len(xs) == 0:
+        return None
+    h, w = mask.shape
+    return (max(0, xs.min() - pad), max(0, ys.min() - pad), min(w, xs.max() + 1 + pad), min(h, ys.max() + 1 + pad))

@@ -1,0 +1,123 @@
+"""Move a reference face onto target landmarks: piecewise-affine warps over the mesh.
+
+Stage 2 in mouth mode starts from a real picture of the person's mouth: the reference
+frame whose lips best match the target shape, warped so its landmarks land on the
+target's (IP_LAP's alignment idea without the learned part). A piecewise-affine warp
+over a fixed triangulation is exact at every landmark (each triangle's corners map
+onto each other), needs no solver, and costs one `cv2.remap` per frame, so it can run
+at the source resolution, where the mouth's detail lives.
+
+The triangulation is built once on a template shape (Delaunay over the sketch points
+plus a ring of anchors around the face that map onto themselves), so source and target
+always share connectivity. Pixels outside every triangle are left where they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points"]
+
+
+@dataclass
+class Triangulation:
+    """Triangles over `index` (mesh indices) + `n_anchor` anchors appended after them."""
+
+    index: np.ndarray  # (P,) mesh indices of the points used
+    triangles: np.ndarray  # (T, 3) rows into the (P + n_anchor) point list
+    n_anchor: int
+
+
+def _anchors(points: np.ndarray, n: int = 16, grow: float = 1.35) -> np.ndarray:
+    """A ring of `n` points around the shape, `grow` times its radius from its centre."""
+    c = points.mean(0)
+    r = np.linalg.norm(points - c, axis=1).max() * grow
+    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return c + r * np.stack([np.cos(ang), np.sin(ang)], 1)
+
+
+def triangulate(template: np.ndarray, index, n_anchor: int = 16) -> Triangulation:
+    """Delaunay triangulation of template[index] plus an anchor ring."""
+    from scipy.spatial import Delaunay
+
+    idx = np.asarray(index)
+    pts = np.asarray(template, np.float64)[idx]
+    allp = np.concatenate([pts, _anchors(pts, n_anchor)])
+    tri = Delaunay(allp).simplices.astype(np.int32)
+    return Triangulation(idx, tri, n_anchor)
+
+
+def _with_anchors(tri: Triangulation, mesh: np.ndarray, ref_shape: np.ndarray | None = None) -> np.ndarray:
+    pts = np.asarray(mesh, np.float64)[tri.index]
+    base = pts if ref_shape is None else np.asarray(ref_shape, np.float64)[tri.index]
+    return np.concatenate([pts, _anchors(base, tri.n_anchor)])
+
+
+def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, shape: tuple[int, int],
+             offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward map for an output of `shape` (h, w) whose pixel (0, 0) sits at `offset`
+    in dst coordinates: (map_x, map_y) in src coordinates (continuous px, cv2.remap's
+    pixel-centre convention applied) and the `inside` mask (h, w) bool.
+
+    Anchors are placed around the *target* shape and map onto themselves, so the warp
+    fades to identity away from the face."""
+    src = _with_anchors(tri, src_mesh, dst_mesh)
+    dst = _with_anchors(tri, dst_mesh, dst_mesh)
+    src[-tri.n_anchor :] = dst[-tri.n_anchor :]
+    h, w = shape
+    ox, oy = offset
+    label = np.full((h, w), -1, np.int32)
+    mats = np.zeros((len(tri.triangles), 2, 3), np.float64)
+    shift = 4  # sub-pixel vertices for fillConvexPoly
+    for k, t in enumerate(tri.triangles):
+        d, s = dst[t], src[t]
+        area = (d[1, 0] - d[0, 0]) * (d[2, 1] - d[0, 1]) - (d[2, 0] - d[0, 0]) * (d[1, 1] - d[0, 1])
+        if abs(area) < 1e-9:
+            continue
+        mats[k] = cv2.getAffineTransform(d.astype(np.float32), s.astype(np.float32))
+        poly = np.round((d - [ox + 0.5, oy + 0.5]) * (1 << shift)).astype(np.int32)
+        cv2.fillConvexPoly(label, poly, int(k), lineType=cv2.LINE_8, shift=shift)
+    inside = label >= 0
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    x = xs + ox + 0.5
+    y = ys + oy + 0.5  # continuous coordinates of pixel centres
+    m = mats[np.maximum(label, 0)]
+    sx = m[..., 0, 0] * x + m[..., 0, 1] * y + m[..., 0, 2]
+    sy = m[..., 1, 0] * x + m[..., 1, 1] * y + m[..., 1, 2]
+    sx = np.where(inside, sx, x)
+    sy = np.where(inside, sy, y)
+    return (sx - 0.5).astype(np.float32), (sy - 0.5).astype(np.float32), inside
+
+
+def warp_image(image: np.ndarray, tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray,
+               shape: tuple[int, int] | None = None, offset: tuple[float, float] = (0.0, 0.0),
+               src_offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Warp `image` (whose pixel (0, 0) sits at `src_offset` in src coordinates) so that
+    src_mesh lands on dst_mesh; output `shape` (default: image's) at `offset`."""
+    shape = shape or image.shape[:2]
+    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset)
+    return cv2.remap(image, mx - src_offset[0], my - src_offset[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def warp_points(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Where src-space `points` (K, 2) go under the forward warp src -> dst (for tests and
+    overlays): each point is mapped through the src triangle that contains it."""
+    src = _with_anchors(tri, src_mesh, dst_mesh)
+    dst = _with_anchors(tri, dst_mesh, dst_mesh)
+    src[-tri.n_anchor :] = dst[-tri.n_anchor :]
+    out = np.asarray(points, np.float64).copy()
+    for i, p in enumerate(points):
+        for t in tri.triangles:
+            s = src[t]
+            m = np.array([[s[1, 0] - s[0, 0], s[2, 0] - s[0, 0]], [s[1, 1] - s[0, 1], s[2, 1] - s[0, 1]]])
+            if abs(np.linalg.det(m)) < 1e-12:
+                continue
+            u, v = np.linalg.solve(m, p - s[0])
+            if u >= -1e-9 and v >= -1e-9 and u + v <= 1 + 1e-9:
+                d = dst[t]
+                out[i] = d[0] + u * (d[1] - d[0]) + v * (d[2] - d[0])
+                break
+    return out.astype(np.float32)

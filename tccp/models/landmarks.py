@@ -1,0 +1,185 @@
+"""Stage 1 in coordinates: MVControlNet's structure over landmark sequences.
+
+TCCP's stage 1 draws landmark sketches and generates them as image latents; a mouth
+opening is then smaller than one 8x8 latent cell, and the network must learn to draw
+before it can learn to speak. Here the landmarks stay coordinates (TCCP's "explicit
+and compact" signal, generated in coordinates as in IP_LAP) and the network keeps
+MVControlNet's parts, carried from pixels to frames:
+
+- the diffusion branch: one token per frame (its noisy coordinates + the clean-slot
+  flag + the timestep), temporal self-attention across the window's frames;
+- c_l by per-frame cross-attention (eq. 7): frame i attends only to its own tokens,
+  the audio tokens of frame i (Whisper features within +-2 video frames, all layers
+  mixed by learned weights, plus voice activity) and the reference-landmark tokens
+  (the person's own lip shapes);
+- c_v by a control branch: a trainable copy of the first blocks fed through a
+  zero-initialised projection, its outputs added back through zero-initialised
+  projections (ControlNet), so training starts from the trunk's behaviour.
+  Mouth mode: c_v = the source's tracked landmarks outside the mouth (the pose prior);
+  head mode: pooled head-masked context latents.
+
+One network serves both `objective`s: "v" (diffusion, v-prediction, any sampler of
+`tccp.diffusion.samplers`) and "regress" (a deterministic head: one call at the
+largest timestep on an all-zero input, trained to output x0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from tccp.errors import TCCPError
+
+__all__ = ["LandmarkNetConfig", "LandmarkNet", "timestep_embedding"]
+
+
+@dataclass
+class LandmarkNetConfig:
+    mode: str = "mouth"  # "mouth": lips + jaw, c_v = rest of the face; "head": all points + pose
+    gen_dim: int = 114  # generated values per frame (mouth: 57 points x 2)
+    cv_dim: int = 206  # control input per frame (mouth: 103 rest points x 2)
+    audio_layers: int = 5  # Whisper outputs per feature frame (embedding + blocks)
+    audio_width: int = 384  # Whisper width
+    audio_tokens: int = 10  # feature frames per video frame (+-2 frames at 50 Hz)
+    ref_dim: int = 114  # one reference token (a reference frame's generated points)
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    frames: int = 8
+    control_depth: int = 2
+    dropout: float = 0.1
+    objective: str = "regress"  # "regress" | "v"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mouth", "head"):
+            raise TCCPError(f"landmark model: mode {self.mode!r} (choose mouth or head)")
+        if self.objective not in ("regress", "v"):
+            raise TCCPError(f"landmark model: objective {self.objective!r} (choose regress or v)")
+        if self.control_depth > self.depth or self.width % self.heads:
+            raise TCCPError("landmark model: control_depth <= depth and width divisible by heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LandmarkNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise TCCPError(f"landmark model config: unknown keys {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+class _Block(nn.Module):
+    """Temporal self-attention, per-frame cross-attention, MLP (pre-LN)."""
+
+    def __init__(self, d: int, heads: int, p: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.cproj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(p), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(p)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(x, "b t (h e) -> b h t e", h=self.heads) for x in (q, k, v))
+        p = self.drop.p if self.training else 0.0
+        return rearrange(F.scaled_dot_product_attention(q, k, v, dropout_p=p), "b h t e -> b t (h e)")
+
+    def cross(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The cross-attention output alone: frame i's query attends to ctx[:, i] only."""
+        b = h.shape[0]
+        q = rearrange(self.q(self.ln2(h)), "b n d -> (b n) 1 d")
+        k, v = rearrange(self.kv(ctx), "b n l d -> (b n) l d").chunk(2, -1)
+        return rearrange(self.cproj(self._attend(q, k, v)), "(b n) 1 d -> b n d", b=b)
+
+    def forward(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, -1)
+        h = h + self.proj(self._attend(q, k, v))
+        h = h + self.cross(h, ctx)
+        return h + self.mlp(self.ln3(h))
+
+
+class LandmarkNet(nn.Module):
+    def __init__(self, cfg: LandmarkNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.x_in = nn.Linear(cfg.gen_dim + 1, d)  # coordinates + clean-slot flag
+        self.pos = nn.Parameter(torch.randn(1, cfg.frames, d) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.layer_logits = nn.Parameter(torch.zeros(cfg.audio_layers))
+        self.audio_in = nn.Sequential(nn.LayerNorm(cfg.audio_width + 1), nn.Linear(cfg.audio_width + 1, d))
+        self.audio_pos = nn.Parameter(torch.randn(1, 1, cfg.audio_tokens, d) * 0.02)
+        self.ref_in = nn.Linear(cfg.ref_dim, d)
+        self.null_audio = nn.Parameter(torch.zeros(cfg.audio_tokens, d))
+        self.blocks = nn.ModuleList([_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.depth)])
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.gen_dim))
+        self.cv_in = nn.Sequential(nn.Linear(cfg.cv_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.control_blocks = nn.ModuleList([_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.control_depth)])
+        self.control_zero_in = nn.Linear(d, d)
+        self.control_zero_out = nn.ModuleList([nn.Linear(d, d) for _ in range(cfg.control_depth)])
+        self.reset_control()
+
+    def reset_control(self) -> None:
+        """ControlNet initialisation: copy the trunk's first blocks, zero the projections."""
+        for cb, b in zip(self.control_blocks, self.blocks):
+            cb.load_state_dict(b.state_dict())
+        for z in (self.control_zero_in, *self.control_zero_out):
+            nn.init.zeros_(z.weight)
+            nn.init.zeros_(z.bias)
+
+    def condition_tokens(self, audio: torch.Tensor, vad: torch.Tensor, refs: torch.Tensor,
+                         drop_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """c_l tokens: audio (B, N, La, layers*width) + vad (B, N) + refs (B, K, ref_dim)
+        -> (B, N, La + K, width). `drop_audio` (B,) bool replaces a sample's audio tokens
+        by the learned null tokens (condition dropout in training)."""
+        b, n, la, _ = audio.shape
+        per = audio.reshape(b, n, la, self.cfg.audio_layers, self.cfg.audio_width)
+        per = F.layer_norm(per, per.shape[-1:])
+        mixed = torch.einsum("bnlkd,k->bnld", per, self.layer_logits.softmax(0))
+        a = self.audio_in(torch.cat([mixed, vad[:, :, None, None].to(mixed.dtype).expand(b, n, la, 1)], -1))
+        a = a + self.audio_pos
+        if drop_audio is not None:
+            a = torch.where(drop_audio[:, None, None, None], self.null_audio.to(a.dtype).expand_as(a), a)
+        r = self.ref_in(refs)[:, None].expand(b, n, -1, -1)
+        return torch.cat([a, r], 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, c_v: torch.Tensor | None,
+                flags: torch.Tensor) -> torch.Tensor:
+        """x (B, N, gen_dim) noisy coordinates, t (B,), ctx (B, N, L, width) from
+        `condition_tokens`, c_v (B, N, cv_dim) or None (trunk alone), flags (B, N)
+        -> v or x0 (B, N, gen_dim)."""
+        n = x.shape[1]
+        if n > self.cfg.frames:
+            raise ValueError(f"window of {n} frames; the model takes at most {self.cfg.frames}")
+        h = self.x_in(torch.cat([x, flags[..., None].to(x.dtype)], -1)) + self.pos[:, :n]
+        h = h + self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype))[:, None]
+        ctrl: list[torch.Tensor] = []
+        if c_v is not None:
+            c = h + self.control_zero_in(self.cv_in(c_v))
+            for cb, z in zip(self.control_blocks, self.control_zero_out):
+                c = cb(c, ctx)
+                ctrl.append(z(c))
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, ctx)
+            if i < len(ctrl):
+                h = h + ctrl[i]
+        return self.out(h)
