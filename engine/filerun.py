@@ -157,11 +157,15 @@ async def run_file_async(
     from engine.prep import prepare_identity
     from tccp.media import io as media
 
+    from tccp.face.track import MIN_FACE_FRACTION, no_face_message
+    from tccp.io_utils import guard_output
+
     video, out = Path(video), Path(out)
     if not video.exists():
         raise TCCPError(f"{video}: no such file")
     if out.suffix.lower() not in (".mp4", ".m4v", ".mov"):
         raise TCCPError(f"{out}: output must be an .mp4 file")
+    guard_output(out, inputs=(video, audio, identity if not isinstance(identity, np.ndarray) else None))
     cfg = (config or EngineConfig()).with_(live=False)
     # backpressure makes deep input buffering pointless for files: one window of slack
     # keeps tracking ahead of the model without inflating per-window latency
@@ -199,12 +203,23 @@ async def run_file_async(
 
     writer = media.VideoWriter(out, fps=cfg.fps, audio=samples, sr=cfg.sr)
     written = 0
+    # a clip that mostly shows no face is refused, not copied through (exit 2): stop
+    # as soon as more than (1 - MIN_FACE_FRACTION) of the output can have no face
+    no_face, allowed = 0, int(np.floor(n_out * (1.0 - MIN_FACE_FRACTION) + 1e-9))
     producer = asyncio.get_running_loop().create_task(produce())
     try:
         while True:
             of: OutputFrame | None = await sess.get()
             if of is None:
                 break
+            if of.reason == "no_face":
+                no_face += 1
+                if no_face > allowed:
+                    seen = written + 1
+                    raise TCCPError(
+                        no_face_message(str(video), n_out, n_out) if no_face >= n_out else
+                        f"{video}: no face in {no_face} of the first {seen} frames ({n_out} in all); a face "
+                        f"must be visible in at least {MIN_FACE_FRACTION:.0%} of them")
             writer.write(of.frame)
             if written in preview_at and written in originals:
                 sketch = of.sketch if of.sketch is not None else np.zeros_like(of.crop if of.crop is not None else of.frame[:8, :8])

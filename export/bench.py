@@ -385,6 +385,12 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if not args.json:
         raise TCCPError("--json OUT.json is required (the report is the point of a benchmark)")
+    from tccp.io_utils import guard_output
+
+    inputs = (args.model, args.clip, *(getattr(args, "clips", None) or []))
+    json_out = guard_output(args.json, inputs=inputs)
+    if args.plot and guard_output(args.plot, inputs=inputs) == json_out:
+        raise TCCPError(f"{args.plot}: same file as --json; give the plot its own name")
     if args.steps_sweep:
         from export.steps_study import study_from_args
 

@@ -6,7 +6,9 @@
 The output folder holds one graph per network the engine runs per window, the null
 tokens, and manifest.json (graphs with input/output names and shapes, opset,
 tolerance, parity results, source pack hash). It appears only if the parity check
-against torch on a real prepared window passed.
+against torch on a real prepared window passed. `--out` must be new, empty or an
+earlier export (whose files alone are replaced); a folder of other files is refused
+(`--force` adds the export beside them, replacing nothing it did not write).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="NAME", help="RANDOM weights of a named config (paper, small, tiny): "
                      "for testing the export path, not for use")
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: new, empty or an earlier export "
+                   "(replaced atomically); never a folder of other files")
+    p.add_argument("--force", action="store_true", help="write into an existing folder that is not an earlier "
+                   "export (its own files stay; a name clash is an error)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations in the ONNX graphs "
                    "(inputs/outputs stay fp32); TensorRT engines are always fp16")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
@@ -43,8 +48,11 @@ def main(args: argparse.Namespace) -> int:
     from export.onnx_export import DEFAULT_OPSET, export_onnx
     from export.packs import resolve_pack
     from tccp.errors import TCCPError
+    from tccp.io_utils import guard_output
 
     console = Console(stderr=True)
+    # before any work: the output folder must not hold other files or an input
+    guard_output(args.out, folder=True, kind="export", force=args.force, inputs=(args.model, args.parity_clip))
     build = None
     if args.format == "tensorrt":
         from export.tensorrt_build import DEFAULT_MAX_BATCH, build_step, require_tensorrt

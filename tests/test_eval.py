@@ -381,7 +381,7 @@ def test_cli_reconstruction_with_report(clip_files, tmp_out, capsys):
     assert m["inputs"]["audio"] == str(real)  # reconstruction: the real clip's own audio
     assert m["identity"] is None and m["identity_note"] == "identity disabled"
     assert json.loads((rep / "metrics.json").read_text()) == m
-    assert sorted(list_files(rep)) == ["latency.png", "metrics.json", "strip.png", "timeline.png"]
+    assert sorted(list_files(rep)) == [".tccp-output", "latency.png", "metrics.json", "strip.png", "timeline.png"]
     assert not [f for f in list_files(tmp_out) if ".tmp-" in f]  # no temp files left behind
     for png in ("latency.png", "strip.png", "timeline.png"):
         assert (rep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -438,11 +438,11 @@ def test_atomic_dir_replaces_only_on_success(tmp_out: Path) -> None:
         with atomic_dir(final) as d:
             (d / "b.txt").write_text("2")
             raise RuntimeError
-    assert sorted(os.listdir(final)) == ["a.txt"]
+    assert sorted(os.listdir(final)) == [".tccp-output", "a.txt"]
     with atomic_dir(final) as d:
         (d / "c.txt").write_text("3")
-    assert sorted(os.listdir(final)) == ["c.txt"]
-    assert list_files(tmp_out) == ["pack", "pack/c.txt"]
+    assert sorted(os.listdir(final)) == [".tccp-output", "c.txt"]
+    assert list_files(tmp_out) == ["pack", "pack/.tccp-output", "pack/c.txt"]
 
 
 # --------------------------------------------------------------------------- bundled sample

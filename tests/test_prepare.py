@@ -136,7 +136,8 @@ def test_real_clip_end_to_end(tmp_path: Path, face_clip: Path, face_frames) -> N
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     folder = out / "talk"
-    names = ("audio.m4a", "context.mp4", "face.mp4", "mel.npz", "meta.json", "track.npz", "voice.npz")
+    names = (".tccp-output", "audio.m4a", "context.mp4", "face.mp4", "mel.npz", "meta.json", "track.npz",
+             "voice.npz")  # .tccp-output: tccp.io_utils' marker (this folder is a `tccp prepare` output)
     assert list_files(out) == sorted(["talk"] + [f"talk/{n}" for n in names])
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["complete"] is True and meta["version"] == prep.FORMAT_VERSION

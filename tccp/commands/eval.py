@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lag", type=int, default=10, help="lag search range in frames (default 10)")
     parser.add_argument("--max-seconds", type=float, help="evaluate only the first N seconds")
     parser.add_argument("--no-identity", action="store_true", help="skip the face-embedding similarity")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing --report/--work folder that tccp eval did not make "
+                             "(its own files stay; only eval's files are written)")
     suite = parser.add_argument_group("suite (model on held-out clips vs baselines)")
     suite.add_argument("--suite", action="store_true", help="run the pipeline on held-out clips and compare")
     suite.add_argument("--clips", nargs="+", metavar="CLIP",
@@ -96,6 +99,14 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+REPORT_FILES = ("metrics.json", "timeline.png", "strip.png", "latency.png")
+
+
+def _check_max_seconds(value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise TCCPError(f"--max-seconds {value}: must be a positive number of seconds")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.suite:
         return _main_suite(args)
@@ -103,16 +114,20 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError("--generated: required (or use --suite)")
     if not args.json and not args.report:
         raise TCCPError("--json/--report: say where to write the metrics")
+    _check_max_seconds(args.max_seconds)
     cfg = _config(args)
-    from tccp.io_utils import ensure_writable_dir
+    from tccp.io_utils import claim_dir, ensure_writable_dir, guard_output
     from tccp.metrics.evaluate import evaluate_files, write_json
     from tccp.metrics.report import load_stats, write_report
 
-    # check outputs before minutes of tracking
+    # check outputs before minutes of tracking: never over an input, never into a
+    # folder of someone else's files
+    inputs = (args.generated, args.real, args.audio, args.stats)
     if args.json:
+        guard_output(args.json, inputs=inputs)
         ensure_writable_dir(Path(args.json).parent, name=args.json)
     if args.report:
-        ensure_writable_dir(args.report)
+        claim_dir(args.report, inputs=inputs, kind="eval", force=args.force, known=REPORT_FILES)
     stats = load_stats(args.stats) if args.stats else None
     result = evaluate_files(args.generated, args.real, args.audio, cfg, max_seconds=args.max_seconds)
     if args.json:
@@ -126,12 +141,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main_suite(args: argparse.Namespace) -> int:
-    from tccp.io_utils import ensure_writable_dir
+    from tccp.io_utils import claim_dir, ensure_writable_dir, guard_output
     from tccp.metrics.suite import SuiteConfig, format_table, run_suite
 
     if not args.json:
         raise TCCPError("--json: required with --suite")
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise TCCPError(f"--seconds {args.seconds}: must be a positive number of seconds")
+    if args.steps is not None and args.steps < 1:
+        raise TCCPError(f"--steps {args.steps}: must be at least 1")
+    clip_files = [c for c in (args.clips or []) if Path(c).exists()]
+    guard_output(args.json, inputs=(*clip_files, args.model))
     ensure_writable_dir(Path(args.json).parent, name=args.json)
+    if args.work:
+        claim_dir(args.work, inputs=(*clip_files, args.model), kind="eval", force=args.force)
     cfg = SuiteConfig(
         clips=tuple(args.clips) if args.clips else None,
         model=args.model,

@@ -14,15 +14,18 @@ from tccp.errors import TCCPError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clips", nargs="+", metavar="CLIP", help="video files (mp4, mov, ...)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per clip)")
-    parser.add_argument("--size", type=int, default=128, help="face crop size in px (multiple of 8; default 128)")
+    parser.add_argument("--size", type=int, default=128,
+                        help="face crop size in px (multiple of 8, 32..512; default 128)")
     parser.add_argument(
         "--audio",
         metavar="FILE",
         help="audio for clips that have no audio track and no same-stem .wav beside them",
     )
     parser.add_argument("--workers", type=int, default=1, help="clips prepared in parallel (default 1)")
-    parser.add_argument("--crf", type=int, default=16, help="H.264 quality of the crops (lower = better, bigger)")
-    parser.add_argument("--force", action="store_true", help="re-prepare clips that are already complete")
+    parser.add_argument("--crf", type=int, default=16,
+                        help="H.264 quality of the crops, 0..51 (lower = better, bigger; default 16)")
+    parser.add_argument("--force", action="store_true", help="re-prepare clips that are already complete (also "
+                        "one whose folder holds another clip of the same name)")
 
 
 def _bar(total: int | None, unit: str = "clip", desc: str = "prepare"):
@@ -47,14 +50,13 @@ def _close(bar) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tccp.data.prepare import PrepareConfig, folder_size, prepare_clip, prepare_clips
+    from tccp.data.prepare import PrepareConfig, check_settings, folder_size, prepare_clip, prepare_clips
     from tccp.io_utils import ensure_writable_dir
 
     if args.workers < 1:
         raise TCCPError(f"--workers {args.workers}: must be at least 1")
-    if args.size % 8 or args.size < 32:
-        raise TCCPError(f"--size {args.size}: must be a multiple of 8 and at least 32")
     cfg = PrepareConfig(size=args.size, crf=args.crf)
+    check_settings(cfg)  # --size / --crf bounds, before anything is created
     out = Path(args.out)
     created = not out.exists()
     ensure_writable_dir(out)  # fail in the first second, not after the first clip
@@ -80,12 +82,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"prepared {folder} in {time.perf_counter() - t0:.1f} s")
             return 0
         bar = _bar(len(args.clips))
-        counts = {"done": 0, "skipped": 0, "failed": 0}
+        counts = {"done": 0, "skipped": 0, "unusable": 0, "failed": 0}
 
         def report(r) -> None:
             counts[r.status] += 1
-            if r.status == "failed":
-                line = f"error: {r.error}"
+            if r.status in ("failed", "unusable"):
+                line = f"error: {r.error}" if r.status == "failed" else f"warning: {r.error}; skipped"
                 if bar is not None:
                     bar.write(line, file=bar.term)
                 else:
@@ -98,8 +100,9 @@ def main(args: argparse.Namespace) -> int:
         _close(bar)
         dt = time.perf_counter() - t0
         size = folder_size(out) / 2**20
+        unusable = f"unusable {counts['unusable']} (silent or no face), " if counts["unusable"] else ""
         print(
-            f"prepared {counts['done']}, skipped {counts['skipped']} (already complete), "
+            f"prepared {counts['done']}, skipped {counts['skipped']} (already complete), {unusable}"
             f"failed {counts['failed']} of {len(args.clips)} clips in {dt:.0f} s; "
             f"{out}: {size:.1f} MiB"
         )

@@ -146,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
     from engine.filerun import run_file
     from engine.model import check_mouth_scale, load_model
     from tccp.errors import TCCPError
+    from tccp.io_utils import guard_output
 
     if args.steps is not None and args.steps < 1:
         raise TCCPError(f"--steps {args.steps}: must be at least 1")
@@ -164,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"{args.out}: output must be an .mp4 file")
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
+    guard_output(args.out, inputs=(args.video, args.audio, args.identity))
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
@@ -208,6 +210,10 @@ def main_live(args: argparse.Namespace) -> int:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     if args.identity is not None and not Path(args.identity).exists():
         raise TCCPError(f"{args.identity}: no such file")
+    if out != "window":
+        from tccp.io_utils import guard_output
+
+        guard_output(out, inputs=(None if _camera_spec(video) else video, args.audio, args.identity))
     audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
     cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
     if args.steps is not None:

@@ -47,6 +47,11 @@ __all__ = [
     "FORMAT_VERSION",
     "PrepareConfig",
     "PrepareResult",
+    "UnusableClip",
+    "MIN_SIZE",
+    "MAX_SIZE",
+    "SILENCE_RMS",
+    "check_settings",
     "resolve_audio",
     "prepare_clip",
     "prepare_clips",
@@ -61,6 +66,14 @@ FORMAT_VERSION = 2  # 2: + audio.m4a, voice.npz, meta.speech
 LANDMARK_SCALE = 16  # 1/16 px: the sub-pixel precision the sketches are drawn with
 _LM_LIMIT = 16383  # |q| bound so int16 deltas cannot overflow
 MEL_LO, MEL_HI = -4.0, 4.0  # tccp.media.audio.log_mel's output range
+MIN_SIZE, MAX_SIZE = 32, 512  # crop side in px: 4x the default at most (4096 px crops took minutes per clip)
+MAX_CRF = 51  # H.264's range is 0..51
+SILENCE_RMS = 1e-4  # -80 dBFS: a muted or empty track, not quiet speech
+
+
+class UnusableClip(TCCPError):
+    """A readable clip that cannot teach anything (silent audio, no face in most
+    frames): `prepare_clips` reports it as "unusable" (a warning) and goes on."""
 
 
 @dataclass
@@ -82,7 +95,7 @@ class PrepareConfig:
 class PrepareResult:
     clip: Path
     folder: Path | None
-    status: str  # "done", "skipped" or "failed"
+    status: str  # "done", "skipped" (already complete), "unusable" (silent or faceless) or "failed"
     error: str | None = None
     n_frames: int = 0
     seconds: float = 0.0
@@ -130,6 +143,12 @@ def _load(clip: Path, audio: Path | None, cfg: PrepareConfig):
         msg = str(problems[0].message).split("; using the")[0]
         msg = msg if msg.startswith(str(clip)) else f"{clip}: {msg}"
         raise TCCPError(f"{msg}; a damaged clip is not used for training")
+    audio_data = np.asarray(data.audio, np.float64)
+    rms = float(np.sqrt(np.mean(audio_data ** 2))) if audio_data.size else 0.0
+    if rms < SILENCE_RMS:
+        where = f" ({apath})" if apath is not None else ""
+        raise UnusableClip(f"{clip}: the audio{where} is silent (rms {rms:.1e}); a clip without speech "
+                           "is not used for training")
     return data
 
 
@@ -168,8 +187,10 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progr
     tcfg = FaceTrackerConfig(fps=cfg.fps, **cfg.tracker)
     with _quiet_native_stderr(), face.FaceTracker(tcfg) as tracker:
         track = tracker.track(_counted(data.frames, progress, "track"))
-    face.require_face(track, str(clip))
     n = len(track)
+    if face.face_fraction(track.found) < face.MIN_FACE_FRACTION:
+        # noise and faceless footage: the tracker's rare false detections stay far below half
+        raise UnusableClip(face.no_face_message(str(clip), int((~track.found).sum()), n))
     lm_crop = face.to_crop_coords(track.landmarks, track.face_boxes, size)
     sub = np.asarray(face.SKETCH_INDICES, dtype=np.int64)
 
@@ -321,6 +342,30 @@ def _is_done(folder: Path, cfg: PrepareConfig) -> bool:
     )
 
 
+def check_settings(cfg: PrepareConfig) -> None:
+    """One-line errors for a crop size or quality the writer cannot or should not use."""
+    if cfg.size % 8 or not MIN_SIZE <= cfg.size <= MAX_SIZE:
+        raise TCCPError(f"--size {cfg.size}: must be a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}")
+    if not 0 <= cfg.crf <= MAX_CRF:
+        raise TCCPError(f"--crf {cfg.crf}: must be 0..{MAX_CRF} (H.264 quality; lower = better, bigger)")
+
+
+def _other_source(folder: Path, src: Path) -> str | None:
+    """The clip a prepared folder was made from, when that is not `src` (two clips
+    with the same stem would otherwise share one folder)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        source = meta.get("source") if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(source, str):
+        return None
+    mine = Path(os.path.abspath(src))
+    with contextlib.suppress(OSError):
+        mine = mine.resolve()
+    return None if Path(source) == mine else source
+
+
 def _clean_stale_temps(out_dir: Path, name: str) -> None:
     """Remove temp folders an interrupted (killed) earlier run left for this clip."""
     for p in out_dir.glob(f".{name}.tmp-*"):
@@ -340,25 +385,35 @@ def prepare_clip(
 ) -> Path:
     """Prepare one clip into `out_dir/<stem>/`; returns the folder.
 
-    Skips a clip whose folder is already complete (same format and size) unless
-    `force`. Raises `TCCPError` naming the clip for anything wrong with the input; no
-    folder (and no temp folder) is left behind on failure.
+    Skips a clip whose folder is already complete (same format, size and source clip)
+    unless `force`. A folder prepared from another clip of the same name is an error
+    unless `force` (then it is replaced), and so is a folder tccp prepare did not write
+    (`tccp.io_utils.guard_output`). Raises `TCCPError` naming the clip for anything
+    wrong with the input, `UnusableClip` (a TCCPError) for silent audio or a face in
+    fewer than half of the frames; no folder (and no temp folder) is left behind on
+    failure.
     """
-    from tccp.io_utils import atomic_dir, ensure_writable_dir
+    from tccp.io_utils import atomic_dir, ensure_writable_dir, guard_output
 
     cfg = config if config is not None else PrepareConfig(size=int(size))
-    if cfg.size % 8 or cfg.size < 32:
-        raise TCCPError(f"--size {cfg.size}: must be a multiple of 8 and at least 32")
+    check_settings(cfg)
     src = Path(clip)
     out = ensure_writable_dir(out_dir)
     folder = out / _stem(src)
-    if not force and _is_done(folder, cfg):
+    done = _is_done(folder, cfg)
+    other = _other_source(folder, src) if done or folder.is_dir() else None
+    if other is not None and not force:
+        raise TCCPError(f"{src}: {folder} already holds {other}, prepared under the same name; rename the "
+                        "clip, use another --out, or pass --force to replace it")
+    if not force and done:
         return folder
     if not src.exists():  # before any work: the commonest mistake
         raise TCCPError(f"{src}: file does not exist")
+    # before any work: never over an input, never over a folder tccp prepare did not write
+    guard_output(folder, folder=True, kind="prepare", inputs=(src, audio))
     data = _load(src, Path(audio) if audio is not None else None, cfg)
     _clean_stale_temps(out, folder.name)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, kind="prepare", inputs=(src, audio)) as tmp:
         _write_clip(src, tmp, data, cfg, progress)
         _fix_permissions(tmp)
     return folder
@@ -384,6 +439,8 @@ def _worker(args: tuple) -> PrepareResult:
         folder = prepare_clip(clip, out_dir, cfg.size, audio, cfg, force)
         meta = json.loads((folder / "meta.json").read_text())
         return PrepareResult(Path(clip), folder, "done", None, int(meta["n_frames"]), time.perf_counter() - t0)
+    except UnusableClip as exc:
+        return PrepareResult(Path(clip), None, "unusable", str(exc), 0, time.perf_counter() - t0)
     except TCCPError as exc:
         return PrepareResult(Path(clip), None, "failed", str(exc), 0, time.perf_counter() - t0)
     except MemoryError:
@@ -404,19 +461,28 @@ def prepare_clips(
     from tccp.io_utils import ensure_writable_dir
 
     cfg = config or PrepareConfig()
+    check_settings(cfg)
     out = ensure_writable_dir(out_dir)
     results: list[PrepareResult] = []
     todo = []
+    claimed: dict[str, Path] = {}  # output folder -> the clip that gets it
     for c in clips:
         p = Path(c)
         folder = out / _stem(p)
-        if not force and _is_done(folder, cfg):
+        first = claimed.setdefault(folder.name, p)
+        if first is not p:
+            # two clips with one stem would share one folder: the later one is refused
+            why = "is listed twice" if _same_file(first, p) else f"has the same name as {first}"
+            r = PrepareResult(p, None, "failed", f"{p}: {why} (both would be {folder}); rename one, or "
+                              "prepare them into different --out folders")
+        elif not force and _is_done(folder, cfg) and _other_source(folder, p) is None:
             r = PrepareResult(p, folder, "skipped")
-            results.append(r)
-            if on_result:
-                on_result(r)
         else:
             todo.append((str(p), str(out), str(audio) if audio is not None else None, cfg, force))
+            continue
+        results.append(r)
+        if on_result:
+            on_result(r)
     # longest clips first so that the pool does not end on one long straggler
     todo.sort(key=lambda a: -_size_or_zero(a[0]))
     if workers <= 1 or len(todo) <= 1:
@@ -438,6 +504,13 @@ def prepare_clips(
             if on_result:
                 on_result(r)
     return results
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _size_or_zero(path: str) -> int:

@@ -35,9 +35,12 @@ from tccp.face.track import (
     FaceTrackerConfig,
     OneEuroFilter,
     SmoothingConfig,
+    MIN_FACE_FRACTION,
     Track,
+    face_fraction,
     fill_gaps,
     jitter,
+    no_face_message,
     require_face,
 )
 from tccp.face.sketch import SKETCH_COLORS, SKETCH_INDICES, SKETCH_PARTS, draw_sketch, sketch_thickness
@@ -71,6 +74,9 @@ __all__ = [
     "mask_context",
     "mouth_aperture",
     "require_face",
+    "face_fraction",
+    "no_face_message",
+    "MIN_FACE_FRACTION",
     "sketch_thickness",
     "square_box",
     "to_crop_coords",

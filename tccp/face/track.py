@@ -34,6 +34,9 @@ __all__ = [
     "FaceTracker",
     "fill_gaps",
     "require_face",
+    "face_fraction",
+    "no_face_message",
+    "MIN_FACE_FRACTION",
     "jitter",
 ]
 
@@ -216,10 +219,32 @@ def fill_gaps(
     return found, interp
 
 
-def require_face(track: Track, name: str) -> Track:
-    """Turn "no face anywhere" into a user error naming the file."""
-    if not np.asarray(track.found).any():
-        raise TCCPError(f"{name}: no face found in {len(track)} frames")
+MIN_FACE_FRACTION = 0.5
+"""A clip is "faceless" when fewer than this share of its frames have a usable face:
+`tccp run` refuses it (exit 2), `tccp prepare` skips it. Short gaps in a clip that
+mostly shows a face pass through unchanged, as before."""
+
+
+def face_fraction(found: np.ndarray) -> float:
+    """Share of frames with a usable face (0 for an empty clip)."""
+    f = np.asarray(found, bool)
+    return float(f.mean()) if f.size else 0.0
+
+
+def no_face_message(name: str, missing: int, total: int) -> str:
+    """The one-line problem of a faceless clip (see MIN_FACE_FRACTION)."""
+    if missing >= total:
+        return f"{name}: no face found in {total} frames"
+    return (f"{name}: no face in {missing} of {total} frames; a face must be visible in at least "
+            f"{MIN_FACE_FRACTION:.0%} of them")
+
+
+def require_face(track: Track, name: str, min_fraction: float = MIN_FACE_FRACTION) -> Track:
+    """Turn a clip without a face (none, or in fewer than `min_fraction` of its frames)
+    into a user error naming the file."""
+    found = np.asarray(track.found, bool)
+    if not found.any() or face_fraction(found) < min_fraction:
+        raise TCCPError(no_face_message(name, int((~found).sum()), len(track)))
     return track
 
 
