@@ -170,10 +170,15 @@ def _compatible(a: str, b: str) -> bool:
     return a == b or GENERIC in (a, b)
 
 
+def _is_temp(name: str) -> bool:
+    """A temp entry of these writers (`.NAME.tmp-XXXX`, `.NAME.old-XXXX`) left by a killed run."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
 def _ownership(folder: Path, kind: str, known: frozenset[str]) -> tuple[str, set[str]]:
     """How an existing folder relates to command `kind`: ("empty" | "ours" | "foreign",
     the entries a new output of `kind` may replace)."""
-    entries = set(os.listdir(folder))
+    entries = {e for e in os.listdir(folder) if not _is_temp(e)}
     if not entries:
         return "empty", set()
     marker = read_marker(folder)
@@ -214,6 +219,7 @@ def _check_folder(final: Path, shown: str, policy: _Policy, flag: str | None) ->
 
 
 def _check_inputs(final: Path, shown: str, inputs: Iterable[Path], folder: bool) -> None:
+    """The output is no input; a folder output (replaced as a whole) holds no input."""
     for inp in inputs:
         if _same(final, inp):
             same = "" if os.fspath(inp) == os.fspath(final) else f" ({inp})"
@@ -231,6 +237,7 @@ def guard_output(
     folder: bool = False,
     known: Iterable[str] = (),
     flag: str | None = "--force",
+    _claiming: bool = False,
 ) -> Path:
     """Check, before any work, that writing `path` destroys nothing; returns it resolved.
 
@@ -246,7 +253,7 @@ def guard_output(
     shown = os.fspath(path)
     final = _resolve(path)
     ins = tuple(_resolve(p) for p in inputs if p is not None and os.fspath(p) != "")
-    _check_inputs(final, shown, ins, folder)
+    _check_inputs(final, shown, ins, folder and not _claiming)
     policy = _Policy(_kind(kind), bool(force), ins, frozenset(known))
     if folder:
         _check_folder(final, shown, policy, flag)
@@ -259,8 +266,9 @@ def guard_output(
 def claim_dir(path: str | os.PathLike, **kwargs: Any) -> Path:
     """`guard_output(path, folder=True, ...)`, then create the folder and mark it as an
     output of this command. For folders a command writes into file by file (a training
-    run, an eval report, the demo's folder); returns the path as given."""
-    final = guard_output(path, folder=True, **kwargs)
+    run, an eval report, the demo's folder): such a folder is never replaced as a whole,
+    so it may hold an input; it must not be one. Returns the path as given."""
+    final = guard_output(path, folder=True, _claiming=True, **kwargs)
     policy = _APPROVED[final]
     ensure_writable_dir(path)
     marker = read_marker(final)

@@ -66,7 +66,8 @@ def test_create_writes_a_complete_avatar_pack(avatar, tiny_pack):
     from tccp.pack import load_pack, load_stage_state
 
     names = sorted(p.name for p in avatar.iterdir())
-    assert names == ["AVATAR_CARD.md", "avatar.json", "config.json", "refs", "stage1.safetensors", "stage2.safetensors"]
+    assert names == [".tccp-output", "AVATAR_CARD.md", "avatar.json", "config.json", "refs", "stage1.safetensors",
+                     "stage2.safetensors"]
     assert not [p for p in avatar.parent.iterdir() if p.name.startswith(".")]  # no work/temp folders left
     meta = json.loads((avatar / "avatar.json").read_text())
     src = meta["sources"][0]

@@ -19,6 +19,7 @@ Steps (all under a work folder; the avatar folder appears only when complete):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,19 +172,28 @@ def _train_stage(stage: str, cfg: AvatarConfig, data: Path, run: Path, cache: Pa
     norm = base_cfg.get("latent_norm") or {}
     device = cfg.device
     batch = cfg.batch or (32 if str(device).startswith("cuda") else 4)
+    # a step cap shows the trainer's step bar; a time budget alone shows a time bar (the
+    # trainer's would count to its "no cap" sentinel with a meaningless ETA)
+    by_time = cfg.steps is None and minutes is not None
     tc = TrainConfig(
         stage=stage, data=str(data), out=str(run), config=name, model_overrides=over,
         steps=cfg.steps if cfg.steps is not None else 10**7, batch=batch, lr=cfg.lr,
         warmup_steps=cfg.warmup, minutes=minutes, device=device, init=str(base), cache=str(cache),
         latent_scale=float(norm.get("scale", 1.0)), latent_shift=float(norm.get("shift", 0.0)),
-        val_every=0, ckpt_every=0, progress=cfg.progress, seed=cfg.seed,
+        val_every=0, ckpt_every=0, progress=cfg.progress and not by_time, seed=cfg.seed,
     )
     t0 = time.monotonic()
-    trainer = Trainer(tc, log=log)
-    try:
-        res = trainer.run()
-    finally:
-        trainer.close()
+    with _time_bar(f"fine-tune {stage}", minutes * 60.0 if by_time else None, cfg.progress and by_time):
+        trainer = Trainer(tc, log=log)
+        try:
+            res = trainer.run()
+        finally:
+            trainer.close()
+    if res.step == 0 and cfg.steps != 0:
+        # no step fits the budget: an "avatar" equal to the base pack (or worse) is no avatar
+        raise TCCPError(f"--minutes {cfg.minutes:g}: too short, {stage} fine-tuning got 0 steps in its "
+                        f"{(minutes or 0) * 60:.0f} s (preparing its data took the budget); give more "
+                        "--minutes or an explicit --steps N")
     return {
         "steps": res.step,
         "stopped": res.stopped,
@@ -195,6 +205,37 @@ def _train_stage(stage: str, cfg: AvatarConfig, data: Path, run: Path, cache: Pa
         "checkpoint": str(res.checkpoint) if res.checkpoint else None,
         "config": name if cfg.config else "base pack architecture",
     }
+
+
+@contextlib.contextmanager
+def _time_bar(label: str, seconds: float | None, enabled: bool):
+    """A progress bar over a wall-clock budget (elapsed / budget seconds), updated by a
+    background thread; a no-op when disabled."""
+    if not enabled or not seconds:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=max(1, round(seconds)), desc=label, unit="s", file=sys.stderr, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of the time budget")
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            bar.n = min(bar.total, int(time.monotonic() - t0))
+            bar.refresh()
+
+    th = threading.Thread(target=tick, name="avatar-time-bar", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+        bar.close()
 
 
 def _load_ema(run: Path) -> Any:

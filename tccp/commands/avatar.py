@@ -15,6 +15,10 @@ import argparse
 import sys
 
 
+# what `avatar create --work DIR` keeps there (tccp.avatars.create)
+WORK_FILES = ("clips", "data", "tail", "runs", "pack", "latents.safetensors", "tail_latents.safetensors")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
@@ -56,6 +60,14 @@ def _create(args: argparse.Namespace) -> int:
 
             raise TCCPError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
+    from tccp.io_utils import claim_dir, guard_output
+
+    # before any work: the avatar folder is new, empty or an earlier avatar (--force
+    # replaces only what avatar create wrote); the work folder holds only its own files
+    guard_output(args.out, folder=True, kind="avatar", force=args.force,
+                 inputs=(*args.video, args.init, args.work))
+    if args.work:
+        claim_dir(args.work, kind="avatar", inputs=(*args.video, args.init), known=WORK_FILES, flag=None)
     cfg = AvatarConfig(
         videos=list(args.video), out=args.out, minutes=args.minutes, steps=args.steps, device=args.device,
         config=args.config, init=args.init, refs=args.refs, max_seconds=args.max_seconds, tail=args.tail,
@@ -72,6 +84,11 @@ def _create(args: argparse.Namespace) -> int:
     print(f"  stage-2 validation loss  base {f(s['stage2_val_loss'][0], '.4f')}  ->  avatar {f(s['stage2_val_loss'][1], '.4f')}")
     print(f"  face PSNR (head mask)    base {f(s['face_psnr_db'][0], '.2f')} dB  ->  avatar {f(s['face_psnr_db'][1], '.2f')} dB")
     print(f"  card: {res.path / 'AVATAR_CARD.md'}")
+    base, avatar = s["face_psnr_db"]
+    if base is not None and avatar is not None and avatar < base:
+        print(f"warning: the avatar reconstructs the held-out tail worse than the base pack (face PSNR "
+              f"{base:.2f} -> {avatar:.2f} dB); fine-tune longer (--minutes, --steps) or give more footage",
+              file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 __all__ = ["add_arguments", "main", "preview_image"]
 
+DEMO_FILES = ("demo.mp4", "demo_preview.png")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="out", help="output folder (default: out/)")
@@ -26,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S")
     p.add_argument("--preview-frames", type=int, default=4)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--force", action="store_true", help="write into an existing --out-dir that holds other files "
+                   "(they stay; only demo.mp4 and demo_preview.png are written)")
 
 
 def _fit(img: np.ndarray, h: int) -> np.ndarray:
@@ -72,8 +76,12 @@ def main(args: argparse.Namespace) -> int:
     from tccp.commands.run import make_progress, print_summary, print_warnings, quiet_native_stderr
     from tccp.media.io import sample_paths
 
+    from tccp.io_utils import claim_dir
+
     video, speech = sample_paths()
     out_dir = Path(args.out_dir)
+    # the demo writes demo.mp4 and demo_preview.png: never into a folder of other files
+    claim_dir(out_dir, kind="demo", inputs=(video, speech, args.model), known=DEMO_FILES, force=args.force)
     cfg = EngineConfig()
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))

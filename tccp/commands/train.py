@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "checkpoints", "cache")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
@@ -61,9 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tccp.errors import TCCPError
 
+    from tccp.io_utils import claim_dir, guard_output
+
     if args.export_pack:
         if not (args.stage1 and args.stage2):
             raise TCCPError("--export-pack needs --stage1 RUN and --stage2 RUN")
+        guard_output(args.export_pack, folder=True, kind="train", inputs=(args.stage1, args.stage2), flag=None)
         from tccp.training.trainer import export_pack
 
         card = {"name": args.name} if args.name else {}
@@ -74,6 +80,13 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         raise TCCPError(f"tccp train: missing {', '.join(missing)}")
     from tccp.training.trainer import TrainConfig, export_weights, train
+
+    # before any work: the run folder holds only this command's files (a new, empty or
+    # earlier run folder), and the weights copy never lands on an input or other files
+    inputs = (args.data, args.init, args.resume_from, args.cache)
+    claim_dir(args.out, kind="train", inputs=inputs, known=RUN_FILES, flag=None)
+    if args.export_weights:
+        guard_output(args.export_weights, folder=True, kind="train", inputs=(*inputs, args.out), flag=None)
 
     if args.threads:
         import torch
