@@ -410,10 +410,10 @@ def prepare_clip(
     if not src.exists():  # before any work: the commonest mistake
         raise TCCPError(f"{src}: file does not exist")
     # before any work: never over an input, never over a folder tccp prepare did not write
-    guard_output(folder, folder=True, kind="prepare", inputs=(src, audio))
+    guard_output(folder, folder=True, kind="prepare", inputs=(src, audio), force=force)
     data = _load(src, Path(audio) if audio is not None else None, cfg)
     _clean_stale_temps(out, folder.name)
-    with atomic_dir(folder, kind="prepare", inputs=(src, audio)) as tmp:
+    with atomic_dir(folder, kind="prepare", inputs=(src, audio), force=force) as tmp:
         _write_clip(src, tmp, data, cfg, progress)
         _fix_permissions(tmp)
     return folder
