@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 # what `avatar create --work DIR` keeps there (tccp.avatars.create)
@@ -74,7 +75,14 @@ def _create(args: argparse.Namespace) -> int:
         batch=args.batch, lr=args.lr, seed=args.seed, work=args.work, force=args.force,
         progress=not args.no_progress,
     )
-    res = create_avatar(cfg)
+    parent = Path(args.out).parent
+    made_parent = not parent.exists()
+    try:
+        res = create_avatar(cfg)
+    except BaseException:
+        if made_parent and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()  # a run that produced nothing leaves nothing
+        raise
     s = res.meta["validation"]["summary"]
 
     def f(x, spec):
