@@ -122,7 +122,8 @@ def _run(p: TCCPPipeline) -> tuple[torch.Tensor, torch.Tensor]:
 def test_pack_roundtrip_fp32_identical(pipe: TCCPPipeline, tmp_path: Path) -> None:
     out = save_pack(tmp_path / "pack", pipe.stage1, pipe.stage2, sampler=pipe.sampler, latent_norm=pipe.norm,
                     card={"training": {"note": "test"}}, dtype=torch.float32)
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "stage1.safetensors", "stage2.safetensors"]
+    assert sorted(f.name for f in out.iterdir()) == [".tccp-output", "config.json", "stage1.safetensors",
+                                                     "stage2.safetensors"]  # .tccp-output: io_utils' marker
     loaded = load_pack(out, with_autoencoder=False)
     assert loaded.sampler == pipe.sampler and loaded.norm == pipe.norm
     assert loaded.pack_config["card"]["training"]["note"] == "test"
