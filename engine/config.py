@@ -28,7 +28,7 @@ class EngineConfig:
     """
 
     steps: int = 4
-    """Sampler steps per stage at full quality."""
+    """Stage-2 sampler steps at full quality (0: the warped reference, no denoiser)."""
     sampler: str = "ddim"
     min_steps: int = 1
     """Degradation never reduces the step count below this."""
@@ -63,17 +63,20 @@ class EngineConfig:
     """Live A/V alignment: a gap in the input longer than this many 25 fps slots is
     not filled with repeated frames (the grid restarts at the next frame)."""
     identity: np.ndarray | None = field(default=None, repr=False)
-    """Identity reference image (uint8 RGB, any size, one face). None: the first
-    tracked face of the session's own video."""
-    identity_crop: np.ndarray | None = field(default=None, repr=False)
-    """Ready-made identity face crop (model size, as `engine.prep.prepare_identity`
-    makes it); takes precedence over `identity`. Lets a caller validate the image up
-    front and share one crop between sessions."""
+    """A still image of the person (uint8 RGB, one face): the session's only reference
+    for stage 2. None: references come from `references` or the session's own frames."""
     landmarks: str = "generated"
     """'generated': stage 1 predicts the landmarks from context + audio (the paper's
     pipeline). 'tracked': stage 1 is skipped and stage 2 is driven by the tracked
     landmarks of the input (the upper bound of the model card, and a choice for
     footage whose own head motion should be kept)."""
+    mouth_scale: float = 1.0
+    """Mouth-opening factor on stage 1's coordinates (0 closed, 1 as generated, 2 double)."""
+    gate: bool = True
+    """Rest the mouth where the voice-activity detector hears no speech."""
+    references: Any = field(default=None, repr=False)
+    """A ready reference bank (`tccp.pipelines.faces.ReferenceBank`, e.g. from
+    `engine.refs.scan_video` or an image); None: built from the session's own frames."""
     seed: int = 0
     colour_match: bool = True
     feather: float = 0.06
@@ -84,8 +87,8 @@ class EngineConfig:
             raise ValueError(f"landmarks must be 'generated' or 'tracked', got {self.landmarks!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps < 1 or self.min_steps < 1:
-            raise ValueError("steps and min_steps must be >= 1")
+        if self.steps < 0 or self.min_steps < 1:
+            raise ValueError("steps must be >= 0 and min_steps >= 1")
         self.min_steps = min(self.min_steps, self.steps)
         if self.window < 2:
             raise ValueError("window must have at least 2 slots")

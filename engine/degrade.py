@@ -5,9 +5,10 @@ and memory) grow, each session walks down a fixed ladder of cheaper modes and ba
 once it has had headroom for a while (see docs/engine.md):
 
     level 0        full quality: stage 1 + stage 2 at `steps` sampler steps
-    level 1..k     halve the sampler steps (both stages), down to `min_steps`
-    level k+1      "tracked": skip stage 1, stage 2 is driven by sketches of the
-                   tracked landmarks (one model instead of two)
+    level 1..k     halve stage 2's sampler steps, down to `min_steps`
+    level k+1      0 steps: stage 2 pastes the warped reference without the denoiser
+                   (stage 1 costs ~1 ms a window and stays; the mouth still follows
+                   the audio, only the learned refinement is skipped)
     level k+2      "passthrough": original frames, no model call
 
 A failed attempt to climb back (the first window after recovering is over budget
@@ -41,10 +42,8 @@ def ladder(steps: int, min_steps: int = 1, mode: str = "generated") -> list[Rung
     while s > min_steps:
         s = max(min_steps, s // 2)
         rungs.append(Rung(mode, s))
-    if mode == "tracked":
-        rungs.append(Rung("passthrough", 0))
-        return rungs
-    rungs.append(Rung("tracked", min_steps))
+    if steps > 0:
+        rungs.append(Rung(mode, 0))
     rungs.append(Rung("passthrough", 0))
     return rungs
 

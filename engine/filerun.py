@@ -39,7 +39,18 @@ class RunResult:
     """Frames the context video had (before ping-pong / cut)."""
     looped: bool
     preview: list | None = None
-    """With keep_preview: (original, sketch, generated) triples of a few frames."""
+    """With preview_frames: (original, target sketch, output frame, face box) of a few frames."""
+
+
+def _preview_row(original: np.ndarray, of, size: int) -> tuple:
+    """(original, sketch of the target landmarks, output frame, face box or None)."""
+    from tccp.face.sketch import draw_sketch
+
+    if of.targets is not None:
+        sketch = draw_sketch(of.targets, size)
+    else:
+        sketch = np.zeros((size, size, 3), np.uint8)
+    return (original, sketch, of.frame, of.box)
 
 
 def pingpong_index(i: int, n: int) -> int:
@@ -154,7 +165,6 @@ async def run_file_async(
     by default the video's own face is used. `preview_frames` > 0 keeps that many
     (original, sketch, generated) triples spread over the run for a preview image.
     """
-    from engine.prep import prepare_identity
     from tccp.media import io as media
 
     from tccp.face.track import MIN_FACE_FRACTION, no_face_message
@@ -178,12 +188,23 @@ async def run_file_async(
         raise TCCPError(f"{audio_src}: audio is shorter than one frame")
     frames_it, n_ctx, looped = context_frames(video, n_out, cfg.fps)
 
+    loop = asyncio.get_running_loop()
+    template = getattr(model.runner, "template", None)
     if identity is not None:
+        from engine.refs import bank_from_image
+
         name = str(identity) if not isinstance(identity, np.ndarray) else "identity image"
         img = identity if isinstance(identity, np.ndarray) else load_image(identity)
-        loop = asyncio.get_running_loop()
-        crop = await loop.run_in_executor(None, prepare_identity, img, model.size, name)
-        cfg = cfg.with_(identity_crop=crop, identity=None)
+        bank = await loop.run_in_executor(None, bank_from_image, img, template, model.size, name)
+        cfg = cfg.with_(references=bank, identity=None)
+    elif cfg.references is None and tracker is None and template is not None \
+            and getattr(model.runner, "references", None) is None:
+        # the bank from frames spread over the whole context video (not just its start)
+        from engine.refs import scan_video
+
+        builder = await loop.run_in_executor(None, scan_video, video, template, 8, model.size)
+        if builder is not None:
+            cfg = cfg.with_(references=builder.bank)
 
     keep = preview_frames > 0
     sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")
@@ -222,8 +243,7 @@ async def run_file_async(
                         f"must be visible in at least {MIN_FACE_FRACTION:.0%} of them")
             writer.write(of.frame)
             if written in preview_at and written in originals:
-                sketch = of.sketch if of.sketch is not None else np.zeros_like(of.crop if of.crop is not None else of.frame[:8, :8])
-                preview.append((originals.pop(written), sketch, of.frame, of.crop))
+                preview.append(_preview_row(originals.pop(written), of, model.size))
             written += 1
             if progress is not None:
                 progress(written, n_out)

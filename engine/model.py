@@ -34,6 +34,11 @@ class Runner(Protocol):
 
     size: int
     """Face crop side in pixels that the model works at."""
+    template: Any
+    """Head-frame template (478, 2) the references are matched in."""
+
+    def audio_features(self, live: bool, fps: float = 25.0) -> Any:
+        """A per-session maker of audio conditions (`engine.features.AudioFeatures`)."""
 
     def batch_key(self, request: Any) -> Any:
         """Requests with equal keys can be run in one batched call."""
@@ -94,13 +99,12 @@ class SharedModel:
         cls,
         pack: str | None = None,
         device: str = "cpu",
-        backend: str = "torch",
         **kwargs: Any,
     ) -> "SharedModel":
         """Load a model pack (None: the bundled default pack) onto `device`."""
         from engine.runner import PipelineRunner
 
-        return cls(PipelineRunner.from_pack(pack, device=device, backend=backend), **kwargs)
+        return cls(PipelineRunner.from_pack(pack, device=device), **kwargs)
 
     @property
     def size(self) -> int:
@@ -236,17 +240,16 @@ def check_mouth_scale(value: float) -> float:
         raise TCCPError(f"--mouth-scale {value}: must be between 0 and {MAX_SCALE:g}") from None
 
 
-def load_model(pack: str | None, device: str, backend: str, allow_random: bool = False, *,
-               avatar: str | None = None, mouth_scale: float = 1.0):
+def load_model(pack: str | None, device: str, loader: Any = None, allow_random: bool = False, *,
+               avatar: str | None = None):
     """SharedModel for the commands (`tccp run`, `demo`, `serve`, `eval --suite`);
-    `allow_random` turns a missing default pack into a random-weight tiny model with a
-    loud warning (the demo's temporary fallback).
-    `avatar` (name or folder) loads the avatar's fine-tuned pack and reference images
-    instead of `pack`; `mouth_scale` is the runner's lip-opening factor."""
+    `loader(pack, device)` loads the pipeline on another runtime (None: torch; see
+    `PipelineRunner.from_pack`); `allow_random` turns a missing default pack into a
+    random-weight tiny model with a loud warning (the demo's temporary fallback).
+    `avatar` (name or folder) loads the avatar's pack and reference bank instead of `pack`."""
     from engine.runner import PipelineRunner, default_pack_missing
     from tccp.errors import TCCPError
 
-    mouth_scale = check_mouth_scale(mouth_scale)
     if device == "cuda":
         import torch
 
@@ -255,7 +258,7 @@ def load_model(pack: str | None, device: str, backend: str, allow_random: bool =
     if avatar is not None:
         if pack is not None:
             raise TCCPError("--model and --avatar: pass one (an avatar brings its own fine-tuned model)")
-        return SharedModel(PipelineRunner.from_avatar(avatar, device=device, backend=backend, mouth_scale=mouth_scale))
+        return SharedModel(PipelineRunner.from_avatar(avatar, device=device, loader=loader))
     if pack is None and default_pack_missing():
         if not allow_random:
             raise TCCPError("no model pack: the bundled pack is missing; pass --model PACK")
@@ -265,7 +268,5 @@ def load_model(pack: str | None, device: str, backend: str, allow_random: bool =
             "[bold red]WARNING: the bundled model pack does not exist yet; using a RANDOM-WEIGHT "
             "tiny model. The output face will be noise, not a talking head.[/]"
         )
-        runner = PipelineRunner.random("tiny", device=device)
-        runner.mouth_scale = mouth_scale
-        return SharedModel(runner)
-    return SharedModel(PipelineRunner.from_pack(pack, device=device, backend=backend, mouth_scale=mouth_scale))
+        return SharedModel(PipelineRunner.random(device=device))
+    return SharedModel(PipelineRunner.from_pack(pack, device=device, loader=loader))

@@ -1,9 +1,9 @@
 """Per-window face tracking and crops (the CPU work before the model).
 
 Runs in the session's own worker thread (mediapipe graphs are stateful and not
-thread-safe, and must not block the event loop). The crops, masks and sketches are
-made exactly as `tccp.data.prepare` makes the training data (same boxes, sizes, head mask
-and grey fill), so the models see at inference what they saw in training.
+thread-safe, and must not block the event loop). The face crops are
+made exactly as `tccp.data.prepare` makes the training data (same boxes and sizes), so
+the models see at inference what they saw in training.
 
 Gaps: streaming has no look-ahead beyond the current window, so a missing face is
 interpolated when the face comes back inside the same window, held from the last
@@ -19,9 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from tccp.face import geometry as fg
-from tccp.face.sketch import draw_sketch
 
-__all__ = ["PreparedWindow", "WindowPreparer", "prepare_identity"]
+__all__ = ["PreparedWindow", "WindowPreparer"]
 
 
 @dataclass
@@ -35,9 +34,6 @@ class PreparedWindow:
     landmarks: np.ndarray | None = None  # (n, 478, 2) frame px
     face_boxes: np.ndarray | None = None  # (n, 4)
     faces: np.ndarray | None = None  # (n, S, S, 3) tracked face crops
-    contexts: np.ndarray | None = None  # (n, S, S, 3) head-masked context crops
-    sketches: np.ndarray | None = None  # (n, S, S, 3) sketches of tracked landmarks
-    masks: np.ndarray | None = None  # (n, S, S) float head masks in face-crop coords
     ready: float = 0.0  # monotonic time preparation finished
     extra: dict = field(default_factory=dict)
 
@@ -48,19 +44,6 @@ class PreparedWindow:
     @property
     def any_face(self) -> bool:
         return bool(np.asarray(self.found).any())
-
-
-def _crops(
-    frame: np.ndarray, lm: np.ndarray, fbox: np.ndarray, cbox: np.ndarray, size: int,
-    mask_dilate: float, mask_forehead: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    face = fg.crop(frame, fbox, size)
-    ctx = fg.crop(frame, cbox, size)
-    cmask = fg.head_mask(lm, cbox, size, dilate=mask_dilate, forehead=mask_forehead)
-    ctx = fg.mask_context(ctx, cmask)
-    sketch = draw_sketch(fg.to_crop_coords(lm, fbox, size), size)
-    fmask = fg.head_mask(lm, fbox, size, dilate=mask_dilate, forehead=mask_forehead)
-    return face, ctx, sketch, fmask
 
 
 class WindowPreparer:
@@ -157,27 +140,7 @@ class WindowPreparer:
         nearest = idx[np.abs(np.arange(n)[:, None] - idx[None, :]).argmin(axis=1)]
         lm, fb, cb = lm[nearest], fb[nearest], cb[nearest]
         s = self.size
-        faces = np.zeros((n, s, s, 3), np.uint8)
-        ctxs = np.zeros_like(faces)
-        sks = np.zeros_like(faces)
-        masks = np.zeros((n, s, s), np.float32)
-        for k in range(n):
-            faces[k], ctxs[k], sks[k], masks[k] = _crops(
-                win.frames[k], lm[k], fb[k], cb[k], s, self.mask_dilate, self.mask_forehead
-            )
         win.landmarks, win.face_boxes = lm, fb
-        win.faces, win.contexts, win.sketches, win.masks = faces, ctxs, sks, masks
+        win.faces = np.stack([fg.crop(win.frames[k], fb[k], s) for k in range(n)])
         win.extra["context_boxes"] = cb
         return win
-
-
-def prepare_identity(image: np.ndarray, size: int, name: str = "identity image") -> np.ndarray:
-    """Face crop (`size`, uint8 RGB) of the single image `image` for the identity condition."""
-    from tccp.errors import TCCPError
-    from tccp.face.track import FaceTracker
-
-    with FaceTracker() as tr:
-        obs = tr.update(np.ascontiguousarray(image))
-    if obs is None:
-        raise TCCPError(f"{name}: no face found")
-    return fg.crop(image, obs.face_box, size)

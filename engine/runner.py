@@ -1,21 +1,32 @@
 """What one model call does for one window, and the requests/results it trades.
 
-A `WindowRequest` holds everything a window needs (head-masked context crops, tracked
-sketches, mel windows, identity crop, the autoregressive carry and the rung of the
-degradation ladder); `PipelineRunner.run_batch` turns several such requests with the
-same shapes into one batched pass of `tccp.pipeline.TCCPPipeline`.
+A `WindowRequest` holds everything a window needs: the source face crops and tracked
+landmarks (crop px), the audio tokens and voice activity of its frames, the mel
+windows (stage 2's audio condition), the session's references, the autoregressive
+carry and the rung of the degradation ladder. `PipelineRunner.run_batch` runs several
+requests with the same shapes as one batched pass of both stages:
+
+1. stage 1 (unless `mode == "tracked"`): head-frame pose prior + audio -> lip and jaw
+   coordinates, then the mouth-opening factor and the voice-activity rest, then back
+   into the crop with the source's own head pose;
+2. stage 2: per frame the best reference of the bank warped onto those landmarks, the
+   lower face of the source masked out, the sketch; the mouth patch regenerated
+   (`steps` sampler steps; 0 = the warped reference alone) and decoded;
+3. the patch is blended into the source crop under the region mask.
+The session pastes the result into the frame at source resolution (`engine.composite`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = [
     "ModelState",
+    "SessionRefs",
     "WindowRequest",
     "WindowResult",
     "pad_frames",
@@ -26,35 +37,52 @@ __all__ = [
 
 @dataclass
 class ModelState:
-    """The autoregressive carry: everything slot 0 of the next window needs, i.e. the
-    previous window's last frame (latents are raw TAEF2 latents, (C, h, w))."""
+    """The autoregressive carry: what slot 0 of the next window needs (the previous
+    window's last frame)."""
 
-    face: Any  # generated face latent: stage-2 conditioning slot
-    sketch: Any  # sketch latent (generated, or tracked in 'tracked' mode): stage-1 slot
-    context: Any  # head-masked context latent of that frame (stage-1 c_v of slot 0)
-    mel: np.ndarray  # (16, 80) its mel window (c_l of slot 0)
-    ref_index: int | None = None  # avatar reference used (keeps the choice stable)
+    x: np.ndarray | None  # stage-1 vector of the last frame (None in tracked mode)
+    latent: Any  # stage-2 patch latent (C, h, w) of the last frame (None after a warp-only window)
+    tokens: np.ndarray  # (La, F) its audio tokens
+    vad: float
+    cv: np.ndarray | None  # its stage-1 control vector
+    mel: np.ndarray  # (16, 80)
+    mesh: np.ndarray  # (478, 2) its target landmarks (crop px)
+    crop: np.ndarray  # (S, S, 3) its source crop
+    source_mesh: np.ndarray  # (478, 2) its tracked landmarks
+    gate: float = 1.0  # voice-activity gate level
+    quiet: int = 0  # frames in a row without speech so far
+
+
+@dataclass
+class SessionRefs:
+    """A session's references: stage 2's bank and stage 1's reference landmarks,
+    fixed when the session's first window is generated (so the lip anchor never jumps)."""
+
+    bank: Any  # tccp.pipelines.faces.ReferenceBank
+    stage1: Any = None  # tccp.pipelines.landmarks.References
 
 
 @dataclass
 class WindowRequest:
-    mode: str  # 'generated' (stage 1 + 2) or 'tracked' (stage 2 on tracked sketches)
-    steps: int
+    mode: str  # 'generated' (stage 1 + 2) or 'tracked' (stage 2 on tracked landmarks)
+    steps: int  # stage-2 sampler steps (0: warped reference only)
     sampler: str
     guidance: float
     window: int  # slots per window (new frames = window - 1)
-    contexts: np.ndarray  # (n, S, S, 3) uint8 head-masked context crops, 1 <= n <= window - 1
-    sketches: np.ndarray  # (n, S, S, 3) uint8 sketches of the tracked landmarks
-    mel: np.ndarray  # (n, 16, 80) float32
-    identity: np.ndarray  # (S, S, 3) uint8 identity face crop
-    state: ModelState | None  # None: start from a first frame (first-frame step)
+    crops: np.ndarray  # (n, S, S, 3) source face crops, 1 <= n <= window - 1
+    meshes: np.ndarray  # (n, 478, 2) tracked landmarks in crop px
+    tokens: np.ndarray  # (n, La, F) audio tokens
+    vad: np.ndarray  # (n,) voice activity
+    mel: np.ndarray  # (n, 16, 80)
+    refs: SessionRefs
+    state: ModelState | None  # None: start from a first frame
     seed: int = 0
-    want_sketches: bool = False  # decode the stage-1 sketches (previews/debug)
-    identity_latent: Any = None  # (C, h, w) cached encoding of `identity` (from a result)
+    mouth_scale: float = 1.0
+    gate: bool = True
 
     @property
     def n(self) -> int:
-        return int(self.contexts.shape[0])
+        return int(self.crops.shape[0])
 
     @property
     def restart(self) -> bool:
@@ -63,13 +91,15 @@ class WindowRequest:
 
 @dataclass
 class WindowResult:
-    faces: np.ndarray  # (n, S, S, 3) uint8 generated face crops
+    faces: np.ndarray  # (n, S, S, 3) source crops with the regenerated mouth patch
+    masks: np.ndarray  # (n, S, S) float region masks (where the crop differs)
+    targets: np.ndarray  # (n, 478, 2) target landmarks (crop px)
+    ref_index: np.ndarray  # (n,) reference used per frame
     state: ModelState
-    sketches: np.ndarray | None = None  # (n, S, S, 3) uint8 decoded stage-1 sketches
     stage1_s: float = 0.0
     stage2_s: float = 0.0
     batch: int = 1
-    identity_latent: Any = None  # pass back in later requests to skip re-encoding
+    sketches: np.ndarray | None = field(default=None, repr=False)
 
 
 def pad_frames(x: np.ndarray, n: int) -> np.ndarray:
@@ -89,269 +119,254 @@ def default_pack_missing() -> bool:
 SAMPLER_NAMES = {"ddim": "ddim", "ddpm": "ddpm", "dpmpp": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
 
 
-class _StageTimer:
-    """Accumulates the forward time of one stage via module hooks (every sampler step
-    calls the stage once), so stage 1 and stage 2 can be reported separately even
-    though the pipeline runs them inside one call."""
-
-    def __init__(self, module: Any) -> None:
-        import torch
-
-        self.total = 0.0
-        self._t0 = 0.0
-        self._cuda = torch.cuda.is_available()
-        self._sync = lambda: None
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _pre(self, module: Any, args: Any) -> None:
-        if self._cuda and next(module.parameters()).is_cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
-
-    def _post(self, module: Any, args: Any, out: Any) -> None:
-        if self._cuda and next(module.parameters()).is_cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        self.total += time.perf_counter() - self._t0
-
-
 class PipelineRunner:
-    """Runs `WindowRequest`s on a `tccp.pipeline.TCCPPipeline` (see module docstring).
+    """Runs `WindowRequest`s on a `tccp.pipeline.EditPipeline` (see module docstring)."""
 
-    Per batch: encode the crops with TAEF2 (contexts; tracked sketches in 'tracked'
-    mode; identity faces), run `first_frame` for streams that (re)start, then one
-    `window` call with slot 0 = each stream's carried last frame, decode the faces.
-    Short (final) windows are padded by repeating their last frame so every request
-    of a batch has the same shapes; padded outputs are dropped.
-
-    `mouth_scale` (`tccp.face.mouth`, ControlTalk's alpha) scales the lip opening of the
-    sketches that drive stage 2: tracked sketches are warped before encoding; stage 1's
-    sketch latents are decoded, warped and re-encoded (only when the factor is not 1).
-    `references` (`tccp.avatars.refs.ReferenceBank`, an avatar's) replaces the requests'
-    identity: each window gets the reference nearest to its tracked head pose. Both
-    are per model (every session on it), not per request.
-    """
-
-    def __init__(self, pipeline: Any, size: int | None = None, *, mouth_scale: float = 1.0,
-                 references: Any = None) -> None:
-        from tccp.face.mouth import check_scale
-
-        if pipeline.autoencoder is None:
-            raise ValueError("PipelineRunner needs a pipeline with an autoencoder")
+    def __init__(self, pipeline: Any, size: int | None = None, *, references: Any = None) -> None:
         self.pipeline = pipeline
-        cfg = pipeline.stage1.cfg
-        self.size = int(size or pipeline.pack_config.get("crop_size") or cfg.latent_size * 8)
-        self.frames = int(cfg.frames)
-        self.mouth_scale = check_scale(mouth_scale)
-        self.references = references
+        self.size = int(size or pipeline.crop_size)
+        self.frames = 8
+        self.references = references  # an avatar's ReferenceBank (else each session's own)
         if references is not None and references.crops.shape[1] != self.size:
             raise ValueError(f"reference crops are {references.crops.shape[1]} px, the model works at {self.size} px")
-        self._t1 = _StageTimer(pipeline.stage1)
-        self._t2 = _StageTimer(pipeline.stage2)
 
     @classmethod
-    def from_pack(cls, pack: str | None = None, device: str = "cpu", backend: str = "torch",
+    def from_pack(cls, pack: str | None = None, device: str = "cpu", loader: Any = None,
                   **kwargs: Any) -> "PipelineRunner":
-        from tccp.errors import TCCPError
+        """`loader(pack, device) -> EditPipeline` picks the runtime: None is torch
+        (`tccp.pack.load_pack`); the commands pass `export.backends.pipeline_loader(name)`
+        for onnxruntime / TensorRT (the engine itself never imports `export`)."""
         from tccp.pack import load_pack
 
-        if backend == "torch":
-            return cls(load_pack(pack, device=device), **kwargs)
-        if backend not in ("onnxruntime", "tensorrt"):
-            raise TCCPError(f"--backend {backend}: unknown (choose torch, onnxruntime or tensorrt)")
-        from export.backends import load_pipeline  # exports the pack on first use (cached)
-
-        return cls(load_pipeline(pack, backend=backend, device=device), **kwargs)
+        return cls((loader or load_pack)(pack, device=device), **kwargs)
 
     @classmethod
-    def from_avatar(cls, avatar: Any, device: str = "cpu", backend: str = "torch", **kwargs: Any) -> "PipelineRunner":
-        """The avatar's fine-tuned pack with its references (`tccp.avatars.store.Avatar`, or a
+    def from_avatar(cls, avatar: Any, device: str = "cpu", loader: Any = None, **kwargs: Any) -> "PipelineRunner":
+        """The avatar's pack with its reference bank (`tccp.avatars.store.Avatar`, or a
         name / folder resolved by `tccp.avatars.store.load_avatar`)."""
         from tccp.avatars.store import load_avatar
 
         av = load_avatar(avatar) if not hasattr(avatar, "bank") else avatar
-        return cls.from_pack(str(av.path), device=device, backend=backend, references=av.bank(), **kwargs)
+        runner = cls.from_pack(str(av.path), device=device, loader=loader, **kwargs)
+        runner.references = av.bank(runner.pipeline.template)
+        return runner
 
     @classmethod
-    def random(cls, config: str = "tiny", device: str = "cpu", seed: int = 0, **overrides: Any) -> "PipelineRunner":
-        """Random-weight models of a named config (tests, and the demo until the
-        trained pack exists). Latent channels are forced to TAEF2's 32."""
+    def random(cls, device: str = "cpu", seed: int = 0, stage2: bool = True, size: int = 64) -> "PipelineRunner":
+        """Random-weight models (tests, mechanics only): a tiny stage 1 and a tiny
+        mouth-patch stage 2 for `size` px crops, with the real TAEF2 and Whisper
+        encoders and the bundled head-frame template."""
         import torch
 
+        from tccp.media.whisper import load_whisper
         from tccp.models.autoencoder import LATENT_CHANNELS, load_autoencoder
         from tccp.models.config import get_config
+        from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
         from tccp.models.mvcontrolnet import MVControlNet
-        from tccp.pipeline import TCCPPipeline
+        from tccp.pipeline import EditPipeline
 
-        cfg = get_config(config, latent_channels=LATENT_CHANNELS, **overrides)
         torch.manual_seed(seed)
-        s1, s2 = MVControlNet(cfg), MVControlNet(cfg)
-        for m in (s1, s2):
-            m.requires_grad_(False)
-            # the control branch starts at exactly zero (zero convs); nudge it so the
-            # random model really depends on its video condition, like a trained one
-            with torch.no_grad():
-                for p in m.control.parameters():
+        codec = LandmarkCodec(default_template(), "mouth")
+        net = LandmarkNet(LandmarkNetConfig(gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
+                                            width=32, depth=1, control_depth=1, heads=2))
+        model2 = None
+        if stage2:
+            from tccp.face.regions import patch_box
+
+            x0, _, x1, _ = patch_box(size)
+            lat = (x1 - x0) // 8
+            cfg = get_config("tiny", latent_channels=LATENT_CHANNELS, latent_size=lat, channel_mult=(1,),
+                             attention_levels=(0,), extra_channels=2 * LATENT_CHANNELS + 1, identity_tokens=lat * lat,
+                             frames=8)
+            model2 = MVControlNet(cfg).requires_grad_(False)
+            with torch.no_grad():  # a random control branch that really depends on c_v
+                for p in model2.control.parameters():
                     if p.abs().sum() == 0:
                         p.normal_(0, 0.02)
-        pipe = TCCPPipeline(s1, s2, load_autoencoder(device=device)).to(device)
-        return cls(pipe)
+        pipe = EditPipeline.build(net.requires_grad_(False), codec, model2, load_autoencoder(device=device),
+                                  load_whisper(device=device), crop_size=size)
+        return cls(pipe.to(device))
+
+    @property
+    def template(self) -> np.ndarray:
+        return self.pipeline.template
+
+    @property
+    def triangulation(self) -> Any:
+        return self.pipeline.stage2.tri
+
+    def audio_features(self, live: bool, fps: float = 25.0) -> Any:
+        """A session's audio-condition maker (`engine.features.AudioFeatures`)."""
+        from engine.features import AudioFeatures
+
+        return AudioFeatures(self.pipeline.whisper, live=live, fps=fps)
 
     def batch_key(self, r: WindowRequest) -> tuple:
-        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart,
-                tuple(r.contexts.shape[1:]), r.want_sketches)
+        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]))
 
-    # ------------------------------------------------------------------ helpers
-    def _encode(self, images: np.ndarray) -> Any:
-        """(..., S, S, 3) uint8 -> (..., C, h, w) latents on the pipeline's device."""
-        lead = images.shape[:-3]
-        flat = images.reshape((-1,) + images.shape[-3:])
-        z = self.pipeline.autoencoder.encode_images(flat)
-        z = z.to(self.pipeline.device, self.pipeline.dtype)
-        return z.reshape(tuple(lead) + tuple(z.shape[1:]))
-
-    def _warp(self, sketches: np.ndarray) -> np.ndarray:
-        """(..., S, S, 3) sketch images with the mouth opening scaled by `mouth_scale`."""
-        from tccp.face.mouth import warp_mouth
-
-        flat = sketches.reshape((-1,) + sketches.shape[-3:])
-        out = np.stack([warp_mouth(img, self.mouth_scale) for img in flat])
-        return out.reshape(sketches.shape)
-
-    def _sketch_edit(self) -> Any:
-        """The stage-1 -> stage-2 edit for `mouth_scale` (None when the factor is 1)."""
-        if self.mouth_scale == 1.0:
-            return None
-        from einops import rearrange
+    # ------------------------------------------------------------------ stage 1
+    def _stage1(self, requests: Sequence[WindowRequest], new: int) -> list[dict]:
+        """Target landmarks for each request's new frames (plus the carry)."""
+        from tccp.face import headframe as hf
+        from tccp.pipelines.landmarks import scale_opening
 
         pipe = self.pipeline
+        gen, codec = pipe.stage1, pipe.stage1.codec
+        template = codec.template
+        outs = []
+        per_req = []
+        for r in requests:
+            meshes = pad_frames(r.meshes, new)
+            heads, pose = hf.to_head(meshes, template)
+            if r.refs.stage1 is None:
+                bank = r.refs.bank
+                bheads, _ = hf.to_head(bank.meshes, template)
+                from tccp.data.landmarks import reference_frames
 
-        def edit(lat: Any) -> Any:  # raw latents (B, C, N, h, w)
-            b = lat.shape[0]
-            imgs = pipe.decode(lat).cpu().numpy()  # (B, N, S, S, 3)
-            z = self._encode(self._warp(imgs))  # (B, N, C, h, w)
-            return rearrange(z, "b n c h w -> b c n h w", b=b).to(lat.dtype)
-
-        return edit
-
-    def _references(self, requests: Sequence[WindowRequest]) -> tuple[Any, list[int]]:
-        """Per request, the avatar reference nearest to its head pose, as latents."""
-        import torch
-
-        bank = self.references
-        lat = bank.latents(self._encode)  # (K, C, h, w)
-        idx = [bank.choose(r.sketches[0] if r.n else None, r.state.ref_index if r.state is not None else None)
-               for r in requests]
-        return lat[torch.as_tensor(idx, device=lat.device)], idx
-
-    def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
-        import torch
-        from einops import rearrange
-
-        pipe = self.pipeline
-        r0 = requests[0]
-        new = r0.window - 1
-        b = len(requests)
-        t_start = time.perf_counter()
-        s1_before, s2_before = self._t1.total, self._t2.total
-        steps, cfg_scale = r0.steps, r0.guidance
-        sampler = SAMPLER_NAMES.get(r0.sampler, r0.sampler)
-        tracked = r0.mode == "tracked"
-        restart = r0.restart
-        gen = torch.Generator(device="cpu").manual_seed(int(r0.seed))
-
-        # (B, new, ...) inputs for the new frames, padded to the batch's shape
-        ctx_img = np.stack([pad_frames(r.contexts, new) for r in requests])
-        mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
-        t_enc = time.perf_counter()
-        ctx_lat = self._encode(ctx_img)  # (B, new, C, h, w)
-        ref_idx: list[int | None] = [None] * b
-        if self.references is not None:
-            ref_lat, ref_idx = self._references(requests)
-        elif all(r.identity_latent is not None for r in requests):
-            ref_lat = torch.stack([r.identity_latent for r in requests]).to(pipe.device, pipe.dtype)
-        else:
-            ref_lat = self._encode(np.stack([r.identity for r in requests]))  # (B, C, h, w)
-        sk_lat = None
-        if tracked:
-            sk_img = np.stack([pad_frames(r.sketches, new) for r in requests])
-            if self.mouth_scale != 1.0:
-                sk_img = self._warp(sk_img)
-            sk_lat = self._encode(sk_img)
-        edit = None if tracked else self._sketch_edit()
-        enc_s = time.perf_counter() - t_enc
-        mel_t = torch.from_numpy(mel).to(pipe.device, pipe.dtype)  # (B, new, 16, 80)
-
-        def five(x: Any) -> Any:  # (B, N, C, h, w) -> (B, C, N, h, w)
-            return rearrange(x, "b n c h w -> b c n h w")
-
-        first_face = None
+                r.refs.stage1 = gen.references(bheads[reference_frames(bheads, 4)])
+            per_req.append((meshes, heads, pose))
+        if requests[0].mode == "tracked":
+            for r, (meshes, heads, pose) in zip(requests, per_req):
+                if r.mouth_scale != 1.0:
+                    heads = scale_opening(heads, r.refs.stage1.rest, r.mouth_scale)
+                outs.append({"heads": heads, "pose": pose, "x": None, "gate": 1.0})
+            return outs
+        restart = requests[0].restart
+        tokens = np.stack([pad_frames(r.tokens, new) for r in requests]).astype(np.float32)
+        vad = np.stack([pad_frames(r.vad, new) for r in requests]).astype(np.float32)
+        cv = np.stack([codec.control(h) for _, h, _ in per_req])
+        refs = [r.refs.stage1 for r in requests]
         if restart:
-            # first-frame step on each stream's first new frame
-            sk0, face0 = pipe.first_frame(
-                five(ctx_lat[:, :1]), mel_t[:, :1], ref_lat, steps=steps, sampler=sampler,
-                cfg_scale=cfg_scale, tracked_sketch_lat=five(sk_lat[:, :1]) if tracked else None,
-                generator=gen, sketch_edit=edit,
-            )
-            first_face = face0  # (B, C, 1, h, w)
-            prev_face, prev_sketch = face0[:, :, 0], sk0[:, :, 0]
-            prev_ctx, prev_mel = ctx_lat[:, 0], mel_t[:, 0]
-            # the window then generates frames 1.. (one more padded slot at the end)
-            ctx_new = torch.cat([ctx_lat[:, 1:], ctx_lat[:, -1:]], dim=1)
-            mel_new = torch.cat([mel_t[:, 1:], mel_t[:, -1:]], dim=1)
-            sk_new = torch.cat([sk_lat[:, 1:], sk_lat[:, -1:]], dim=1) if tracked else None
+            first = gen.window(tokens[:, :1], vad[:, :1], cv[:, :1], refs, None, seed=[r.seed for r in requests])
+            prev = first[:, 0]
+            rest = gen.window(tokens, vad, cv, refs, prev, seed=[r.seed for r in requests])  # slot 0 = frame 0 itself
+            x = np.concatenate([first, rest[:, 1:]], axis=1)[:, :new]
+            x[:, 1:] = rest[:, 1:new]
         else:
             st = [r.state for r in requests]
-            prev_face = torch.stack([s.face for s in st]).to(pipe.device, pipe.dtype)
-            prev_sketch = torch.stack([s.sketch for s in st]).to(pipe.device, pipe.dtype)
-            prev_ctx = torch.stack([s.context for s in st]).to(pipe.device, pipe.dtype)
-            prev_mel = torch.from_numpy(np.stack([s.mel for s in st])).to(pipe.device, pipe.dtype)
-            ctx_new, mel_new, sk_new = ctx_lat, mel_t, sk_lat
+            prev = np.stack([s.x for s in st])
+            tok = np.concatenate([np.stack([s.tokens for s in st])[:, None], tokens], 1)
+            vv = np.concatenate([np.array([[s.vad] for s in st], np.float32), vad], 1)
+            cc = np.concatenate([np.stack([s.cv for s in st])[:, None], cv], 1)
+            x = gen.window(tok, vv, cc, refs, prev, seed=[r.seed for r in requests])[:, 1:]
+        for i, (r, (meshes, heads, pose)) in enumerate(zip(requests, per_req)):
+            ref = r.refs.stage1
+            gen_heads, _ = codec.decode(x[i], ref.anchor, heads, ref.pose)
+            level = 1.0 if r.state is None else r.state.gate
+            quiet = 0 if r.state is None else r.state.quiet
+            if r.gate:
+                gen_heads, level, quiet = _gate(gen_heads, ref.rest, vad[i], level, quiet)
+            if r.mouth_scale != 1.0:
+                gen_heads = scale_opening(gen_heads, ref.rest, r.mouth_scale)
+            outs.append({"heads": gen_heads, "pose": pose, "x": x[i], "gate": level, "quiet": quiet, "cv": cv[i],
+                         "tokens": tokens[i], "vad": vad[i]})
+        return outs
 
-        ctx_win = torch.cat([prev_ctx[:, None], ctx_new], dim=1)  # (B, N, C, h, w)
-        mel_win = torch.cat([prev_mel[:, None], mel_new], dim=1)  # (B, N, 16, 80)
-        tracked_win = torch.cat([prev_sketch[:, None], sk_new], dim=1) if tracked else None
-        sk_out, face_out = pipe.window(
-            five(ctx_win), mel_win, ref_lat, prev_sketch, prev_face, steps=steps, sampler=sampler,
-            cfg_scale=cfg_scale, tracked_sketch_lat=five(tracked_win) if tracked else None,
-            generator=gen, sketch_edit=edit,
-        )  # (B, C, new, h, w) each
-        if restart:
-            face_out = torch.cat([first_face, face_out], dim=2)
-            sk_out = torch.cat([sk0, sk_out], dim=2)
-            ctx_used, mel_used = torch.cat([prev_ctx[:, None], ctx_new], 1), torch.cat([prev_mel[:, None], mel_new], 1)
+    # ------------------------------------------------------------------ main
+    def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
+        import torch
+
+        from tccp.face import headframe as hf
+
+        pipe = self.pipeline
+        editor = pipe.stage2
+        r0 = requests[0]
+        new = r0.window - 1
+        t0 = time.perf_counter()
+        s1 = self._stage1(requests, new)
+        targets = [hf.to_image(o["heads"], o["pose"]) for o in s1]
+        t1 = time.perf_counter()
+        # stage 2 inputs for every frame of the window (slot 0 = the carried frame)
+        inputs, banks = [], []
+        for r, tg in zip(requests, targets):
+            bank = self.references if self.references is not None else r.refs.bank
+            crops = pad_frames(r.crops, new)
+            srcs = pad_frames(r.meshes, new)
+            if r.state is not None:
+                crops = np.concatenate([r.state.crop[None], crops])
+                srcs = np.concatenate([r.state.source_mesh[None], srcs])
+                tg = np.concatenate([r.state.mesh[None], tg])
+            inputs.append(editor.inputs(crops, tg, srcs, bank))
+            banks.append(bank)
+        mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
+        k0 = 0 if r0.restart else 1
+        warp_only = r0.steps <= 0 or editor.model is None
+        lat_new = None
+        if warp_only:
+            # the warped reference is the patch: no autoencoder, no denoiser
+            patches = np.stack([d["warped"][k0:] for d in inputs])
         else:
-            ctx_used, mel_used = ctx_new, mel_new
-        faces = pipe.decode(face_out).cpu().numpy()  # (B, n_out, S, S, 3)
-        sketches = pipe.decode(sk_out).cpu().numpy() if r0.want_sketches else None
-        if sketches is not None and edit is not None:
-            sketches = self._warp(sketches)  # what drove stage 2 (stage 1's output is carried raw)
-
-        total = time.perf_counter() - t_start
-        stage1 = enc_s + (self._t1.total - s1_before)
-        stage2 = max(0.0, total - stage1)
+            prevs = [None if r.state is None else r.state.latent for r in requests]
+            if r0.restart or any(p is None for p in prevs):
+                # first-frame step (a one-frame window, no clean slot), then the window
+                # with slot 0 pinned to that frame
+                ins = [{k: v[k0:] for k, v in d.items()} for d in inputs]
+                first = [{k: v[:1] for k, v in d.items()} for d in ins]
+                lat0 = editor.window(first, banks, mel[:, :1], None, steps=r0.steps, seed=[r.seed for r in requests])
+                lat_new = editor.window(ins, banks, mel, lat0[:, :, 0], steps=r0.steps, seed=[r.seed for r in requests])
+            else:
+                mel = np.concatenate([np.stack([r.state.mel for r in requests])[:, None], mel], 1)
+                prev = torch.stack(prevs)
+                lat_new = editor.window(inputs, banks, mel, prev, steps=r0.steps, seed=[r.seed for r in requests])[:, :, 1:]
+            patches = editor.decode(lat_new)
+        t2 = time.perf_counter()
+        x0, y0, x1, y1 = editor.patch
         results = []
         for i, r in enumerate(requests):
+            d = inputs[i]
             n = r.n
+            faces = pad_frames(r.crops, new).copy()
+            masks = np.zeros(faces.shape[:3], np.float32)
+            for k in range(new):
+                m = d["mask"][k0 + k][..., None]
+                region = faces[k, y0:y1, x0:x1].astype(np.float32)
+                faces[k, y0:y1, x0:x1] = np.clip(region * (1 - m) + patches[i, k] * m + 0.5, 0, 255).astype(np.uint8)
+                masks[k, y0:y1, x0:x1] = d["mask"][k0 + k]
+            o = s1[i]
             last = n - 1
             state = ModelState(
-                face=face_out[i, :, last].detach().clone(),
-                sketch=sk_out[i, :, last].detach().clone(),
-                context=ctx_used[i, last].detach().clone(),
-                mel=mel_used[i, last].detach().cpu().numpy().astype(np.float32),
-                ref_index=ref_idx[i],
+                x=None if o["x"] is None else o["x"][last].copy(),
+                latent=None if lat_new is None else lat_new[i, :, last].detach().clone(),
+                tokens=r.tokens[last].copy(), vad=float(r.vad[last]),
+                cv=None if o.get("cv") is None else o["cv"][last].copy(),
+                mel=np.asarray(r.mel[last], np.float32).copy(),
+                mesh=targets[i][last].copy(), crop=r.crops[last].copy(), source_mesh=r.meshes[last].copy(),
+                gate=float(o["gate"]), quiet=int(o.get("quiet", 0)),
             )
             results.append(WindowResult(
-                faces=faces[i, :n].copy(),
-                state=state,
-                sketches=None if sketches is None else sketches[i, :n].copy(),
-                stage1_s=stage1,
-                stage2_s=stage2,
-                batch=b,
-                identity_latent=ref_lat[i].detach().clone(),
+                faces=faces[:n], masks=masks[:n], targets=targets[i][:n], ref_index=d["ref"][k0:k0 + n],
+                state=state, stage1_s=t1 - t0, stage2_s=t2 - t1, batch=len(requests),
+                sketches=d["sketches"][k0:k0 + n],
             ))
         return results
+
+
+def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, quiet: int = 0
+          ) -> tuple[np.ndarray, float, int]:
+    """`tccp.pipelines.landmarks.apply_gate` for a stream: the gate's state carries over."""
+    from tccp.face import headframe as hf
+    from tccp.pipelines.landmarks import gate_levels
+
+    g, level, quiet = gate_levels(vad, level, quiet)
+    out = np.array(heads, np.float32, copy=True)
+    idx = list(hf.MOUTH)
+    out[:, idx] = rest[idx] + g[:, None, None] * (out[:, idx] - rest[idx])
+    return out, level, quiet
+
+
+def default_template() -> np.ndarray:
+    """The bundled pack's head-frame template (a mean face), for random-weight runners."""
+    from tccp.pack import DEFAULT_PACK
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(DEFAULT_PACK / "stage1.safetensors"), "pt") as f:
+            return f.get_tensor("template").float().numpy()
+    except Exception:  # no pack yet: the template fitted on the shared clips, rounded
+        return _FALLBACK_TEMPLATE()
+
+
+def _FALLBACK_TEMPLATE() -> np.ndarray:
+    path = __import__("pathlib").Path(__file__).resolve().parents[1] / "tccp" / "assets" / "face_template.npy"
+    return np.load(path).astype(np.float32)

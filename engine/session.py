@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from engine.align import AudioBuffer, FrameAligner, GridFrame, mel_for_frames
-from engine.composite import CompositeSettings, paste_back
+from engine.composite import CompositeSettings, paste_mouth
 from engine.config import EngineConfig
 from engine.degrade import DegradeController, Rung
 from engine.model import SharedModel
 from engine.prep import PreparedWindow, WindowPreparer
-from engine.runner import ModelState, WindowRequest, WindowResult
+from engine.runner import ModelState, SessionRefs, WindowRequest, WindowResult
 from engine.stats import SessionStats, WindowTiming
 
 __all__ = ["Session", "OutputFrame", "EngineError"]
@@ -65,6 +65,8 @@ class OutputFrame:
     """Debug: the generated face crop before paste-back (keep_debug=True)."""
     box: np.ndarray | None = None
     """Debug: the face box (x0, y0, x1, y1) the crop was pasted into (keep_debug=True)."""
+    targets: np.ndarray | None = None
+    """Debug: the target landmarks (478, 2) in crop px that drove stage 2 (keep_debug=True)."""
 
 
 @dataclass
@@ -100,11 +102,14 @@ class Session:
         self._composite = CompositeSettings(
             feather=self.cfg.feather, colour_match=self.cfg.colour_match
         )
-        self._identity_crop: np.ndarray | None = (
-            None if self.cfg.identity_crop is None else np.ascontiguousarray(self.cfg.identity_crop)
-        )
+        from engine.refs import BankBuilder
+
+        self._features = model.runner.audio_features(self.cfg.live, self.cfg.fps)
+        template = getattr(model.runner, "template", None)
+        self._bank_builder = BankBuilder(template, crop=model.size) if template is not None else None
+        fixed = self.cfg.references if self.cfg.references is not None else getattr(model.runner, "references", None)
+        self._refs: SessionRefs | None = SessionRefs(fixed) if fixed is not None else None
         self._identity_task: asyncio.Task | None = None
-        self._identity_latent: Any = None  # the model's encoding of the identity crop
         self._state: ModelState | None = None  # autoregressive carry between windows
         self._started = False
         self._closed = False
@@ -140,7 +145,7 @@ class Session:
             self._tasks.append(t)
         # build the face tracker (mediapipe graphs: ~1-3 s) while the first frames arrive
         loop.run_in_executor(self._track_pool, self._warm_tracker)
-        if self._identity_crop is None and self.cfg.identity is not None:
+        if self._refs is None and self.cfg.identity is not None:
             self._identity_task = loop.create_task(self._load_identity(), name=f"{self.name}-identity")
             self._identity_task.add_done_callback(self._task_done)
 
@@ -389,12 +394,18 @@ class Session:
         elif c.live and self._job_q.qsize() > 0 and self.controller.enabled and \
                 t_start - win.arrival > (self.controller.budget or 0.0):
             reason = "overload"  # already late and more waiting: skip ahead
-        if reason is None and self._identity_crop is None:
-            if self._identity_task is not None:
-                await self._identity_task  # a few ms of face tracking on one image
-            else:
-                first = int(np.flatnonzero(win.found)[0])
-                self._identity_crop = win.faces[first].copy()
+        if reason is None and self._identity_task is not None:
+            await self._identity_task  # a few ms of face tracking on one image
+        if reason is None and (self._refs is None or self._refs.bank is None):
+            await asyncio.get_running_loop().run_in_executor(self._track_pool, self._grow_bank, win)
+            if self._refs is None and self._bank_builder is not None and self._bank_builder.bank is not None:
+                self._refs = SessionRefs(self._bank_builder.bank)
+            if self._refs is None:
+                reason = "no_face"
+        elif reason is None and self._bank_builder is not None and self._refs.bank is self._bank_builder.bank \
+                and not self._bank_builder.full:
+            await asyncio.get_running_loop().run_in_executor(self._track_pool, self._grow_bank, win)
+            self._refs.bank = self._bank_builder.bank
         if reason is not None:
             timing.mode, timing.steps = "passthrough", 0
             self._state = None  # the next generated window restarts from a first frame
@@ -404,34 +415,50 @@ class Session:
         await self._wait_audio(float(win.pts[-1]) + 0.1 + 1.0 / c.fps)
         loop = asyncio.get_running_loop()
         mel = await loop.run_in_executor(None, mel_for_frames, self._audio, win.pts, c.fps)
+        t_feat = time.monotonic()
+        tokens, vad = await loop.run_in_executor(None, self._features.for_frames, self._audio, win.pts)
+        timing.features = time.monotonic() - t_feat
+        from tccp.face import geometry as fg
+
+        meshes = np.stack([fg.to_crop_coords(win.landmarks[k], win.face_boxes[k], self.model.size)
+                           for k in range(win.n)]).astype(np.float32)
         req = WindowRequest(
             mode=rung.mode,
             steps=rung.steps,
             sampler=c.sampler,
             guidance=c.guidance,
             window=c.window,
-            contexts=win.contexts,
-            sketches=win.sketches,
+            crops=win.faces,
+            meshes=meshes,
+            tokens=tokens,
+            vad=vad,
             mel=mel,
-            identity=self._identity_crop,
+            refs=self._refs,
             state=self._state,
             seed=c.seed + win.index,
-            want_sketches=self.keep_debug,
-            identity_latent=self._identity_latent,
+            mouth_scale=c.mouth_scale,
+            gate=c.gate,
         )
         res: WindowResult = await self.model.submit(req)
         self._state = res.state
-        self._identity_latent = res.identity_latent
         timing.stage1, timing.stage2, timing.batch = res.stage1_s, res.stage2_s, res.batch
         await self._comp_q.put(_CompositeJob(win, res, rung, None, timing))
 
     async def _load_identity(self) -> None:
-        from engine.prep import prepare_identity
+        from engine.refs import bank_from_image
 
         loop = asyncio.get_running_loop()
-        self._identity_crop = await loop.run_in_executor(
-            self._track_pool, prepare_identity, self.cfg.identity, self.model.size
+        bank = await loop.run_in_executor(
+            self._track_pool, bank_from_image, self.cfg.identity, self.model.runner.template, self.model.size
         )
+        self._refs = SessionRefs(bank)
+
+    def _grow_bank(self, win: PreparedWindow) -> None:
+        """Offer the window's tracked (not held or interpolated) frames to the bank."""
+        if self._bank_builder is None or self._bank_builder.full:
+            return
+        for k in np.flatnonzero(win.found)[::2]:
+            self._bank_builder.offer(win.frames[k], win.landmarks[k], win.face_boxes[k])
 
     # ------------------------------------------------------------------ composite
     def _composite_frames(self, job: _CompositeJob) -> list[OutputFrame]:
@@ -444,12 +471,16 @@ class Session:
                 out.append(OutputFrame(float(win.pts[k]), frame, False, reason, win.index))
                 continue
             face = res.faces[k]
-            img = paste_back(frame, face, win.face_boxes[k], win.masks[k], self._composite)
+            bank = self._refs.bank if self._refs is not None else None
+            img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
+                              int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
+                              self._composite)
             of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
             if self.keep_debug:
                 of.crop = face
                 of.box = np.asarray(win.face_boxes[k], np.float32)
-                of.sketch = res.sketches[k] if res.sketches is not None else win.sketches[k]
+                of.sketch = res.sketches[k] if res.sketches is not None else None
+                of.targets = res.targets[k]
             out.append(of)
         return out
 

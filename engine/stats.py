@@ -38,6 +38,8 @@ class WindowTiming:
     """'generated', 'tracked' (stage 1 skipped), or 'passthrough'."""
     batch: int = 1
     queue_wait: float = 0.0
+    features: float = 0.0
+    """Whisper tokens + voice activity of the window's frames."""
     stage1: float = 0.0
     stage2: float = 0.0
     composite: float = 0.0

@@ -1,18 +1,33 @@
-"""`tccp bench`: speed of the per-window pipeline on real prepared windows.
+"""`tccp bench`: speed of the per-window pipeline on real inputs, per backend.
 
-What is timed is what the engine does per window after tracking: both stages
-(condition encoders + sampler steps of the denoisers), TAEF2 encode of the crops and
-decode of the faces (`engine.runner.PipelineRunner.run_batch`), then compositing each
-face back into its source frame (`engine.composite.paste_back`). Face tracking and
-cropping happen before (they run in the session's own thread, concurrently with the
-model) and are not part of the number.
+What is timed is what a live engine session does per window after tracking, for K
+streams batched into one model call (as `engine.model.SharedModel` batches
+concurrent sessions):
 
-Method: the windows come from a prepared clip (default: a prepared piece of the
-bundled sample); K streams are batched into one call, as `SharedModel` batches
-concurrent sessions; warm-up calls are excluded; every window latency of every
-repeat is kept, so p50/p95/p99 come from the full distribution. The torch eager
-backend is always measured in the same run, so ratios compare like with like on a
-machine whose load may change between runs.
+    audio       Whisper on the last 3 s of audio of each stream (a live session's
+                view, `export.realdata.live_tokens`) -> the window's audio tokens
+    stage1      landmark condition tokens + the landmark network call(s)
+    ae_encode   TAEF2 encoding of the mouth-patch inputs (masked source, warped
+                reference, sketch) and of new reference patches
+    stage2      condition encoder + the denoiser's sampler steps
+    ae_decode   TAEF2 decoding of the new patches
+    other       the rest of `PipelineRunner.run_batch`: landmark codec, warps and
+                masks of the stage-2 inputs, sampler arithmetic, blending the patch
+    composite   pasting every new face into its source frame (`engine.composite.paste_mouth`)
+
+Face tracking and cropping happen before (in the session's own thread, concurrently
+with the model) and are not part of the number. The per-network parts come from the
+backends' own clocks (`export.backends.Timings`), so they are the same for every
+backend; `other` is what the run_batch call cost beyond them.
+
+Method: the windows come from a real clip (default: the bundled sample, tracked by
+the engine's tracker); warm-up calls are excluded; the backends are loaded side by
+side and measured INTERLEAVED, one repeat of M windows each in turn (the order
+rotating every repeat), so a change of load on a shared machine hits every backend
+alike; torch eager is always one of them, so every ratio compares like with like in
+the same run. Every window latency of every repeat is kept, so p50/p95/p99 come from
+the full distribution. A backend can be given with options, for side-by-side
+studies: `onnxruntime:threads=1,spin=1,opt=basic,precision=fp16`.
 """
 
 from __future__ import annotations
@@ -20,35 +35,66 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from export.machine import RssSampler, machine_info
+from tccp.errors import TCCPError
 
-__all__ = ["BenchConfig", "add_arguments", "main", "run_bench", "plot_bench"]
+__all__ = ["BenchConfig", "PARTS", "parse_backend", "add_arguments", "main", "run_bench", "plot_bench"]
+
+PARTS = ("audio", "stage1", "ae_encode", "stage2", "ae_decode", "other", "composite")
+_NET_PARTS = {"stage1_condition": "stage1", "stage1_denoiser": "stage1", "ae_encoder": "ae_encode",
+              "stage2_condition": "stage2", "stage2_denoiser": "stage2", "ae_decoder": "ae_decode"}
 
 
 @dataclass
 class BenchConfig:
     backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
     device: str = "cpu"
-    steps: int = 4  # engine default (EngineConfig.steps)
+    steps: int = 4  # stage-2 sampler steps (engine default; 0 = warp only)
     sampler: str = "ddim"
     guidance: float = 1.0
     streams: int = 1
     windows: int = 8
     repeat: int = 3
     warmup: int = 2
-    window: int | None = None  # slots per window (default: the model's frames)
-    mode: str = "generated"  # or "tracked" (stage 2 only, on tracked sketches)
-    threads: int | None = None
+    mode: str = "generated"  # or "tracked" (stage 2 only, on the tracked landmarks)
+    threads: int | None = None  # torch and onnxruntime threads (None: each its default)
     precision: str | None = None  # torch backend: fp32/fp16/bf16
     compile: bool = False
     cuda_graphs: bool = False
     seed: int = 0
+
+
+def parse_backend(spec: str) -> tuple[str, dict[str, Any]]:
+    """'onnxruntime:threads=1,spin=1' -> ('onnxruntime', {'threads': 1, 'spin': True})."""
+    from export.backends import BACKENDS
+
+    name, _, rest = spec.partition(":")
+    if name not in BACKENDS:
+        raise TCCPError(f"--backend {spec}: unknown (choose from {', '.join(BACKENDS)}, optionally "
+                        "with :key=value options)")
+    opts: dict[str, Any] = {}
+    allowed = {"torch": {"precision", "compile", "cuda_graphs"},
+               "onnxruntime": {"threads", "spin", "opt", "precision"}, "tensorrt": set()}[name]
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or k not in allowed:
+            raise TCCPError(f"--backend {spec}: option {item!r} (allowed for {name}: {', '.join(sorted(allowed)) or 'none'})")
+        if k == "threads":
+            if not v.isdigit() or int(v) < 1:
+                raise TCCPError(f"--backend {spec}: threads must be a positive integer")
+            opts[k] = int(v)
+        elif k in ("spin", "compile", "cuda_graphs"):
+            opts[k] = v.lower() in ("1", "true", "yes", "on")
+        else:
+            opts[k] = v
+    return name, opts
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -64,35 +110,6 @@ def _window_slices(clip_n: int, new: int, count: int) -> list[slice]:
     return [slice((i % avail) * new, (i % avail) * new + new) for i in range(count)]
 
 
-def _requests(clip: Any, sl: slice, cfg: BenchConfig, window: int, states: list | None, ident: list | None) -> list:
-    from engine.runner import WindowRequest
-
-    return [WindowRequest(
-        mode=cfg.mode, steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, window=window,
-        contexts=clip.contexts[sl], sketches=clip.sketches[sl], mel=clip.mel[sl], identity=clip.identity,
-        state=None if states is None else states[k], seed=cfg.seed,
-        identity_latent=None if ident is None else ident[k],
-    ) for k in range(cfg.streams)]
-
-
-def _composite(clip: Any, sl: slice, results: list, settings: Any, pool: Any = None) -> int:
-    """Paste every stream's new faces into their source frames. With several streams
-    each stream composites in its own worker, as each engine session does in its own
-    thread pool (OpenCV releases the GIL); one stream composites inline."""
-    from engine.composite import paste_back
-
-    idx = range(sl.start, sl.stop)
-
-    def one(res: Any) -> int:
-        for j, i in enumerate(idx):
-            paste_back(clip.frames[i], res.faces[j], clip.face_boxes[i], clip.masks[i], settings)
-        return len(idx)
-
-    if pool is None or len(results) == 1:
-        return sum(one(r) for r in results)
-    return sum(pool.map(one, results))
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -100,126 +117,128 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_backend(name: str, pack: Path, clip: Any, cfg: BenchConfig, cache: str | None = None) -> dict[str, Any]:
-    """Load one backend, warm it up, then time first frames and windows."""
-    import torch
+class _Subject:
+    """One backend under test: its pipeline, runner, streams and measurements."""
 
-    from engine.composite import CompositeSettings
-    from engine.config import EngineConfig
-    from engine.runner import PipelineRunner
-    from export.backends import load_pipeline
+    def __init__(self, label: str, name: str, opts: dict[str, Any], pack: Path, clip: Any, cfg: BenchConfig,
+                 cache: str | None) -> None:
+        import torch
 
-    opts: dict[str, Any] = {}
-    if name == "torch":
-        opts = {"precision": cfg.precision, "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}
-    elif name == "onnxruntime":
-        opts = {"threads": cfg.threads, "cache": cache}
-    elif name == "tensorrt":
-        opts = {"cache": cache}
-    if name == "torch_eager":  # the reference run, whatever the torch options
-        name, opts = "torch", {"precision": "fp32"}
-    t0 = time.perf_counter()
-    pipe = load_pipeline(pack, backend=name, device=cfg.device, **opts)
-    setup_s = time.perf_counter() - t0
-    runner = PipelineRunner(pipe, size=clip.size)
-    window = cfg.window or runner.frames
-    new = window - 1
-    settings = CompositeSettings(feather=EngineConfig().feather)
-    slices = _window_slices(clip.n, new, cfg.windows + 1)
-    cuda = cfg.device.startswith("cuda")
+        from engine.composite import CompositeSettings
+        from engine.config import EngineConfig
+        from engine.runner import PipelineRunner, SessionRefs
+        from export.backends import load_pipeline
 
-    def first() -> tuple[list, float]:
-        _sync(cfg.device)
-        t = time.perf_counter()
-        res = runner.run_batch(_requests(clip, slices[0], cfg, window, None, None))
-        _composite(clip, slice(slices[0].start, slices[0].start + 1), res, settings)  # the first frame
-        _sync(cfg.device)
-        return res, time.perf_counter() - t
+        self.label, self.cfg, self.clip = label, cfg, clip
+        if name != "torch":
+            opts = {"cache": cache, **opts}
+            if cfg.threads and name == "onnxruntime":
+                opts.setdefault("threads", cfg.threads)
+        t0 = time.perf_counter()
+        self.pipe = load_pipeline(pack, backend=name, device=cfg.device, **opts)
+        self.setup_s = time.perf_counter() - t0
+        if cfg.guidance != 1.0:
+            self.pipe.stage2.sampler = replace(self.pipe.stage2.sampler, cfg_scale=float(cfg.guidance))
+        self.backend = self.pipe.backend
+        self.runner = PipelineRunner(self.pipe, size=clip.size)
+        self.settings = CompositeSettings(feather=EngineConfig().feather, colour_match=EngineConfig().colour_match)
+        self.bank = clip.bank(self.pipe.template)
+        self.refs = [SessionRefs(self.bank) for _ in range(cfg.streams)]
+        self.pool = ThreadPoolExecutor(max_workers=cfg.streams) if cfg.streams > 1 else None
+        self.threads = {"torch": torch.get_num_threads(), "onnxruntime": getattr(self.backend, "threads", None)}
+        self.window_s: list[float] = []
+        self.first_s: list[float] = []
+        self.parts: dict[str, list[float]] = {p: [] for p in PARTS}
+        self.frames = 0
+        self.outputs: list[np.ndarray] = []
 
-    from concurrent.futures import ThreadPoolExecutor
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
-    pool = ThreadPoolExecutor(max_workers=cfg.streams) if cfg.streams > 1 else None
-    for _ in range(cfg.warmup):  # warm-up: first-frame path and one window path
-        res, _ = first()
-        runner.run_batch(_requests(clip, slices[1], cfg, window, [r.state for r in res], [r.identity_latent for r in res]))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    first_s: list[float] = []
-    window_s: list[float] = []
-    model_s: list[float] = []
-    parts: dict[str, list[float]] = {"stage1_incl_encode": [], "stage2_incl_decode": [], "composite": []}
-    frames = 0
-    outputs = None
-    with RssSampler() as rss:
-        t_all = 0.0
-        for rep in range(cfg.repeat):
-            res, dt = first()
-            first_s.append(dt)
-            if rep == 0:
-                outputs = [res[0].faces.copy()]
-            for m in range(cfg.windows):
-                sl = slices[1 + m]
-                reqs = _requests(clip, sl, cfg, window, [r.state for r in res], [r.identity_latent for r in res])
-                _sync(cfg.device)
-                t = time.perf_counter()
-                res = runner.run_batch(reqs)
-                _sync(cfg.device)
-                tm = time.perf_counter()
-                frames += _composite(clip, sl, res, settings, pool)
-                t_end = time.perf_counter()
-                window_s.append(t_end - t)
-                model_s.append(tm - t)
-                parts["stage1_incl_encode"].append(res[0].stage1_s)
-                parts["stage2_incl_decode"].append(res[0].stage2_s)
-                parts["composite"].append(t_end - tm)
-                t_all += t_end - t
-                if rep == 0 and m < 2:
-                    outputs.append(res[0].faces.copy())
-    if pool is not None:
-        pool.shutdown()
-    # the autoencoder alone, per window of one stream: at 128 px TAEF2 costs more
-    # FLOPs than the small diffusion model, so it is worth seeing separately
-    ae_enc, ae_dec = [], []
-    lat = pipe.autoencoder.encode_images(clip.faces[:new])
-    for _ in range(cfg.repeat):
-        _sync(cfg.device)
-        t = time.perf_counter()
-        pipe.autoencoder.encode_images(clip.contexts[:new])
-        _sync(cfg.device)
+    def _composite(self, sl: slice, results: list) -> int:
+        """Paste every stream's new faces into their source frames. With several
+        streams each composites in its own worker, as each engine session does in its
+        own thread pool (OpenCV releases the GIL); one stream composites inline."""
+        from engine.composite import paste_mouth
+
+        clip, tri = self.clip, self.runner.triangulation
+
+        def one(res: Any) -> int:
+            for j, i in enumerate(range(sl.start, sl.stop)):
+                paste_mouth(clip.frames[i], res.faces[j], clip.boxes[i], res.masks[j], res.targets[j], self.bank,
+                            int(res.ref_index[j]), tri, self.settings)
+            return sl.stop - sl.start
+
+        if self.pool is None or len(results) == 1:
+            return sum(one(r) for r in results)
+        return sum(self.pool.map(one, results))
+
+    def window(self, sl: slice, states: list | None, record: bool) -> list:
+        """One timed window of every stream (a restart when `states` is None)."""
+        from export.realdata import live_tokens, window_request
+
+        cfg, clip, dev = self.cfg, self.clip, self.cfg.device
+        timings = self.backend.timings
+        _sync(dev)
+        t0 = time.perf_counter()
+        n = sl.stop - sl.start
+        tokens = [live_tokens(self.pipe.whisper, clip, sl.start, n) for _ in range(cfg.streams)]
+        _sync(dev)
         t1 = time.perf_counter()
-        pipe.autoencoder.decode(lat)
-        _sync(cfg.device)
-        ae_enc.append(t1 - t)
-        ae_dec.append(time.perf_counter() - t1)
-    out = {
-        "backend": getattr(getattr(pipe, "backend", None), "name", name),
-        "autoencoder_p50_ms": {"encode_window": float(np.median(ae_enc) * 1000),
-                               "decode_window": float(np.median(ae_dec) * 1000), "frames": new},
-        "setup_s": round(setup_s, 2),
-        "window": window,
-        "new_frames_per_window": new,
-        "fps": frames / t_all if t_all > 0 else float("nan"),
-        # the model call alone (no compositing): what a pipelined engine, compositing
-        # the previous window while the model runs the next, could sustain
-        "model_fps": frames / sum(model_s) if model_s else float("nan"),
-        "window_latency": _stats(window_s),
-        "model_latency": _stats(model_s),
-        "first_frame_latency": _stats(first_s),
-        # the engine runner's own split: stage 1 includes TAEF2 encoding of the crops,
-        # stage 2 the rest of the call (its sampler steps and TAEF2 decoding)
-        "breakdown_p50_ms": {k: float(np.percentile(v, 50) * 1000) for k, v in parts.items()},
-        "peak_rss_mb": rss.peak / 2**20,
-        "latencies_ms": [x * 1000 for x in window_s],
-    }
-    if cuda:
-        out["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    out["_outputs"] = outputs
-    return out
+        reqs = [window_request(clip, sl, self.refs[k], None if states is None else states[k], tokens=tokens[k],
+                               steps=cfg.steps, mode=cfg.mode, sampler=cfg.sampler, seed=cfg.seed + k)
+                for k in range(cfg.streams)]
+        timings.reset()
+        res = self.runner.run_batch(reqs)
+        _sync(dev)
+        t2 = time.perf_counter()
+        net = timings.snapshot()
+        frames = self._composite(sl, res)
+        t3 = time.perf_counter()
+        if record:
+            if states is None:
+                self.first_s.append(t3 - t0)
+            else:
+                self.window_s.append(t3 - t0)
+                self.frames += frames
+                parts = dict.fromkeys(PARTS, 0.0)
+                parts["audio"] = t1 - t0
+                for k, v in net.items():
+                    if k in _NET_PARTS:
+                        parts[_NET_PARTS[k]] += v
+                parts["other"] = max(0.0, (t2 - t1) - sum(v for k, v in net.items() if k in _NET_PARTS))
+                parts["composite"] = t3 - t2
+                for k, v in parts.items():
+                    self.parts[k].append(v)
+        return res
+
+    def result(self, rss_peak: int) -> dict[str, Any]:
+        total = sum(self.window_s)
+        out = {
+            "backend": self.label,
+            "runtime": self.backend.name,
+            "threads": self.threads,
+            "setup_s": round(self.setup_s, 2),
+            "fps": self.frames / total if total > 0 else float("nan"),
+            "window_latency": _stats(self.window_s),
+            "first_frame_latency": _stats(self.first_s),
+            # mean seconds per window of each part (they add up to the mean latency)
+            "breakdown_ms": {k: float(np.mean(v) * 1000) for k, v in self.parts.items()},
+            "breakdown_p50_ms": {k: float(np.percentile(v, 50) * 1000) for k, v in self.parts.items()},
+            "peak_rss_mb": rss_peak / 2**20,
+            "latencies_ms": [x * 1000 for x in self.window_s],
+        }
+        model = sum(self.window_s) - sum(self.parts["composite"]) - sum(self.parts["audio"])
+        # the model call alone: what a pipelined engine (audio and compositing of the
+        # neighbouring windows overlapping the model call) could sustain
+        out["model_fps"] = self.frames / model if model > 0 else float("nan")
+        return out
 
 
 def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache: str | None = None,
               log: Any = None) -> dict[str, Any]:
-    """Benchmark every backend of `cfg` (plus the torch eager reference) on `clip`."""
+    """Benchmark every backend of `cfg` plus the torch eager reference on `clip`."""
     import torch
 
     from export.realdata import sample_clip
@@ -230,47 +249,84 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
         torch.set_num_threads(int(cfg.threads))
     pc = read_pack_config(pack)
     size = int(pc.get("crop_size", 128))
-    frames_cfg = int(pc["stage1"].get("frames", 8))
-    window = cfg.window or frames_cfg
+    window = 8
+    new = window - 1
     if clip is None:
-        need = min(125, (cfg.windows + 2) * (window - 1))
-        clip = sample_clip(max(need, 2 * window), size, with_frames=True)
-    if clip.frames is None:
-        raise ValueError("bench needs the clip's source frames (load_real_clip(..., with_frames=True))")
+        clip = sample_clip(min(125, max(4 * new, (cfg.windows + 1) * new)), size)
+    if clip.size != size:
+        raise TCCPError(f"clip cut at {clip.size} px; the pack runs at {size} px")
+    if clip.n < 2 * new:
+        raise TCCPError(f"{clip.name}: the benchmark needs at least {2 * new} frames")
     machine_before = machine_info(cfg.device)
-    names = list(dict.fromkeys(cfg.backends))
-    runs = []
-    reference = None
+    specs = [parse_backend(b) for b in dict.fromkeys(cfg.backends)]
     torch_plain = cfg.precision in (None, "fp32") and not cfg.compile and not cfg.cuda_graphs
-    if cfg.device == "cpu" and torch_plain and "torch" in names:
-        order = ["torch"] + [n for n in names if n != "torch"]
+    labels: list[tuple[str, str, dict[str, Any]]] = []
+    ref_label = None
+    for spec, (name, opts) in zip(dict.fromkeys(cfg.backends), specs):
+        if name == "torch":
+            opts = {"precision": cfg.precision, "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, **opts}
+            plain = opts.get("precision") in (None, "fp32") and not opts.get("compile") and not opts.get("cuda_graphs")
+            if plain and ref_label is None and torch_plain:
+                ref_label = spec
+        labels.append((spec, name, opts))
+    if ref_label is None:  # the eager reference is measured in the same run, first
+        ref_label = "torch eager"
+        labels.insert(0, (ref_label, "torch", {"precision": "fp32"}))
     else:
-        order = ["torch_eager"] + names  # the eager reference is measured in the same run
-    for name in order:
-        say(f"benchmarking {name} ({cfg.streams} stream(s), {cfg.windows} windows x {cfg.repeat} repeats)")
-        r = bench_backend(name, pack, clip, cfg, cache)
-        r["reference"] = name in ("torch", "torch_eager") and reference is None
-        outputs = r.pop("_outputs")
-        if reference is None:
-            reference = (r, outputs)
-        else:
-            ref, ref_out = reference
+        labels.sort(key=lambda x: x[0] != ref_label)
+    subjects = []
+    for lab, name, opts in labels:
+        say(f"loading {lab}")
+        subjects.append(_Subject(lab, name, opts, pack, clip, cfg, cache))
+    slices = _window_slices(clip.n, new, cfg.windows + 1)
+    for s in subjects:  # warm-up: first-frame path and one window path
+        say(f"warming up {s.label}")
+        for _ in range(cfg.warmup):
+            res = s.window(slices[0], None, False)
+            s.window(slices[1], [r.state for r in res], False)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    say(f"measuring {', '.join(s.label for s in subjects)} interleaved: {cfg.repeat} x {cfg.windows} windows, "
+        f"{cfg.streams} stream(s)")
+    with RssSampler() as rss:
+        for rep in range(cfg.repeat):
+            order = subjects[rep % len(subjects):] + subjects[:rep % len(subjects)]
+            for s in order:
+                res = s.window(slices[0], None, True)
+                if rep == 0:
+                    s.outputs.append(res[0].faces.copy())
+                for m in range(cfg.windows):
+                    res = s.window(slices[1 + m], [r.state for r in res], True)
+                    if rep == 0 and m < 2:
+                        s.outputs.append(res[0].faces.copy())
+    runs = []
+    ref = subjects[0]
+    for s in subjects:
+        s.close()
+        r = s.result(rss.peak)
+        r["reference"] = s is ref
+        if s is not ref:
+            rr = runs[0]
             r["vs_torch_eager"] = {
-                "fps_ratio": r["fps"] / ref["fps"],
-                "p50_latency_ratio": r["window_latency"]["p50_ms"] / ref["window_latency"]["p50_ms"],
+                "fps_ratio": r["fps"] / rr["fps"],
+                "model_fps_ratio": r["model_fps"] / rr["model_fps"],
+                "p50_latency_ratio": r["window_latency"]["p50_ms"] / rr["window_latency"]["p50_ms"],
                 "max_abs_pixel_diff": int(max(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()
-                                              for a, b in zip(outputs, ref_out))),
+                                              for a, b in zip(s.outputs, ref.outputs))),
             }
         runs.append(r)
     flops = _flops(pc, cfg, window)
     for r in runs:
         if flops:
-            r["achieved_gflops_per_s"] = flops["window_flops"] / (r["model_latency"]["p50_ms"] / 1000) / 1e9 * cfg.streams
+            model_ms = r["breakdown_ms"]["stage1"] + r["breakdown_ms"]["stage2"]
+            if model_ms > 0:
+                r["achieved_gflops_per_s"] = flops["window_flops"] * cfg.streams / (model_ms / 1000) / 1e9
     return {
         "model": label,
         "random_weights": "RANDOM" in label,
-        "config": {**asdict(cfg), "window": window, "crop_size": size,
-                   "stage_config": pc["stage1"], "clip": clip.name, "clip_frames": clip.n},
+        "config": {**asdict(cfg), "window": window, "crop_size": size, "stage2": pc.get("stage2") is not None,
+                   "stage1_objective": pc["stage1"]["model"].get("objective"), "clip": clip.name, "clip_frames": clip.n,
+                   "parts": list(PARTS)},
         "machine": {**machine_before, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "flops_estimate": flops,
         "runs": runs,
@@ -278,31 +334,45 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
 
 
 def _flops(pc: dict, cfg: BenchConfig, window: int) -> dict[str, Any] | None:
-    """FLOPs per window from torch's FlopCounter (as `tccp info`): an estimate of the
-    work, not a measurement of speed."""
+    """FLOPs per continued window of the networks the breakdown calls stage1 and
+    stage2, from torch's FlopCounter (as `tccp info`): an estimate of the work, not a
+    measurement of speed (Whisper and TAEF2 excluded)."""
     try:
         import torch
+        from torch.utils.flop_counter import FlopCounterMode
 
         from tccp.models.config import MVConfig
+        from tccp.models.landmarks import LandmarkNet, LandmarkNetConfig
         from tccp.models.mvcontrolnet import MVControlNet, count_flops
 
         total = 0
-        for k in ("stage1", "stage2"):
-            if k == "stage1" and cfg.mode == "tracked":
-                continue
-            mc = MVConfig.from_dict(pc[k])
+        if cfg.mode != "tracked":
+            c1 = LandmarkNetConfig.from_dict(pc["stage1"]["model"])
             torch.manual_seed(0)
-            total += count_flops(MVControlNet(mc), mc, frames=window)
-        mult = cfg.steps * (2 if cfg.guidance != 1.0 else 1)
-        return {"window_flops": total * mult, "per_new_frame_flops": total * mult / (window - 1),
-                "note": "networks only (FlopCounterMode: matmul/conv/attention), autoencoder excluded"}
+            net = LandmarkNet(c1).eval()
+            audio = torch.zeros(1, window, c1.audio_tokens, c1.audio_layers * c1.audio_width)
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                ctx = net.condition_tokens(audio, torch.zeros(1, window), torch.zeros(1, 4, c1.ref_dim))
+                net(torch.zeros(1, window, c1.gen_dim), torch.zeros(1, dtype=torch.long), ctx,
+                    torch.zeros(1, window, c1.cv_dim), torch.zeros(1, window))
+            calls = 1 if c1.objective == "regress" else int(pc["stage1"].get("steps", 4))
+            total += int(counter.get_total_flops()) * calls
+        if pc.get("stage2") and cfg.steps > 0:
+            mc = MVConfig.from_dict(pc["stage2"]["model"])
+            torch.manual_seed(0)
+            total += count_flops(MVControlNet(mc), mc, frames=window) * cfg.steps * (2 if cfg.guidance != 1.0 else 1)
+        return {"window_flops": total, "per_new_frame_flops": total / (window - 1),
+                "note": "stage-1 and stage-2 networks per continued window (FlopCounterMode: matmul/conv/"
+                        "attention); Whisper and TAEF2 excluded"}
     except Exception:  # noqa: BLE001 - an estimate must never fail the benchmark
         return None
 
 
 # --------------------------------------------------------------------------- plot
 def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Per-window latency distribution per backend and fps bars, one PNG."""
+    """Per-window latency distribution per backend, and the per-part breakdown as
+    stacked bars with fps on top, one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -310,29 +380,41 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
     runs = report["runs"]
     names = [r["backend"] for r in runs]
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(12, 4.4))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
     ax1.boxplot([r["latencies_ms"] for r in runs], whis=(1, 99), showfliers=True)
     ax1.set_xticks(range(1, len(names) + 1), names)
+    rng = np.random.default_rng(0)
     for i, r in enumerate(runs, 1):
-        ax1.scatter(np.full(len(r["latencies_ms"]), i) + np.random.default_rng(0).uniform(-0.15, 0.15, len(r["latencies_ms"])),
-                    r["latencies_ms"], s=6, alpha=0.4)
+        lat = r["latencies_ms"]
+        ax1.scatter(np.full(len(lat), i) + rng.uniform(-0.15, 0.15, len(lat)), lat, s=6, alpha=0.4)
         ax1.annotate(f"p95 {r['window_latency']['p95_ms']:.0f} ms", (i, r["window_latency"]["p95_ms"]),
                      textcoords="offset points", xytext=(18, 0), fontsize=8)
+    lat_all = np.concatenate([r["latencies_ms"] for r in runs]) if runs else np.ones(1)
+    if lat_all.max() > 20 * max(lat_all.min(), 1e-3):  # backends far apart: keep each readable
+        ax1.set_yscale("log")
     ax1.set_ylabel("per-window latency (ms)")
     c = report["config"]
     ax1.set_title(f"{c['streams']} stream(s), window {c['window']}, {c['steps']} {c['sampler']} steps, {c['device']}",
                   fontsize=9)
-    ax2.bar(names, [r["fps"] for r in runs], color=["#888888"] + ["#3a7"] * (len(runs) - 1))
+    bottom = np.zeros(len(runs))
+    colours = ["#8c6bb1", "#4c72b0", "#55a868", "#c44e52", "#dd8452", "#999999", "#ccb974"]
+    for part, col in zip(PARTS, colours):
+        vals = np.array([r["breakdown_ms"][part] for r in runs])
+        ax2.bar(names, vals, bottom=bottom, color=col, label=part)
+        bottom += vals
     for i, r in enumerate(runs):
-        ax2.annotate(f"{r['fps']:.1f}", (i, r["fps"]), ha="center", textcoords="offset points", xytext=(0, 2), fontsize=8)
-    ax2.set_ylabel("frames per second (all streams)")
-    model = report["model"]
-    fig.suptitle(f"tccp bench: {model} on {report['machine']['cpu']} ({report['machine']['cpus_usable']} cpus)"
-                 + (f", {report['machine']['gpu']}" if report["machine"].get("gpu") else ""), fontsize=10)
+        ratio = r.get("vs_torch_eager")
+        txt = f"{r['fps']:.1f} fps" + (f" (x{ratio['fps_ratio']:.2f})" if ratio else "")
+        ax2.annotate(txt, (i, bottom[i]), ha="center", textcoords="offset points", xytext=(0, 2), fontsize=8)
+    ax2.set_ylabel("mean ms per window")
+    ax2.legend(fontsize=7, loc="upper right")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=8, rotation=15)
+    m = report["machine"]
+    fig.suptitle(f"tccp bench: {report['model']} on {m['cpu']} ({m['cpus_usable']} cpus)"
+                 + (f", {m['gpu']}" if m.get("gpu") else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -341,33 +423,36 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from export.packs import RANDOM_CONFIGS
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
-    src.add_argument("--config", metavar="NAME", help="RANDOM weights of a named config (paper, small, tiny); "
+    src.add_argument("--config", metavar="NAME", help=f"RANDOM weights of a named config ({', '.join(RANDOM_CONFIGS)}); "
                      "clearly labelled in the output")
     p.add_argument("--backend", nargs="+", default=None, metavar="B",
-                   help="backends: torch onnxruntime tensorrt (default: torch onnxruntime); torch eager is "
+                   help="backends: torch onnxruntime tensorrt (default: torch onnxruntime), each optionally with "
+                        "options, e.g. onnxruntime:threads=1,spin=1,opt=basic,precision=fp16; torch eager is "
                         "always measured as the reference")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: 4, the engine's)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 sampler steps (default: 4, the engine's; 0 = warp only)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "ddpm"), default="ddim")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (!= 1 doubles the batch)")
+    p.add_argument("--guidance", type=float, default=1.0, help="stage-2 CFG scale (!= 1 doubles the batch)")
     p.add_argument("--streams", type=int, default=1, metavar="K", help="concurrent streams batched per call")
     p.add_argument("--windows", type=int, default=8, metavar="M", help="timed windows per repeat")
     p.add_argument("--repeat", type=int, default=3, help="repeats of the M windows (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
-    p.add_argument("--window", type=int, default=None, help="slots per window (default: the model's frames)")
     p.add_argument("--mode", choices=("generated", "tracked"), default="generated",
-                   help="generated: both stages; tracked: stage 2 on tracked sketches")
-    p.add_argument("--clip", metavar="PREPARED", help="prepared clip folder (default: prepared bundled sample)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
+                   help="generated: both stages; tracked: stage 2 on the tracked landmarks")
+    p.add_argument("--clip", metavar="VIDEO", help="a video with one face and speech (default: the bundled sample)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime "
+                   "(default: each library's default; onnxruntime's is torch's count)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None, help="torch backend precision")
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: CUDA graphs (cuda only)")
     p.add_argument("--json", metavar="OUT.json", required=False, help="write the report here")
-    p.add_argument("--plot", metavar="OUT.png", help="latency distribution per backend + fps bars")
+    p.add_argument("--plot", metavar="OUT.png", help="latency distribution + per-part breakdown per backend")
     p.add_argument("--steps-sweep", action="store_true",
-                   help="instead: quality vs steps study (export/steps_study.py) on held-out windows")
+                   help="instead: quality vs stage-2 steps study (export/steps_study.py)")
     p.add_argument("--prepared", metavar="DIR", default="data_prepared",
                    help="--steps-sweep: root of prepared clips holding the held-out clips")
 
@@ -379,14 +464,11 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from export.packs import resolve_pack
-    from tccp.errors import TCCPError
-    from tccp.io_utils import atomic_path
+    from tccp.io_utils import atomic_path, guard_output
 
     console = Console(stderr=True)
     if not args.json:
         raise TCCPError("--json OUT.json is required (the report is the point of a benchmark)")
-    from tccp.io_utils import guard_output
-
     inputs = (args.model, args.clip, *(getattr(args, "clips", None) or []))
     json_out = guard_output(args.json, inputs=inputs)
     if args.plot and guard_output(args.plot, inputs=inputs) == json_out:
@@ -395,23 +477,20 @@ def main(args: argparse.Namespace) -> int:
         from export.steps_study import study_from_args
 
         return study_from_args(args)
-    for name, v in (("--steps", args.steps), ("--streams", args.streams), ("--windows", args.windows),
-                    ("--repeat", args.repeat)):
+    for name, v in (("--streams", args.streams), ("--windows", args.windows), ("--repeat", args.repeat),
+                    ("--threads", args.threads)):
         if v is not None and v < 1:
             raise TCCPError(f"{name} {v}: must be at least 1")
-    if args.window is not None and args.window < 2:
-        raise TCCPError(f"--window {args.window}: must be at least 2")
+    if args.steps is not None and args.steps < 0:
+        raise TCCPError(f"--steps {args.steps}: must be at least 0")
     cfg = BenchConfig(
-        backends=args.backend or ["torch", "onnxruntime"], device=args.device, steps=args.steps or 4,
-        sampler=args.sampler, guidance=args.guidance, streams=args.streams, windows=args.windows,
-        repeat=args.repeat, warmup=max(0, args.warmup), window=args.window, mode=args.mode, threads=args.threads,
-        precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        backends=args.backend or ["torch", "onnxruntime"], device=args.device,
+        steps=4 if args.steps is None else args.steps, sampler=args.sampler, guidance=args.guidance,
+        streams=args.streams, windows=args.windows, repeat=args.repeat, warmup=max(0, args.warmup), mode=args.mode,
+        threads=args.threads, precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
-    from export.backends import BACKENDS
-
     for b in cfg.backends:
-        if b not in BACKENDS:
-            raise TCCPError(f"--backend {b}: unknown (choose from {', '.join(BACKENDS)})")
+        parse_backend(b)  # one-line error before any work
     with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
         pack, label = resolve_pack(args.model, args.config, scratch)
         if args.config:
@@ -422,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
             from tccp.pack import read_pack_config
 
             size = int(read_pack_config(pack).get("crop_size", 128))  # the crop size the pack runs at
-            clip = load_real_clip(args.clip, with_frames=True, size=size)
+            clip = load_real_clip(args.clip, frames=min(125, (cfg.windows + 1) * 7), size=size)
         report = run_bench(pack, label, cfg, clip=clip, log=lambda m: console.print(m))
     with atomic_path(Path(args.json)) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
@@ -434,15 +513,19 @@ def main(args: argparse.Namespace) -> int:
 
 def _print(report: dict[str, Any]) -> None:
     m, c = report["machine"], report["config"]
+    load = m["load_average"][0] if m.get("load_average") else float("nan")
     print(f"model {report['model']} | {c['streams']} stream(s), window {c['window']}, {c['steps']} {c['sampler']} "
           f"steps, guidance {c['guidance']:g}, {c['device']} | {m['cpu']} ({m['cpus_usable']} cpus, load "
-          f"{m['load_average'][0]:.1f})" + (f" | {m['gpu']}" if m.get("gpu") else ""))
+          f"{load:.1f})" + (f" | {m['gpu']}" if m.get("gpu") else ""))
     for r in report["runs"]:
         w, f = r["window_latency"], r["first_frame_latency"]
         ratio = r.get("vs_torch_eager")
         extra = (f" | x{ratio['fps_ratio']:.2f} fps vs torch eager, max pixel diff {ratio['max_abs_pixel_diff']}"
                  if ratio else " | reference")
-        mem = f"{r['peak_rss_mb']:.0f} MB RSS" + (f", {r['cuda_max_memory_allocated_mb']:.0f} MB CUDA"
-                                                  if "cuda_max_memory_allocated_mb" in r else "")
-        print(f"  {r['backend']:<22} {r['fps']:7.2f} fps ({r['model_fps']:.2f} model only) | window p50 {w['p50_ms']:.0f} p95 {w['p95_ms']:.0f} "
-              f"p99 {w['p99_ms']:.0f} ms | first frame p50 {f['p50_ms']:.0f} ms | {mem}{extra}")
+        th = r["threads"]
+        threads = f"torch {th['torch']}" + (f", ort {th['onnxruntime']}" if th.get("onnxruntime") else "")
+        print(f"  {r['backend']:<22} {r['fps']:7.2f} fps ({r['model_fps']:.2f} model only) | window p50 "
+              f"{w['p50_ms']:.0f} p95 {w['p95_ms']:.0f} p99 {w['p99_ms']:.0f} ms | first frame p50 {f['p50_ms']:.0f} ms "
+              f"| {r['peak_rss_mb']:.0f} MB RSS | threads {threads}{extra}")
+        b = r["breakdown_ms"]
+        print("      per window (ms): " + ", ".join(f"{k} {b[k]:.1f}" for k in PARTS))

@@ -3,10 +3,13 @@
     tccp export --model PACK --format onnx --out DIR [--fp16]
     tccp export --model PACK --format tensorrt --out DIR [--max-batch 16]
 
-The output folder holds one graph per network the engine runs per window, the null
-tokens, and manifest.json (graphs with input/output names and shapes, opset,
-tolerance, parity results, source pack hash). It appears only if the parity check
-against torch on a real prepared window passed. `--out` must be new, empty or an
+The output folder holds one graph per network the engine runs per window (Whisper,
+stage-1 condition tokens and landmark network, stage-2 condition encoder and
+denoiser, TAEF2 encoder and decoder; a warp-only pack has no stage-2 or TAEF2
+graphs), the constants (landmark template, stage-2 null tokens) and manifest.json
+(graphs with input/output names and shapes, opset, tolerance, parity results, source
+pack hash). It appears only if the parity check against torch on real inputs (a
+tracked real clip run through the engine's runner) passed. `--out` must be new, empty or an
 earlier export (whose files alone are replaced); a folder of other files is refused
 (`--force` adds the export beside them, replacing nothing it did not write).
 """
@@ -21,7 +24,7 @@ __all__ = ["add_arguments", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
-    src.add_argument("--config", metavar="NAME", help="RANDOM weights of a named config (paper, small, tiny): "
+    src.add_argument("--config", metavar="NAME", help="RANDOM weights of a named config (mouth, tiny, tiny-warp): "
                      "for testing the export path, not for use")
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: new, empty or an earlier export "
@@ -31,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations in the ONNX graphs "
                    "(inputs/outputs stay fp32); TensorRT engines are always fp16")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--parity-clip", metavar="PREPARED", help="prepared clip folder (tccp prepare) for the "
-                   "parity check (default: a prepared piece of the bundled sample)")
+    p.add_argument("--parity-clip", metavar="VIDEO", help="a video with one face and speech for the parity "
+                   "check (its first 32 frames; default: the bundled sample)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--max-batch", type=int, default=None, help="TensorRT: largest denoiser batch "
                    "(streams x 2 with guidance; default 16)")
@@ -79,13 +82,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_summary(m: dict, out: str) -> None:
     """One line per graph: size, parity error against its bound."""
-    print(f"tccp export -> {out} ({m['precision']}, opset {m['opset']}, dynamic axes: batch, frames)")
+    print(f"tccp export -> {out} ({m['precision']}, opset {m['opset']}, dynamic axes: {', '.join(m['dynamic_axes'])})")
     par = (m.get("parity") or {}).get("graphs", {})
     for name, g in m["graphs"].items():
         p = par.get(name)
         check = (f"parity max|err| {p['max_abs']:.2e} <= {p['bound']:.2e}" if p["passed"] else
                  f"PARITY FAILED {p['max_abs']:.2e} > {p['bound']:.2e}") if p else "parity skipped"
-        print(f"  {name:<16} {g['bytes'] / 1e6:7.1f} MB  {check}")
+        print(f"  {name:<17} {g['bytes'] / 1e6:7.1f} MB  {check}")
     trt = m.get("tensorrt")
     if trt:
         tp = (trt.get("parity") or {}).get("graphs", {})
@@ -93,5 +96,5 @@ def _print_summary(m: dict, out: str) -> None:
             extra = f", parity {tp[name]['max_abs']:.2e} <= {tp[name]['bound']:.2e}" if name in tp else ""
             print(f"  tensorrt {name}: {e['file']} (batch 1..{e['max_batch']}, built in {e['build_s']} s{extra})")
     if m.get("parity"):
-        print(f"parity inputs: {m['parity']['frames']} real frames of prepared clip {m['parity']['clip']}")
+        print(f"parity inputs: the engine's own calls on {m['parity']['frames']} real frames of {m['parity']['clip']}")
     print(f"source: {m['source']['pack']} (sha256 {m['source']['hash'][:16]}...)")

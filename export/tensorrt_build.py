@@ -3,8 +3,11 @@
 One engine per graph with one optimisation profile: batch 1..max_batch (the engine
 batches concurrent streams, and classifier-free guidance doubles the batch), frames
 1..N (the first-frame step runs N = 1). The autoencoder graphs see every frame of
-every stream in one call, so their batch range is max_batch x N. Larger batches are
-run in chunks by the backend rather than failing.
+every stream in one call, so their batch range is max_batch x N. Other symbolic dims
+take the range the export recorded per graph (`ranges` in manifest.json: Whisper's
+mel frames 2..3000 (30 s) with 300 (a live session's 3 s) as the tuned shape, the
+number of stage-1 reference tokens, the mouth patch size). Larger batches are run
+in chunks by the backend rather than failing.
 
 Written against the TensorRT 10 Python API (named I/O tensors, `execute_async_v3`),
 with the explicit-batch flag passed where TensorRT 8 still needs it. Buffers are
@@ -49,16 +52,29 @@ def require_tensorrt() -> Any:
     return trt
 
 
-def _profile_shapes(shape: list[int | str], max_batch: int, opt_batch: int, frames: int
+def _profile_shapes(shape: list[int | str], max_batch: int, opt_batch: int, frames: int,
+                    sizes: dict[str, int] | None = None, ranges: dict[str, list[int]] | None = None
                     ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    def concrete(b: int, n: int) -> tuple[int, ...]:
-        return tuple(b if d == "batch" else n if d == "frames" else int(d) for d in shape)
+    """(min, opt, max) shapes of one input: batch 1..max_batch (opt_batch), frames
+    1..frames (frames), any other symbolic dim its recorded range and nominal size."""
+    sizes, ranges = sizes or {}, ranges or {}
 
-    return concrete(1, 1), concrete(opt_batch, frames), concrete(max_batch, frames)
+    def dim(d: int | str, which: int) -> int:
+        if d == "batch":
+            return (1, opt_batch, max_batch)[which]
+        if d == "frames":
+            return (1, frames, frames)[which]
+        if isinstance(d, str):
+            lo, hi = ranges.get(d, (sizes[d], sizes[d]))
+            return (int(lo), int(sizes.get(d, hi)), int(hi))[which]
+        return int(d)
+
+    return tuple(tuple(dim(d, k) for d in shape) for k in range(3))  # type: ignore[return-value]
 
 
 def build_engine(onnx_path: Path, plan_path: Path, inputs: list[dict[str, Any]], *, max_batch: int,
-                 opt_batch: int, frames: int, fp16: bool = True, workspace_gb: float = 4.0) -> dict[str, Any]:
+                 opt_batch: int, frames: int, fp16: bool = True, workspace_gb: float = 4.0,
+                 sizes: dict[str, int] | None = None, ranges: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Parse one ONNX graph and serialise an engine with one optimisation profile."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -78,7 +94,7 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: list[dict[str, Any]],
     profile = builder.create_optimization_profile()
     shapes = {}
     for spec in inputs:
-        lo, opt, hi = _profile_shapes(spec["shape"], max_batch, opt_batch, frames)
+        lo, opt, hi = _profile_shapes(spec["shape"], max_batch, opt_batch, frames, sizes, ranges)
         profile.set_shape(spec["name"], lo, opt, hi)
         shapes[spec["name"]] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
     config.add_optimization_profile(profile)
@@ -111,14 +127,15 @@ def build_engines(folder: str | os.PathLike, manifest: dict[str, Any], *, max_ba
             log(f"building TensorRT engine {name} (batch 1..{mb})")
         engines[name] = build_engine(folder / g["file"], folder / ENGINE_DIR / f"{name}.plan", g["inputs"],
                                      max_batch=mb, opt_batch=ob, frames=frames, fp16=True,
-                                     workspace_gb=workspace_gb)
+                                     workspace_gb=workspace_gb, sizes=g.get("sizes"), ranges=g.get("ranges"))
     manifest["tensorrt"] = {"version": trt.__version__, "device": torch.cuda.get_device_name(0),
                             "precision": "fp16", "engines": engines}
     return manifest["tensorrt"]
 
 
-def trt_parity(folder: Path, manifest: dict[str, Any], pipeline: Any, clip: Any) -> dict[str, Any]:
-    """The ONNX parity check, run on the TensorRT engines (fp16 tolerance)."""
+def trt_parity(folder: Path, manifest: dict[str, Any], pipeline: Any, cases: Any) -> dict[str, Any]:
+    """The ONNX parity check, run on the TensorRT engines on the same real input cases
+    (fp16 tolerance)."""
     from export.onnx_export import TOLERANCE, parity_check
 
     device = torch.device("cuda")
@@ -129,20 +146,20 @@ def trt_parity(folder: Path, manifest: dict[str, Any], pipeline: Any, clip: Any)
         graph = TRTGraph(folder / engines[name]["file"], device)
         return lambda case: graph(**{k: torch.from_numpy(v) for k, v in case.items()}).float().cpu().numpy()
 
-    return parity_check(folder, pipeline, clip, manifest["graphs"], TOLERANCE["fp16"], runner=runner)
+    return parity_check(folder, pipeline, cases, manifest["graphs"], TOLERANCE["fp16"], runner=runner)
 
 
 def build_step(log: Callable[[str], None] | None = None, **kwargs: Any) -> Callable[..., None]:
     """`export_onnx(build=...)` hook: build the engines inside the temp folder, then
     check them against torch on the same real inputs as the ONNX graphs."""
-    def step(tmp: Path, manifest: dict[str, Any], pipeline: Any = None, clip: Any = None) -> None:
+    def step(tmp: Path, manifest: dict[str, Any], pipeline: Any = None, cases: Any = None) -> None:
         from export.onnx_export import check_report
 
         build_engines(tmp, manifest, log=log, **kwargs)
-        if clip is not None:
+        if cases is not None:
             if log:
                 log("parity check of the TensorRT engines")
-            report = trt_parity(tmp, manifest, pipeline, clip)
+            report = trt_parity(tmp, manifest, pipeline, cases)
             manifest["tensorrt"]["parity"] = report
             check_report(report, tmp.name, "tensorrt")
 

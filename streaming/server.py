@@ -534,10 +534,10 @@ class ModelSessions:
         from engine.model import load_model
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
-        self.cfg = EngineConfig(live=True, landmarks=landmarks)
+        self.cfg = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale)
         if steps is not None:
             self.cfg = self.cfg.with_(steps=steps, min_steps=min(self.cfg.min_steps, steps))
-        self.default = load_model(pack, device, "torch", avatar=avatar, mouth_scale=mouth_scale)
+        self.default = load_model(pack, device, avatar=avatar)
         self.default_name = None if avatar is None else Path(str(avatar)).name
         self.models: dict[str, Any] = {}
         self._lock = asyncio.Lock()
@@ -547,7 +547,7 @@ class ModelSessions:
         from tccp.avatars.store import resolve_avatar
 
         folder = resolve_avatar(name, self.roots, allow_path=False)
-        return load_model(None, self.device, "torch", avatar=str(folder), mouth_scale=self.mouth_scale)
+        return load_model(None, self.device, avatar=str(folder))
 
     async def model_for(self, avatar: str | None = None):
         if not avatar or avatar == self.default_name:

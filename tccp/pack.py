@@ -1,15 +1,17 @@
 """Model pack: everything the engine needs to run both stages, in one folder.
 
-    <pack>/config.json        format/version, MVConfig per stage, schedule, default
-                              sampler, latent normalisation, autoencoder ("taef2"),
-                              crop size, card (training summary, free-form)
-    <pack>/stage1.safetensors landmark-sketch MVControlNet weights (fp16 by default)
-    <pack>/stage2.safetensors face MVControlNet weights
+    <pack>/config.json        format "tccp-pack", version 2; region; crop size;
+                              stage1: the landmark network's config, the coordinate
+                              scale, sampler steps, the audio encoder's name;
+                              stage2: MVConfig, schedule, sampler, latent norm (or null:
+                              a warp-only pack, the no-learning baseline);
+                              autoencoder ("taef2"); card (how it was trained)
+    <pack>/stage1.safetensors landmark network + its head-frame template (fp16)
+    <pack>/stage2.safetensors mouth-patch MVControlNet (fp16)
 
-fp16 halves the download/ship size (the bundled `small` pack is ~23 MB); weights are
-cast back to the requested dtype on load. Packs are written atomically (a partially
-written pack never has the final name). Anything wrong with a pack is a user error:
-`TCCPError` with one line naming the file.
+Version 1 packs (stage 1 generating sketch latents, stage 2 regenerating the whole
+head at 64 px) are refused with one line naming the version. Packs are written
+atomically; anything wrong with one is a `TCCPError` naming the file.
 """
 
 from __future__ import annotations
@@ -19,44 +21,50 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tccp.diffusion.schedule import Schedule
 from tccp.errors import TCCPError
 from tccp.io_utils import read_descriptor
 from tccp.models.config import MVConfig
+from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
 from tccp.models.mvcontrolnet import MVControlNet
-from tccp.pipeline import LatentNorm, SamplerConfig, TCCPPipeline
+from tccp.pipeline import EditPipeline, LatentNorm, SamplerConfig
 
 __all__ = [
     "DEFAULT_PACK",
     "PACK_FORMAT",
+    "PACK_VERSION",
     "save_pack",
     "read_pack_config",
-    "load_stage",
-    "load_stage_state",
+    "load_stage1",
+    "load_stage2",
     "load_pack",
 ]
 
 DEFAULT_PACK = Path(__file__).resolve().parent / "assets" / "models" / "default"
 PACK_FORMAT = "tccp-pack"
-PACK_VERSION = 1
+PACK_VERSION = 2
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def save_pack(
     path: str | os.PathLike,
-    stage1: MVControlNet,
-    stage2: MVControlNet,
+    stage1: LandmarkNet,
+    codec: LandmarkCodec,
+    stage2: MVControlNet | None,
     *,
     schedule: Schedule | None = None,
     sampler: SamplerConfig | None = None,
     latent_norm: LatentNorm | None = None,
     crop_size: int = 128,
+    stage1_steps: int = 4,
     card: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float16,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write a pack folder (atomically replacing an existing one); returns its path."""
+    """Write a pack folder atomically; returns its path."""
     from safetensors.torch import save_file
 
     from tccp.io_utils import atomic_dir
@@ -65,22 +73,30 @@ def save_pack(
     config = {
         "format": PACK_FORMAT,
         "version": PACK_VERSION,
-        "stage1": stage1.cfg.to_dict(),
-        "stage2": stage2.cfg.to_dict(),
-        "schedule": (schedule or Schedule()).to_dict(),
-        "sampler": (sampler or SamplerConfig()).to_dict(),
-        "latent_norm": {"scale": (latent_norm or LatentNorm()).scale, "shift": (latent_norm or LatentNorm()).shift},
-        "autoencoder": "taef2",
+        "region": "mouth",
         "crop_size": int(crop_size),
+        "stage1": {"kind": "landmarks", "model": stage1.cfg.to_dict(), "scale": codec.scale, "steps": int(stage1_steps),
+                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": 2}},
+        "stage2": None if stage2 is None else {
+            "kind": "faces", "model": stage2.cfg.to_dict(), "schedule": (schedule or Schedule(prediction="v")).to_dict(),
+            "sampler": (sampler or SamplerConfig()).to_dict(),
+            "latent_norm": {"scale": (latent_norm or LatentNorm()).scale, "shift": (latent_norm or LatentNorm()).shift},
+        },
+        "autoencoder": "taef2",
         "dtype": dtype_name,
         "card": card or {},
     }
     final = Path(path)
     with atomic_dir(final) as tmp:
-        for name, model in (("stage1", stage1), ("stage2", stage2)):
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"format": PACK_FORMAT, "stage": name})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        s1 = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stage1.state_dict().items()}
+        s1["template"] = torch.from_numpy(np.ascontiguousarray(codec.template, np.float32))
+        save_file(s1, str(tmp / "stage1.safetensors"), metadata={"format": PACK_FORMAT, "stage": "stage1"})
+        if stage2 is not None:
+            s2 = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stage2.state_dict().items()}
+            save_file(s2, str(tmp / "stage2.safetensors"), metadata={"format": PACK_FORMAT, "stage": "stage2"})
+        for name, src in (extra_files or {}).items():
+            (tmp / name).write_bytes(Path(src).read_bytes())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return final
 
 
@@ -90,57 +106,73 @@ def read_pack_config(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise TCCPError(f"{folder}: model pack not found (no such folder)")
     cfg_path = folder / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and raw.get("format") == PACK_FORMAT and raw.get("version") == 1:
+        raise TCCPError(f"{cfg_path}: a version 1 pack (latent sketches, whole head at 64 px) from before the mouth "
+                        f"editor; this engine reads version {PACK_VERSION} packs: use the bundled pack or retrain")
     config = read_descriptor(cfg_path, PACK_FORMAT, PACK_VERSION, missing=f"{folder} is not a model pack",
                              unreadable="pack config", not_a="TCCP model pack config", noun="pack")
-    for key in ("stage1", "stage2"):
-        if not isinstance(config.get(key), dict):
-            raise TCCPError(f"{cfg_path}: '{key}' model config missing")
+    if not isinstance(config.get("stage1"), dict):
+        raise TCCPError(f"{cfg_path}: 'stage1' config missing")
     return config
 
 
-def _stage_config(config: dict[str, Any], key: str, cfg_path: Path) -> MVConfig:
-    try:
-        return MVConfig.from_dict(config[key])
-    except TCCPError as exc:
-        raise TCCPError(f"{cfg_path}: {key}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise TCCPError(f"{cfg_path}: {key}: bad model config ({exc})") from None
-
-
-def load_stage_state(path: str | os.PathLike, stage: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """State dict of stage 1 or 2 of a pack (cast to `dtype`)."""
+def _load_file(file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if stage not in (1, 2):
-        raise ValueError("stage must be 1 or 2")
-    read_pack_config(path)
-    file = Path(path) / f"stage{stage}.safetensors"
     if not file.is_file():
         raise TCCPError(f"{file}: missing from the model pack")
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise TCCPError(f"{file}: corrupt weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TCCPError(f"{file}: corrupt weights file ({first})") from None
 
 
-def load_stage(
-    path: str | os.PathLike, stage: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> MVControlNet:
-    """One stage's MVControlNet from a pack, in eval mode on `device`."""
+def load_stage1(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LandmarkNet, LandmarkCodec]:
     folder = Path(path)
     config = read_pack_config(folder)
-    cfg = _stage_config(config, f"stage{stage}", folder / "config.json")
-    model = MVControlNet(cfg)
-    state = load_stage_state(folder, stage, dtype=torch.float32)
+    c1 = config["stage1"]
     try:
-        model.load_state_dict(state, strict=True)
+        cfg = LandmarkNetConfig.from_dict(c1["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TCCPError(f"{folder / 'config.json'}: stage1: bad model config ({exc})") from None
+    state = _load_file(folder / "stage1.safetensors")
+    template = state.pop("template", None)
+    if template is None:
+        raise TCCPError(f"{folder / 'stage1.safetensors'}: no head-frame template")
+    net = LandmarkNet(cfg)
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
-        raise TCCPError(f"{folder / f'stage{stage}.safetensors'}: weights do not match the config ({first})") from None
-    model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+        raise TCCPError(f"{folder / 'stage1.safetensors'}: weights do not match the config "
+                        f"({str(exc).splitlines()[0]})") from None
+    codec = LandmarkCodec(template.float().numpy(), cfg.mode, float(c1.get("scale", 0.05)))
+    return net.requires_grad_(False).to(device).eval(), codec
+
+
+def load_stage2(path: str | os.PathLike, device: str | torch.device = "cpu") -> MVControlNet | None:
+    folder = Path(path)
+    config = read_pack_config(folder)
+    c2 = config.get("stage2")
+    if c2 is None:
+        return None
+    try:
+        cfg = MVConfig.from_dict(c2["model"])
+    except (KeyError, TypeError, ValueError, TCCPError) as exc:
+        raise TCCPError(f"{folder / 'config.json'}: stage2: bad model config ({exc})") from None
+    model = MVControlNet(cfg)
+    state = _load_file(folder / "stage2.safetensors")
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise TCCPError(f"{folder / 'stage2.safetensors'}: weights do not match the config "
+                        f"({str(exc).splitlines()[0]})") from None
+    return model.requires_grad_(False).to(device).eval()
 
 
 def load_pack(
@@ -148,29 +180,34 @@ def load_pack(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     with_autoencoder: bool = True,
-) -> TCCPPipeline:
+) -> EditPipeline:
     """The pipeline of a pack folder (None: the bundled default pack)."""
     folder = Path(path) if path is not None else DEFAULT_PACK
     config = read_pack_config(folder)
-    cfg_path = folder / "config.json"
-    stage1 = load_stage(folder, 1, device, dtype)
-    stage2 = load_stage(folder, 2, device, dtype)
+    net, codec = load_stage1(folder, device)
+    model2 = load_stage2(folder, device)
+    c2 = config.get("stage2") or {}
     try:
-        schedule = Schedule.from_dict(config.get("schedule", {}))
-        sampler = SamplerConfig.from_dict(config.get("sampler", {}))
-        norm = LatentNorm(**config.get("latent_norm", {}))
+        schedule = Schedule.from_dict(c2.get("schedule", {"prediction": "v"}))
+        sampler = SamplerConfig.from_dict(c2.get("sampler", {}))
+        norm = LatentNorm(**c2.get("latent_norm", {}))
     except (TypeError, ValueError) as exc:
-        raise TCCPError(f"{cfg_path}: bad schedule/sampler settings ({exc})") from None
+        raise TCCPError(f"{folder / 'config.json'}: bad schedule/sampler settings ({exc})") from None
     autoencoder = None
     if with_autoencoder:
-        if config.get("autoencoder", "taef2") != "taef2":
-            raise TCCPError(f"{cfg_path}: unknown autoencoder {config.get('autoencoder')!r} (only 'taef2')")
         from tccp.models.autoencoder import load_autoencoder
 
         try:
             autoencoder = load_autoencoder(device=device, dtype=dtype)
         except FileNotFoundError as exc:
             raise TCCPError(str(exc)) from None
-    pipe = TCCPPipeline(stage1, stage2, autoencoder, sampler=sampler, schedule=schedule, latent_norm=norm)
+    from tccp.media.whisper import load_whisper
+
+    whisper = load_whisper(config["stage1"].get("audio", {}).get("name", "tiny.en"), device=str(device))
+    if model2 is not None and dtype != torch.float32:
+        model2 = model2.to(dtype)
+    pipe = EditPipeline.build(net, codec, model2, autoencoder, whisper, crop_size=int(config.get("crop_size", 128)),
+                              schedule=schedule, sampler=sampler, latent_norm=norm,
+                              stage1_steps=int(config["stage1"].get("steps", 4)))
     pipe.pack_config = config
     return pipe

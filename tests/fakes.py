@@ -21,27 +21,47 @@ from tccp.face import geometry as fg
 __all__ = ["FakeRunner", "FaultyRunner", "FakeTracker", "synthetic_landmarks"]
 
 
+class ZeroFeatures:
+    """Audio conditions of the right shape, all zero (no Whisper in the fast tests)."""
+
+    def for_frames(self, audio: Any, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(times)
+        return np.zeros((n, 10, 8), np.float32), np.zeros(n, np.float32)
+
+
 class FakeRunner:
-    """Answers every window at once: the 'generated' face is the tracked face crop's
-    context with a constant offset (so pasted frames differ from the input)."""
+    """Answers every window at once: the 'generated' face is the tracked face crop with
+    a constant offset (so pasted frames differ from the input), pasted everywhere."""
 
     def __init__(self, size: int = 64, offset: int = 40) -> None:
         self.size = size
         self.offset = offset
         self.calls: list[int] = []  # batch size of each call
-        self.last_identity: np.ndarray | None = None  # identity crop of the last request
+        self.last_request: WindowRequest | None = None
+        self.template = _synthetic_template()
+        self.references = None
+        self.triangulation = None
+
+    def audio_features(self, live: bool, fps: float = 25.0) -> ZeroFeatures:
+        return ZeroFeatures()
 
     def batch_key(self, r: WindowRequest) -> tuple:
-        return (r.mode, r.steps, r.restart, tuple(r.contexts.shape[1:]))
+        return (r.mode, r.steps, r.restart, tuple(r.crops.shape[1:]))
 
     def run_batch(self, requests: Sequence[WindowRequest]) -> list[WindowResult]:
         self.calls.append(len(requests))
         out = []
         for r in requests:
-            self.last_identity = r.identity
-            faces = np.clip(r.contexts.astype(np.int16) + self.offset, 0, 255).astype(np.uint8)
-            state = ModelState(face=np.zeros(1), sketch=np.zeros(1), context=np.zeros(1), mel=r.mel[-1])
-            out.append(WindowResult(faces=faces, state=state, batch=len(requests)))
+            self.last_request = r
+            faces = np.clip(r.crops.astype(np.int16) + self.offset, 0, 255).astype(np.uint8)
+            n = r.n
+            masks = np.zeros(faces.shape[:3], np.float32)
+            s = faces.shape[1]
+            masks[:, s // 8: -s // 8, s // 8: -s // 8] = 1.0
+            state = ModelState(x=None, latent=None, tokens=r.tokens[-1], vad=float(r.vad[-1]), cv=None,
+                               mel=r.mel[-1], mesh=r.meshes[-1], crop=r.crops[-1], source_mesh=r.meshes[-1])
+            out.append(WindowResult(faces=faces, masks=masks, targets=r.meshes, ref_index=np.zeros(n, int),
+                                    state=state, batch=len(requests)))
         return out
 
 
@@ -53,10 +73,16 @@ class FaultyRunner:
                  fail: Callable[[WindowRequest], bool] | None = None) -> None:
         self.inner = inner
         self.size = inner.size
+        self.template = inner.template
+        self.references = getattr(inner, "references", None)
+        self.triangulation = getattr(inner, "triangulation", None)
         self.delay = delay
         self.fail = fail
         self.lock = threading.Lock()
         self.calls = 0
+
+    def audio_features(self, live: bool, fps: float = 25.0) -> Any:
+        return self.inner.audio_features(live, fps)
 
     def batch_key(self, r: WindowRequest) -> Any:
         return self.inner.batch_key(r)
@@ -69,6 +95,10 @@ class FaultyRunner:
         if self.fail is not None and any(self.fail(r) for r in requests):
             raise RuntimeError("injected model failure")
         return self.inner.run_batch(requests)
+
+
+def _synthetic_template() -> np.ndarray:
+    return synthetic_landmarks(0.0, 0.0, 1.0)
 
 
 def synthetic_landmarks(cx: float, cy: float, r: float) -> np.ndarray:

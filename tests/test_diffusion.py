@@ -199,7 +199,7 @@ class _Recorder(torch.nn.Module):
         self.drop = drop_mask
         return torch.zeros(mel.shape[0], mel.shape[1], 1, 1)
 
-    def forward(self, x_t, t, tokens, c_v, flags):  # noqa: ANN001, ANN201
+    def forward(self, x_t, t, tokens, c_v, flags, extra=None):  # noqa: ANN001, ANN201
         self.calls.append(dict(x_t=x_t, t=t, c_v=c_v, flags=flags))
         out = torch.zeros_like(x_t)
         out[:, :, 0] = self.fill  # garbage in the conditioning slot

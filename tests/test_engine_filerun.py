@@ -105,11 +105,12 @@ def test_failure_mid_run_leaves_no_output(tmp_path):
     assert list(out_dir.iterdir()) == []  # no output, no temp file
 
 
-def test_identity_image_face_is_the_identity_reference(tmp_path):
+def test_identity_image_face_is_the_only_reference(tmp_path):
+    """`--identity IMAGE`: the image's face is the session's one reference; without it
+    the references come from the input's own tracked frames."""
     import cv2
 
-    from engine.prep import prepare_identity
-    from tccp.face import geometry as fg
+    from engine.refs import bank_from_image
 
     video, _ = media.sample_paths()
     face_img = media.read_video(video, max_frames=8).frames[5]
@@ -120,14 +121,17 @@ def test_identity_image_face_is_the_identity_reference(tmp_path):
     runner = FakeRunner()
     with SharedModel(runner) as model:
         run_file(ctx, tmp_path / "a.mp4", model, audio=audio, identity=png, tracker=FakeTracker())
-        assert np.array_equal(runner.last_identity, prepare_identity(face_img, runner.size))
-        # default: the input's own first tracked face
-        tracker = FakeTracker()
-        run_file(ctx, tmp_path / "b.mp4", model, audio=audio, tracker=tracker)
+        bank = runner.last_request.refs.bank
+        want = bank_from_image(face_img, runner.template, runner.size)
+        assert len(bank) == 1 and np.abs(bank.crops[0].astype(int) - want.crops[0].astype(int)).max() <= 1
+        # default: references from the input's own tracked frames
+        run_file(ctx, tmp_path / "b.mp4", model, audio=audio, tracker=FakeTracker())
+        bank = runner.last_request.refs.bank
         first = media.read_video(ctx, max_frames=1, min_frames=1).frames[0]
         obs = FakeTracker().update(first, 0.0)
-        want = fg.crop(first, obs.face_box, runner.size)
-        assert np.abs(runner.last_identity.astype(int) - want.astype(int)).max() <= 1
+        from tccp.face import geometry as fg
+
+        assert np.abs(bank.crops[0].astype(int) - fg.crop(first, obs.face_box, runner.size).astype(int)).max() <= 1
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, fake_model):
@@ -157,8 +161,9 @@ def tiny_pack(tmp_path_factory):
     from engine.runner import PipelineRunner
     from tccp.pack import save_pack
 
-    r = PipelineRunner.random("tiny", latent_size=4)  # 32 px crops
-    return save_pack(tmp_path_factory.mktemp("pack") / "tiny", r.pipeline.stage1, r.pipeline.stage2,
+    r = PipelineRunner.random(size=64)  # 64 px crops
+    p = r.pipeline
+    return save_pack(tmp_path_factory.mktemp("pack") / "tiny", p.stage1.net, p.stage1.codec, p.stage2.model,
                      crop_size=r.size)
 
 

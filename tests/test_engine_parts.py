@@ -154,9 +154,11 @@ def test_ladder_order():
     rungs = ladder(8, 1)
     assert [(r.mode, r.steps) for r in rungs] == [
         ("generated", 8), ("generated", 4), ("generated", 2), ("generated", 1),
-        ("tracked", 1), ("passthrough", 0),
+        ("generated", 0), ("passthrough", 0),
     ]
-    assert [r.mode for r in ladder(1, 1)] == ["generated", "tracked", "passthrough"]
+    assert [(r.mode, r.steps) for r in ladder(1, 1)] == [("generated", 1), ("generated", 0), ("passthrough", 0)]
+    # a warp-only session (--steps 0) can only pass through below that
+    assert [(r.mode, r.steps) for r in ladder(0, 1)] == [("generated", 0), ("passthrough", 0)]
 
 
 def test_controller_degrades_recovers_and_backs_off():
@@ -257,10 +259,10 @@ async def test_shared_model_batches_same_key_and_isolates_failures():
         assert (await sm.submit(_Req(0, 5))).value == 50
 
 
-def test_ladder_tracked_mode_skips_stage1_rungs():
+def test_ladder_tracked_mode_keeps_its_mode():
     from engine.degrade import ladder
 
     rungs = ladder(4, 1, "tracked")
-    assert [r.mode for r in rungs] == ["tracked", "tracked", "tracked", "passthrough"]
-    assert [r.steps for r in rungs][:3] == [4, 2, 1]
+    assert [r.mode for r in rungs] == ["tracked", "tracked", "tracked", "tracked", "passthrough"]
+    assert [r.steps for r in rungs][:4] == [4, 2, 1, 0]
     assert ladder(4, 1)[0].mode == "generated"

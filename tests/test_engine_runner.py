@@ -1,6 +1,7 @@
-"""PipelineRunner on a random-weight tiny TCCP pipeline: first-frame restart, the
-autoregressive carry, short windows, the 'tracked' rung (stage 1 skipped), batching
-and samplers."""
+"""PipelineRunner on random-weight tiny models (mechanics, not quality) with real
+inputs: the bundled sample's tracked face crops, Whisper tokens and a reference bank.
+First-frame restart, the autoregressive carry, short windows, the 'tracked' mode,
+batching, samplers, the warp-only rung and the mouth-opening factor."""
 
 from __future__ import annotations
 
@@ -8,75 +9,120 @@ import numpy as np
 import pytest
 import torch
 
-from engine.runner import PipelineRunner, WindowRequest
+from engine.runner import PipelineRunner, SessionRefs, WindowRequest
+from tccp.face import geometry as fg
+from tccp.face import headframe as hf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def runner():
-    return PipelineRunner.random("tiny", latent_size=4)  # 32 px crops: fast on CPU
+    return PipelineRunner.random(size=64)
 
 
-def _req(runner, n=7, mode="generated", state=None, seed=0, sampler="ddim", k=0):
-    rng = np.random.default_rng(k)
+@pytest.fixture(scope="module")
+def clip(runner):
+    from engine.refs import BankBuilder
+    from tccp.face.track import FaceTracker
+    from tccp.media import io as media
+    from tccp.media.whisper import frame_tokens, full_features
+
+    video, speech = media.sample_paths()
+    c = media.load_clip(video, max_frames=40)
+    with FaceTracker() as tr:
+        track = tr.track(c.frames)
     s = runner.size
+    crops = np.stack([fg.crop(f, b, s) for f, b in zip(c.frames, track.face_boxes)])
+    meshes = np.stack([fg.to_crop_coords(lm, b, s) for lm, b in zip(track.landmarks, track.face_boxes)])
+    feats = full_features(runner.pipeline.whisper, c.audio)
+    tokens = frame_tokens(feats, 0, len(crops)).astype(np.float32)
+    bank = BankBuilder.from_frames(c.frames, track.landmarks, track.face_boxes, runner.template, 4, s).bank
+    return {"crops": crops, "meshes": meshes.astype(np.float32), "tokens": tokens, "bank": bank}
+
+
+def _req(runner, clip, start=0, n=7, mode="generated", state=None, seed=0, sampler="ddim", steps=1,
+         mouth_scale=1.0, refs=None):
+    sl = slice(start, start + n)
     return WindowRequest(
-        mode=mode, steps=1, sampler=sampler, guidance=1.0, window=8,
-        contexts=rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-        sketches=rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-        mel=rng.standard_normal((n, 16, 80)).astype(np.float32),
-        identity=rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
-        state=state, seed=seed,
+        mode=mode, steps=steps, sampler=sampler, guidance=1.0, window=8,
+        crops=clip["crops"][sl], meshes=clip["meshes"][sl], tokens=clip["tokens"][sl],
+        vad=np.ones(n, np.float32), mel=np.zeros((n, 16, 80), np.float32),
+        refs=refs or SessionRefs(clip["bank"]), state=state, seed=seed, mouth_scale=mouth_scale,
     )
 
 
-def test_restart_then_continue_carries_the_last_frame(runner):
+def test_restart_then_continue_carries_the_last_frame(runner, clip):
     s = runner.size
-    first = runner.run_batch([_req(runner)])[0]
+    first = runner.run_batch([_req(runner, clip)])[0]
     assert first.faces.shape == (7, s, s, 3) and first.faces.dtype == np.uint8
+    assert first.masks.shape == (7, s, s) and first.targets.shape == (7, 478, 2)
     st = first.state
-    assert s == 32 and st.face.shape == st.sketch.shape == st.context.shape == (32, 4, 4)
-    assert st.mel.shape == (16, 80)
-    again = runner.run_batch([_req(runner)])[0]
+    lat = runner.pipeline.stage2.patch
+    side = (lat[2] - lat[0]) // 8
+    assert st.latent.shape == (32, side, side) and st.x.shape == (runner.pipeline.stage1.codec.gen_dim,)
+    again = runner.run_batch([_req(runner, clip)])[0]
     assert np.array_equal(first.faces, again.faces)  # seeded: reproducible
-    # the carried face latent is exactly what frame 6 decodes from
-    decoded = runner.pipeline.decode(st.face[:, None][None])[0, 0].cpu().numpy()
-    # (a batched vs a single decode may round a pixel differently)
-    assert np.abs(decoded.astype(int) - first.faces[6].astype(int)).max() <= 1
-    nxt = runner.run_batch([_req(runner, state=st, k=1)])[0]
+    # outside the region mask the crop is the source's, untouched
+    out = first.masks == 0
+    assert np.array_equal(first.faces[out], clip["crops"][:7][out])
+    assert (first.masks > 0).sum() > 0.05 * first.masks.size
+    # the carried latent is exactly what frame 6's patch decodes from
+    patch = runner.pipeline.stage2.decode(st.latent[:, None][None])[0, 0]
+    x0, y0, x1, y1 = lat
+    m = first.masks[6, y0:y1, x0:x1] > 0.999
+    assert np.abs(patch[m].astype(int) - first.faces[6, y0:y1, x0:x1][m].astype(int)).max() <= 1
+    nxt = runner.run_batch([_req(runner, clip, start=7, state=st)])[0]
     assert nxt.faces.shape == (7, s, s, 3)
     assert first.stage1_s > 0 and first.stage2_s > 0
 
 
-def test_short_window_is_padded_and_trimmed(runner):
-    res = runner.run_batch([_req(runner, n=3)])[0]
-    assert res.faces.shape[0] == 3
+def test_short_window_is_padded_and_trimmed(runner, clip):
+    res = runner.run_batch([_req(runner, clip, n=3)])[0]
+    assert res.faces.shape[0] == 3 and res.targets.shape[0] == 3 and len(res.ref_index) == 3
 
 
-def test_tracked_mode_uses_the_tracked_sketches(runner):
-    req = _req(runner, mode="tracked")
-    res = runner.run_batch([req])[0]
-    enc = runner.pipeline.autoencoder.encode_images(req.sketches[-1:])[0]
-    assert torch.allclose(res.state.sketch.float(), enc.float(), atol=1e-4)
+def test_tracked_mode_follows_the_tracked_landmarks(runner, clip):
+    res = runner.run_batch([_req(runner, clip, mode="tracked")])[0]
+    np.testing.assert_allclose(res.targets, clip["meshes"][:7], atol=1e-3)
+    gen = runner.run_batch([_req(runner, clip)])[0]
+    assert not np.allclose(gen.targets[:, list(hf.MOUTH)], clip["meshes"][:7][:, list(hf.MOUTH)], atol=1e-2)
+    # stage 1 moves only the mouth points; the rest is the source's
+    np.testing.assert_allclose(gen.targets[:, list(hf.REST)], clip["meshes"][:7][:, list(hf.REST)], atol=1e-3)
 
 
-def test_batched_requests_get_their_own_results(runner):
-    a, b = _req(runner, n=7, k=2), _req(runner, n=4, k=3)
+def test_batched_requests_get_their_own_results(runner, clip):
+    a, b = _req(runner, clip, n=7, start=0), _req(runner, clip, n=4, start=20)
     assert runner.batch_key(a) == runner.batch_key(b)
     ra, rb = runner.run_batch([a, b])
     assert ra.faces.shape[0] == 7 and rb.faces.shape[0] == 4
     assert ra.batch == rb.batch == 2
-    assert not np.array_equal(ra.faces[:4], rb.faces)
-    # a cached identity latent replaces the identity image
-    r1 = runner.run_batch([_req(runner, n=2, k=2)])[0]
-    cached = _req(runner, n=2, k=2)
-    cached.identity = np.zeros_like(cached.identity)
-    cached.identity_latent = r1.identity_latent
-    assert np.array_equal(runner.run_batch([cached])[0].faces, r1.faces)
+    alone = runner.run_batch([_req(runner, clip, n=4, start=20)])[0]
+    assert np.abs(alone.faces.astype(int) - rb.faces.astype(int)).max() <= 2
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp", "ddpm"])
-def test_other_samplers_run(runner, sampler):
-    res = runner.run_batch([_req(runner, n=2, sampler=sampler)])[0]
+def test_other_samplers_run(runner, clip, sampler):
+    res = runner.run_batch([_req(runner, clip, n=2, sampler=sampler)])[0]
     assert res.faces.shape[0] == 2
+
+
+def test_warp_only_rung_pastes_the_warped_reference(runner, clip):
+    res = runner.run_batch([_req(runner, clip, steps=0)])[0]
+    editor = runner.pipeline.stage2
+    d = editor.inputs(clip["crops"][:7], res.targets, clip["meshes"][:7], clip["bank"])
+    x0, y0, x1, y1 = editor.patch
+    m = d["mask"][3] > 0.999
+    assert np.abs(res.faces[3, y0:y1, x0:x1][m].astype(int) - d["warped"][3][m].astype(int)).max() <= 1
+    assert res.state.latent is None  # nothing to carry: the next window restarts stage 2
+    nxt = runner.run_batch([_req(runner, clip, start=7, state=res.state)])[0]
+    assert nxt.faces.shape[0] == 7
+
+
+def test_mouth_scale_acts_on_the_coordinates(runner, clip):
+    aps = {}
+    for scale in (0.0, 1.0, 2.0):
+        res = runner.run_batch([_req(runner, clip, mode="tracked", mouth_scale=scale, steps=0)])[0]
+        aps[scale] = float(hf.aperture(res.targets).mean())
+    assert aps[0.0] < aps[1.0] < aps[2.0]
+    assert aps[2.0] > 1.5 * aps[1.0] - 0.01

@@ -38,7 +38,7 @@ def sample():
 def tiny_model():
     from engine.runner import PipelineRunner
 
-    model = SharedModel(PipelineRunner.random("tiny", latent_size=4))  # 32 px crops
+    model = SharedModel(PipelineRunner.random(size=64))  # 64 px crops
     yield model
     model.close()
 
@@ -137,7 +137,7 @@ async def test_two_sessions_share_one_model_and_one_failure_stays_local(sample, 
     frames, audio = sample
     frames = list(frames[:15])
     faulty = FaultyRunner(tiny_model.runner, fail=lambda r: r.seed >= 1000)
-    model = SharedModel(faulty, coalesce_s=0.3)
+    model = SharedModel(faulty, coalesce_s=1.0)  # first windows wait on Whisper + the bank
     try:
         a = Session(model, EngineConfig(steps=1, seed=1000), tracker=FakeTracker(), name="A")
         b = Session(model, EngineConfig(steps=1, seed=0), tracker=FakeTracker(), name="B")

@@ -418,8 +418,9 @@ def test_signals_mid_run_leave_nothing_behind(tmp_path, sig, code, word):
 
 
 def test_avatar_budget_too_small_for_a_step_is_an_error(tmp_path, monkeypatch):
-    """--minutes 0.5 used to train stage 1 for 0 steps and write a worse "avatar";
-    a budget-only run no longer shows a 10,000,000-step bar."""
+    """--minutes 0.5 used to fine-tune for 0 steps and write a worse "avatar"; a
+    budget-only run no longer shows a 10,000,000-step bar. (--minutes 0 asks for no
+    fine-tuning: a bank-only avatar, tests/test_avatar.py.)"""
     from tccp.avatars import create
     from tccp.training import trainer
 
@@ -436,12 +437,11 @@ def test_avatar_budget_too_small_for_a_step_is_an_error(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(trainer, "Trainer", NoTimeTrainer)
-    cfg = create.AvatarConfig(videos=["me.mp4"], out=str(tmp_path / "me"), minutes=0.5, config="tiny",
-                              progress=False)
-    with pytest.raises(TCCPError, match=r"--minutes 0.5: too short, landmarks fine-tuning got 0 steps"):
-        create._train_stage("landmarks", cfg, tmp_path, tmp_path / "run", tmp_path / "c", tmp_path, {},
-                            0.2, lambda m: None)
-    assert seen == {"progress": False, "minutes": 0.2}
+    cfg = create.AvatarConfig(videos=["me.mp4"], out=str(tmp_path / "me"), minutes=0.5, progress=False)
+    base_cfg = {"stage2": {"model": {}, "latent_norm": {}, "schedule": {"prediction": "v"}}}
+    with pytest.raises(TCCPError, match=r"--minutes 0.5: too short, stage-2 fine-tuning got 0 steps"):
+        create._train_stage2(cfg, tmp_path, tmp_path / "run", tmp_path / "c", tmp_path, base_cfg, lambda m: None)
+    assert seen == {"progress": False, "minutes": 0.5}
 
 
 def test_avatar_worse_than_its_base_warns(tmp_path, capfd, monkeypatch):
@@ -449,7 +449,8 @@ def test_avatar_worse_than_its_base_warns(tmp_path, capfd, monkeypatch):
 
     class Result:
         path = tmp_path / "me"
-        meta = {"validation": {"summary": {"stage2_val_loss": [0.1, 0.12], "face_psnr_db": [14.7, 13.8]}}}
+        meta = {"fine_tuned": True, "refs": [{}] * 8, "training": {"steps": 100},
+                "validation": {"summary": {"psnr_mouth": [14.7, 13.8], "aperture_corr": [0.5, 0.5]}}}
 
     monkeypatch.setattr(create, "create_avatar", lambda cfg: Result())
     clip = tmp_path / "me.mp4"

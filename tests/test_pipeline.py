@@ -1,165 +1,62 @@
-"""Two-stage pipeline on latents, model pack I/O and `tccp info`."""
+"""Model pack I/O (format 2), the stage-2 mouth editor and `tccp info`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tccp.cli import main as cli_main
 from tccp.errors import TCCPError
-from tccp.models import MVControlNet, get_config
-from tccp.pack import DEFAULT_PACK, load_pack, load_stage_state, read_pack_config, save_pack
-from tccp.pipeline import LatentNorm, SamplerConfig, TCCPPipeline
+from tccp.pack import DEFAULT_PACK, load_pack, load_stage1, load_stage2, read_pack_config, save_pack
 
-CFG = get_config("tiny")
-C, S, N = CFG.latent_channels, CFG.latent_size, CFG.frames
-
-
-def _model(seed: int) -> MVControlNet:
-    torch.manual_seed(seed)
-    model = MVControlNet(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe() -> TCCPPipeline:
-    return TCCPPipeline(_model(1), _model(2), None, SamplerConfig("ddim", steps=3), latent_norm=LatentNorm(0.7, 0.1))
+def runner():
+    from engine.runner import PipelineRunner
+
+    return PipelineRunner.random(size=64)
 
 
-def _inputs(b: int = 2, n: int = N, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "context_lat": torch.randn(b, C, n, S, S, generator=g),
-        "mel": torch.randn(b, n, 16, 80, generator=g),
-        "ref_lat": torch.randn(b, C, S, S, generator=g),
-    }
+def _save(runner, path: Path, stage2: bool = True, dtype=torch.float16) -> Path:
+    p = runner.pipeline
+    return save_pack(path, p.stage1.net, p.stage1.codec, p.stage2.model if stage2 else None,
+                     crop_size=runner.size, dtype=dtype, card={"name": "tiny-random"})
 
 
-class _Spy:
-    """Records the positional arguments of every forward call of a stage."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.calls: list[tuple] = []
-        self.handle = model.register_forward_pre_hook(lambda m, args: self.calls.append(tuple(a.clone() if torch.is_tensor(a) else a for a in args)))
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
-def test_first_frame_shapes(pipe: TCCPPipeline) -> None:
-    sketch, face = pipe.first_frame(**_inputs(n=1), generator=torch.Generator().manual_seed(0))
-    assert sketch.shape == face.shape == (2, C, 1, S, S)
-    assert torch.isfinite(face).all() and not torch.allclose(sketch, face)
-    # no reference image: identity falls back to the null tokens
-    sketch2, _ = pipe.first_frame(**{**_inputs(n=1), "ref_lat": None}, generator=torch.Generator().manual_seed(0))
-    assert sketch2.shape == (2, C, 1, S, S)
+def test_pack_roundtrip(runner, tmp_path: Path) -> None:
+    pack = _save(runner, tmp_path / "pack", dtype=torch.float32)
+    cfg = read_pack_config(pack)
+    assert cfg["version"] == 2 and cfg["region"] == "mouth" and cfg["crop_size"] == 64
+    net, codec = load_stage1(pack)
+    ref = runner.pipeline.stage1
+    np.testing.assert_array_equal(codec.template, ref.codec.template)
+    for (k, a), (_, b) in zip(net.state_dict().items(), ref.net.state_dict().items()):
+        assert torch.equal(a, b), k
+    m2 = load_stage2(pack)
+    for (k, a), (_, b) in zip(m2.state_dict().items(), runner.pipeline.stage2.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    pipe = load_pack(pack)
+    assert pipe.crop_size == 64 and pipe.whisper is not None and pipe.stage2.autoencoder is not None
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
-def test_window_shapes_and_stage_wiring(pipe: TCCPPipeline, sampler: str) -> None:
-    g = torch.Generator().manual_seed(3)
-    prev_sketch, prev_face = torch.randn(2, C, S, S, generator=g), torch.randn(2, C, 1, S, S, generator=g)
-    spy1, spy2 = _Spy(pipe.stage1), _Spy(pipe.stage2)
-    try:
-        sketch, face = pipe.window(**_inputs(), prev_sketch_lat=prev_sketch, prev_face_lat=prev_face,
-                                   steps=2, sampler=sampler, cfg_scale=2.0, generator=g)
-    finally:
-        spy1.close(), spy2.close()
-    assert sketch.shape == face.shape == (2, C, N - 1, S, S)
-    norm = pipe.norm
-    assert len(spy1.calls) == len(spy2.calls) == 2
-    for call in spy1.calls:  # CFG: conditional + unconditional halves in one batch of 4
-        x, t, tokens, c_v, flags = call
-        assert x.shape[0] == 4 and flags[:, 0].eq(1).all() and flags[:, 1:].eq(0).all()
-        assert torch.allclose(x[:2, :, 0], norm.to_model(prev_sketch))  # clean slot 0
-        assert torch.allclose(c_v[:2], norm.to_model(_inputs()["context_lat"]))
-    for x, t, tokens, c_v, flags in spy2.calls:
-        assert torch.allclose(x[:2, :, 0], norm.to_model(prev_face[:, :, 0]))
-        # stage 1's output latent is stage 2's control input, slot 0 = previous sketch
-        assert torch.allclose(c_v[:2, :, 0], norm.to_model(prev_sketch), atol=1e-6)
-        assert torch.allclose(norm.from_model(c_v[:2, :, 1:]), sketch, atol=1e-5)
+def test_fp16_pack_is_the_rounded_model(runner, tmp_path: Path) -> None:
+    pack = _save(runner, tmp_path / "p16")
+    net, _ = load_stage1(pack)
+    for (k, a), (_, b) in zip(net.state_dict().items(), runner.pipeline.stage1.net.state_dict().items()):
+        assert torch.equal(a, b.half().float()), k
 
 
-def test_tracked_sketches_skip_stage1(pipe: TCCPPipeline) -> None:
-    g = torch.Generator().manual_seed(4)
-    tracked = torch.randn(2, C, N, S, S, generator=g)
-    spy1 = _Spy(pipe.stage1)
-    try:
-        sketch, face = pipe.window(**_inputs(), prev_sketch_lat=tracked[:, :, 0], prev_face_lat=torch.randn(2, C, S, S),
-                                   tracked_sketch_lat=tracked, generator=g)
-        s1, f1 = pipe.first_frame(**_inputs(n=1), tracked_sketch_lat=tracked[:, :, :1], generator=g)
-    finally:
-        spy1.close()
-    assert spy1.calls == []
-    assert torch.allclose(sketch, tracked[:, :, 1:], atol=1e-5) and face.shape == (2, C, N - 1, S, S)
-    assert torch.allclose(s1, tracked[:, :, :1], atol=1e-5)
-
-
-def test_pipeline_deterministic_and_streams_independent(pipe: TCCPPipeline) -> None:
-    prev = dict(prev_sketch_lat=torch.ones(2, C, S, S), prev_face_lat=torch.zeros(2, C, S, S))
-    a = pipe.window(**_inputs(), **prev, generator=torch.Generator().manual_seed(7))
-    b = pipe.window(**_inputs(), **prev, generator=torch.Generator().manual_seed(7))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # a change in stream 1's inputs leaves stream 0 untouched (same noise draw)
-    other = _inputs()
-    other["context_lat"][1] = torch.randn_like(other["context_lat"][1])
-    c = pipe.window(**other, **prev, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a[1][0], c[1][0]) and not torch.equal(a[1][1], c[1][1])
-
-
-# --------------------------------------------------------------------------- pack
-def _run(p: TCCPPipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    return p.window(**_inputs(), prev_sketch_lat=torch.ones(2, C, S, S), prev_face_lat=torch.zeros(2, C, S, S),
-                    generator=torch.Generator().manual_seed(11))
-
-
-def test_pack_roundtrip_fp32_identical(pipe: TCCPPipeline, tmp_path: Path) -> None:
-    out = save_pack(tmp_path / "pack", pipe.stage1, pipe.stage2, sampler=pipe.sampler, latent_norm=pipe.norm,
-                    card={"training": {"note": "test"}}, dtype=torch.float32)
-    assert sorted(f.name for f in out.iterdir()) == [".tccp-output", "config.json", "stage1.safetensors",
-                                                     "stage2.safetensors"]  # .tccp-output: io_utils' marker
-    loaded = load_pack(out, with_autoencoder=False)
-    assert loaded.sampler == pipe.sampler and loaded.norm == pipe.norm
-    assert loaded.pack_config["card"]["training"]["note"] == "test"
-    assert all(torch.equal(x, y) for x, y in zip(_run(pipe), _run(loaded)))
-
-
-def test_pack_fp16_is_the_rounded_model(pipe: TCCPPipeline, tmp_path: Path) -> None:
-    out = save_pack(tmp_path / "pack16", pipe.stage1, pipe.stage2, sampler=pipe.sampler, latent_norm=pipe.norm)
-    assert read_pack_config(out)["dtype"] == "float16"
-    loaded = load_pack(out, with_autoencoder=False)
-    rounded = [MVControlNet(CFG), MVControlNet(CFG)]
-    for r, m in zip(rounded, (pipe.stage1, pipe.stage2)):
-        r.load_state_dict({k: v.half().float() for k, v in m.state_dict().items()})
-    ref = TCCPPipeline(*rounded, None, pipe.sampler, latent_norm=pipe.norm)
-    assert all(torch.equal(x, y) for x, y in zip(_run(ref), _run(loaded)))
-    state = load_stage_state(out, 2)
-    assert state.keys() == pipe.stage2.state_dict().keys()
-    # saving over an existing pack replaces it
-    save_pack(out, pipe.stage2, pipe.stage1)
-    assert torch.equal(load_stage_state(out, 1)["unet.time_embed.mlp.0.weight"],
-                       pipe.stage2.state_dict()["unet.time_embed.mlp.0.weight"].half().float())
-
-
-def test_pack_with_autoencoder(pipe: TCCPPipeline, tmp_path: Path) -> None:
-    pytest.importorskip("tccp.models.autoencoder")
-    try:
-        from tccp.models.autoencoder import load_autoencoder
-
-        load_autoencoder()
-    except FileNotFoundError:
-        pytest.skip("TAEF2 weights not vendored")
-    cfg32 = get_config("tiny", latent_channels=32)
-    out = save_pack(tmp_path / "pack", MVControlNet(cfg32), MVControlNet(cfg32))
-    loaded = load_pack(out)
-    img = loaded.decode(torch.zeros(1, 32, 2, S, S))
-    assert img.shape == (1, 2, 8 * S, 8 * S, 3) and img.dtype == torch.uint8
+def test_warp_only_pack(runner, tmp_path: Path) -> None:
+    pack = _save(runner, tmp_path / "warp", stage2=False)
+    assert not (pack / "stage2.safetensors").exists()
+    assert read_pack_config(pack)["stage2"] is None
+    assert load_stage2(pack) is None and load_pack(pack).stage2.model is None
 
 
 def _one_line(exc: pytest.ExceptionInfo, path: Path) -> None:
@@ -167,24 +64,23 @@ def _one_line(exc: pytest.ExceptionInfo, path: Path) -> None:
     assert "\n" not in msg and str(path) in msg
 
 
-def test_broken_packs_are_one_line_errors(pipe: TCCPPipeline, tmp_path: Path) -> None:
+def test_broken_packs_are_one_line_errors(runner, tmp_path: Path) -> None:
     with pytest.raises(TCCPError) as e:
         load_pack(tmp_path / "missing", with_autoencoder=False)
     _one_line(e, tmp_path / "missing")
-
-    good = save_pack(tmp_path / "good", pipe.stage1, pipe.stage2)
+    good = _save(runner, tmp_path / "good")
     cases = {
         "no_config": lambda d: (d / "config.json").unlink(),
         "bad_json": lambda d: (d / "config.json").write_text("{not json"),
         "not_a_pack": lambda d: (d / "config.json").write_text(json.dumps({"hello": 1})),
         "no_weights": lambda d: (d / "stage2.safetensors").unlink(),
         "truncated": lambda d: (d / "stage1.safetensors").write_bytes((d / "stage1.safetensors").read_bytes()[:1000]),
-        "wrong_shapes": lambda d: (d / "config.json").write_text(
-            json.dumps({**read_pack_config(d), "stage1": get_config("tiny", base_channels=24).to_dict()})
-        ),
-        "bad_config_key": lambda d: (d / "config.json").write_text(
-            json.dumps({**read_pack_config(d), "stage2": {**CFG.to_dict(), "wings": 2}})
-        ),
+        "wrong_shapes": lambda d: (d / "config.json").write_text(json.dumps(
+            {**read_pack_config(d), "stage1": {**read_pack_config(d)["stage1"],
+                                                "model": {**read_pack_config(d)["stage1"]["model"], "width": 48}}})),
+        "bad_config_key": lambda d: (d / "config.json").write_text(json.dumps(
+            {**read_pack_config(d), "stage2": {**read_pack_config(d)["stage2"],
+                                                "model": {**read_pack_config(d)["stage2"]["model"], "wings": 2}}})),
     }
     for name, breaker in cases.items():
         d = tmp_path / name
@@ -197,17 +93,51 @@ def test_broken_packs_are_one_line_errors(pipe: TCCPPipeline, tmp_path: Path) ->
         _one_line(e, d)
 
 
+def test_version_1_pack_names_its_version(tmp_path: Path) -> None:
+    """A pack from before the mouth editor: one line naming the version, no traceback."""
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"format": "tccp-pack", "version": 1, "stage1": {}, "stage2": {}}))
+    with pytest.raises(TCCPError, match="version 1") as e:
+        load_pack(d)
+    _one_line(e, d)
+    code = cli_main(["run", "--video", "x.mp4", "--out", str(tmp_path / "o.mp4"), "--model", str(d)])
+    assert code == 2
+
+
 def test_default_pack_location() -> None:
     assert DEFAULT_PACK.parts[-4:] == ("tccp", "assets", "models", "default")
 
 
-def test_info_command(capsys: pytest.CaptureFixture, pipe: TCCPPipeline, tmp_path: Path) -> None:
-    assert cli_main(["info", "--config", "tiny", "--steps", "4", "--cfg-scale", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "GFLOPs" in out and "stage1" in out and "first frame" in out
-    pack = save_pack(tmp_path / "p", pipe.stage1, pipe.stage2)
+def test_editor_pins_slot0_and_uses_each_stream_seed(runner) -> None:
+    editor = runner.pipeline.stage2
+    x0, y0, x1, y1 = editor.patch
+    side = x1 - x0
+    rng = np.random.default_rng(0)
+    inputs = [{"masked": rng.integers(0, 255, (4, side, side, 3), dtype=np.uint8),
+               "warped": rng.integers(0, 255, (4, side, side, 3), dtype=np.uint8),
+               "sketches": rng.integers(0, 255, (4, side, side, 3), dtype=np.uint8),
+               "mask": np.ones((4, side, side), np.float32), "ref": np.zeros(4, int)} for _ in range(2)]
+    from tccp.pipelines.faces import ReferenceBank
+
+    s = runner.size
+    bank = ReferenceBank(rng.integers(0, 255, (1, s, s, 3), dtype=np.uint8), np.zeros((1, 478, 2), np.float32),
+                         np.zeros((1, 80), np.float32))
+    prev = torch.randn(2, 32, side // 8, side // 8)
+    mel = np.zeros((2, 4, 16, 80), np.float32)
+    out = editor.window(inputs, [bank, bank], mel, prev, steps=2, seed=[1, 2])
+    assert out.shape == (2, 32, 4, side // 8, side // 8)
+    assert torch.equal(out[:, :, 0], prev)
+    alone = editor.window(inputs[1:], [bank], mel[1:], prev[1:], steps=2, seed=[2])
+    assert torch.allclose(alone[0], out[1], atol=1e-4)  # independent of the batch it shares
+
+
+def test_info_command(capsys: pytest.CaptureFixture, runner, tmp_path: Path) -> None:
+    pack = _save(runner, tmp_path / "p")
     assert cli_main(["info", "--pack", str(pack), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["total_params"] == 2 * sum(p.numel() for p in pipe.stage1.parameters())
-    assert report["window_flops"] > report["first_frame_flops"] > 0
+    n1 = sum(p.numel() for p in runner.pipeline.stage1.net.parameters())
+    n2 = sum(p.numel() for p in runner.pipeline.stage2.model.parameters())
+    assert report["stage1_params"] == n1 and report["stage2_params"] == n2
+    assert report["window_flops"] > 0
     assert cli_main(["info", "--pack", str(tmp_path / "nope")]) == 2

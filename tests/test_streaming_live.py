@@ -76,7 +76,7 @@ async def test_run_live_with_the_model(tmp_path):
 
     video = shared_file("data", "clips", "vr_face3.mp4")
     wav = shared_file("data", "audio", "speech_5s_44k.wav")
-    shared = SharedModel(PipelineRunner.random("tiny"))
+    shared = SharedModel(PipelineRunner.random())
     try:
         cfg = EngineConfig(live=True, steps=1, degrade=False, job_queue=16)
         res = await run_live(video, tmp_path / "live.mp4", shared, cfg,

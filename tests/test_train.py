@@ -1,8 +1,9 @@
-"""`tccp train` on real prepared data (tiny config, CPU).
+"""`tccp train` on real prepared data (tiny configs, CPU): stage 2 (the mouth-patch
+MVControlNet, `tccp.training.trainer`) and stage 1 (coordinates, `tccp.training.landmarks`).
 
 The session fixture prepares two short real clips at 64 px: 2 s of vr_face3 (training)
 and 1 s of vr_face5, which is one of `VALIDATION_CLIPS` and so must never be trained
-on; the latent cache is built once into the data folder and shared by every test.
+on; the mouth-patch latent cache is built once into the data folder and shared.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _trim(src: Path, dst: Path, seconds: float) -> Path:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     from tccp.data.prepare import prepare_clip
-    from tccp.data.windows import ensure_latent_cache
+    from tccp.training.trainer import ensure_mouth_cache
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread()
@@ -42,7 +43,7 @@ def data_dir(tmp_path_factory) -> Path:
     data = root / "prepared"
     for name, seconds in (("vr_face3", 2.0), ("vr_face5", 1.0)):
         prepare_clip(_trim(CLIPS / f"{name}.mp4", src / f"{name}.mp4", seconds), data, size=64)
-    ensure_latent_cache(data, root / "unused", progress=False)
+    ensure_mouth_cache(_cfg(data, root / "unused"), [data / "vr_face3"], [data / "vr_face5"], _quiet)
     torch.set_num_threads(threads)
     return data
 
@@ -61,7 +62,9 @@ def _cfg(data: Path, out: Path, **kw):
     from tccp.training.trainer import TrainConfig
 
     base = dict(stage="faces", data=str(data), out=str(out), config="tiny", steps=4, batch=2,
-                device="cpu", progress=False, val_every=0, ckpt_every=0, val_windows=4, log_every=1)
+                device="cpu", progress=False, val_every=0, ckpt_every=0, val_windows=4, log_every=1,
+                # 64 px crops: a 40 px mouth patch, 5 x 5 latents (one level, 25 identity tokens)
+                model_overrides={"channel_mult": [1], "attention_levels": [0], "identity_tokens": 25})
     base.update(kw)
     return TrainConfig(**base)
 
@@ -128,29 +131,51 @@ def test_validation_clips_are_never_trained_on(data_dir, tmp_path):
     tr = Trainer(_cfg(data_dir, tmp_path / "run"), log=_quiet)
     assert tr.train_clips == ["vr_face3"]
     assert tr.val_clips == ["vr_face5"] and "vr_face5" in VALIDATION_CLIPS
-    seen = {tr.train_set.index.entries[i][0] for s in range(50) for i in tr.sampler.indices(s)}
+    seen = {tr.train_set.entries[i][0] for s in range(50) for i in tr.sampler.indices(s)}
     assert {tr.train_set.clips[c].name for c in seen} == {"vr_face3"}
 
 
 def test_stage_inputs(data_dir, tmp_path):
+    """Stage 2's batch: the face patch to generate, its sketch as c_v, and the masked
+    source, the warped reference and the region mask as extra input channels."""
     from tccp.training.trainer import Trainer
 
-    for stage, target, control in (("landmarks", "sketches", "contexts"), ("faces", "faces", "sketches")):
-        tr = Trainer(_cfg(data_dir, tmp_path / stage, stage=stage), log=_quiet)
-        ci, s = tr.train_set.index.entries[tr.sampler.indices(0)[0]]
-        lat = tr.train_set.latents[ci]
-        batch = tr._batch(0)
-        n = tr.model_cfg.frames
-        assert batch["target"].shape == (2, 32, n, 8, 8)
-        assert torch.equal(batch["target"][0, :, 0], lat[target][s].float())
-        assert torch.equal(batch["c_v"][0, :, 0], lat[control][s].float())
-        assert batch["mel"].shape == (2, n, 16, 80) and batch["ref"].shape == (2, 32, 8, 8)
+    tr = Trainer(_cfg(data_dir, tmp_path / "faces"), log=_quiet)
+    ci, s = tr.train_set.entries[tr.sampler.indices(0)[0]]
+    lat = tr.train_set.lat[ci]
+    batch = tr._batch(0)
+    n = tr.model_cfg.frames
+    assert batch["target"].shape == (2, 32, n, 5, 5)
+    assert torch.equal(batch["target"][0, :, 0], lat["faces"][s].float())
+    assert torch.equal(batch["c_v"][0, :, 0], lat["sketches"][s].float())
+    assert batch["extra"].shape == (2, 65, n, 5, 5)
+    assert torch.equal(batch["extra"][0, :32, 0], lat["masked"][s].float())
+    assert torch.equal(batch["extra"][0, 32:64, 0], lat["warped"][s].float())
+    assert 0 <= float(batch["extra"][:, 64].min()) and float(batch["extra"][:, 64].max()) <= 1
+    assert batch["mel"].shape == (2, n, 16, 80) and batch["ref"].shape == (2, 32, 5, 5)
+    # the warped reference is never the target frame itself (nor its neighbours)
+    ref_index = tr.train_set.lat[ci]["bank"]
+    assert ref_index.numel() >= 1
+
+
+def test_stage1_trains_resumes_and_exports(data_dir, tmp_path):
+    from tccp.training.landmarks import LandmarkTrainConfig, load_stage1_run, train_landmarks
+
+    cfg = LandmarkTrainConfig(data=str(data_dir), out=str(tmp_path / "s1"), steps=3, batch=4, width=32, depth=1,
+                              eval_every=0, cache=str(tmp_path / "wcache"))
+    res = train_landmarks(cfg, log=_quiet)
+    assert res["step"] == 3 and "aperture_corr" in res["val"]["full"]
+    again = train_landmarks(cfg, log=_quiet)  # the same --out continues
+    assert again["step"] == 6
+    net, codec, ck = load_stage1_run(tmp_path / "s1")
+    assert ck["config"]["val_clips"] == ["vr_face5"] and "vr_face5" not in ck["config"]["train_clips"]
+    assert codec.template.shape == (478, 2)
 
 
 def test_overfit_reduces_the_loss(data_dir, tmp_path):
     from tccp.training.trainer import Trainer, _Objective
 
-    tr = Trainer(_cfg(data_dir, tmp_path / "run", steps=40, batch=4, lr=5e-3, warmup_steps=5, p_first=0.0), log=_quiet)
+    tr = Trainer(_cfg(data_dir, tmp_path / "run", steps=60, batch=4, lr=5e-3, warmup_steps=5, p_first=0.0), log=_quiet)
     fixed = tr._batch(0)
     obj = _Objective(tr.model, tr.schedule, tr.cfg)
 
@@ -241,7 +266,7 @@ def test_init_from_a_run_copies_weights(data_dir, tmp_path):
     from tccp.training.checkpoint import load_tensors
     from tccp.training.trainer import Trainer, train
 
-    train(_cfg(data_dir, tmp_path / "s1", stage="landmarks", steps=2), log=_quiet)
+    train(_cfg(data_dir, tmp_path / "s1", steps=2), log=_quiet)
     tr = Trainer(_cfg(data_dir, tmp_path / "s2", init=str(tmp_path / "s1")), log=_quiet)
     src = load_tensors(next((tmp_path / "s1" / "checkpoints").glob("step_*")) / "ema.safetensors")
     own = tr.model.state_dict()
@@ -262,9 +287,9 @@ def test_cli_errors(data_dir, tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 2  # same --out again without --resume
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--stage", "landmarks", "--data", str(data_dir), "--out", str(tmp_path / "r"),
-                 "--config", "tiny", "--resume", "--device", "cpu", "--no-progress"]) == 2
-    assert "trains faces" in capsys.readouterr().err
+    assert main(["train", "--stage", "landmarks", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "l"),
+                 "--steps", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_one_process_gloo_ddp(data_dir, tmp_path, monkeypatch):
@@ -289,9 +314,11 @@ def test_export_pack_and_init_from_it(data_dir, tmp_path):
     from tccp.cli import main
     from tccp.pack import load_pack
     from tccp.training.checkpoint import latest_checkpoint, load_checkpoint
+    from tccp.training.landmarks import LandmarkTrainConfig, train_landmarks
     from tccp.training.trainer import Trainer, train
 
-    train(_cfg(data_dir, tmp_path / "s1", stage="landmarks", steps=1), log=_quiet)
+    train_landmarks(LandmarkTrainConfig(data=str(data_dir), out=str(tmp_path / "s1"), steps=1, batch=4, width=32,
+                                        depth=1, eval_every=0, cache=str(tmp_path / "wc")), log=_quiet)
     train(_cfg(data_dir, tmp_path / "s2", stage="faces", steps=1, seed=1), log=_quiet)
     # stages swapped: refused
     assert main(["train", "--export-pack", str(tmp_path / "bad"), "--stage1", str(tmp_path / "s2"),
@@ -301,10 +328,12 @@ def test_export_pack_and_init_from_it(data_dir, tmp_path):
     pipe = load_pack(tmp_path / "pack", with_autoencoder=False)
     assert pipe.pack_config["crop_size"] == 64 and pipe.pack_config["card"]["name"] == "test"
     assert pipe.pack_config["card"]["training"]["stage1"]["val_clips"] == ["vr_face5"]
-    for model, run in ((pipe.stage1, "s1"), (pipe.stage2, "s2")):
-        ema = load_checkpoint(latest_checkpoint(tmp_path / run))["ema"]
-        for k, v in model.state_dict().items():
-            torch.testing.assert_close(v, ema[k].half().float())
+    ema = load_checkpoint(latest_checkpoint(tmp_path / "s2"))["ema"]
+    for k, v in pipe.stage2.model.state_dict().items():
+        torch.testing.assert_close(v, ema[k].half().float())
     tr = Trainer(_cfg(data_dir, tmp_path / "ft", stage="faces", init=str(tmp_path / "pack")), log=_quiet)
     own = tr.model.state_dict()
-    assert all(torch.equal(own[k], v) for k, v in pipe.stage2.state_dict().items())
+    assert all(torch.equal(own[k], v) for k, v in pipe.stage2.model.state_dict().items())
+    # a warp-only pack (no stage 2)
+    assert main(["train", "--export-pack", str(tmp_path / "warp"), "--stage1", str(tmp_path / "s1")]) == 0
+    assert load_pack(tmp_path / "warp", with_autoencoder=False).stage2.model is None

@@ -108,7 +108,7 @@ def model_sessions():
     from engine.runner import PipelineRunner
     from engine.session import Session
 
-    shared = SharedModel(PipelineRunner.random("tiny"))
+    shared = SharedModel(PipelineRunner.random())
     # always run the model (no skipping on a slow CI core): 1 step, no degradation
     cfg = EngineConfig(live=True, steps=1, degrade=False, job_queue=16)
     yield lambda: Session(shared, cfg)

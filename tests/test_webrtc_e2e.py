@@ -3,7 +3,7 @@ goes to `tccp serve`'s app, edited frames come back; a peer that vanishes mid-st
 is cleaned up by the server within seconds.
 
 The sessions are the real `engine.session.Session` on a random-weight tiny model
-(`SharedModel(PipelineRunner.random("tiny"))`): the faces it paints are noise, but
+(`SharedModel(PipelineRunner.random())`): the faces it paints are noise, but
 every step of the model path (tracking, both stages, paste-back, WebRTC out) runs.
 One test uses the pass-through double to check the transport alone (what is sent is
 what comes back).
@@ -45,7 +45,7 @@ def tiny_model():
     from engine.model import SharedModel
     from engine.runner import PipelineRunner
 
-    shared = SharedModel(PipelineRunner.random("tiny"))
+    shared = SharedModel(PipelineRunner.random())
     yield shared
     shared.close()
 

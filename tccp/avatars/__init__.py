@@ -1,6 +1,7 @@
-"""Avatar packs: a person's fine-tuned model plus their reference images.
+"""Avatars: a person's reference bank plus a model pack (the base pack, or its stage 1
+with a stage 2 fine-tuned on the person).
 
 `store` (the folder format, lookup, listing), `create` (`tccp avatar create`: split,
-prepare, fine-tune, pack), `refs` (choosing and serving reference images) and
-`evaluate` (fine-tuned vs base pack on held-out footage).
+reference bank, optional stage-2 fine-tuning, validation, pack) and `evaluate` (base
+pack vs avatar on held-out footage).
 """

@@ -1,154 +1,151 @@
-"""An avatar's validation numbers: fine-tuned weights vs the base pack on held-out footage.
+"""An avatar's validation numbers: reconstruction of held-out footage, base pack vs avatar.
 
-Both numbers are computed on the tail of the person's own videos, which fine-tuning
-never saw, with identical inputs, noise and reference images for both models, so the
-difference is the fine-tuning alone:
+The tails of the person's videos are never seen by the reference bank or by
+fine-tuning. Each tail is reconstructed from its own audio by the engine's file run
+(`engine.filerun.run_file`: stage-1 landmarks from the audio, stage 2 from the bank's
+best-matching reference, paste-back at the source resolution), once per pack, with the
+avatar's bank, the same sampler steps and seeds, no degradation; then measured against
+the real tail (`tccp.metrics.evaluate.evaluate_arrays`, the measures of `tccp eval`):
 
-- **stage-2 validation loss**: the training objective (`diffusion_loss`, window mode)
-  on up to 64 fixed windows of the tail with fixed timesteps and noise, as
-  `tccp train` validates.
-- **face PSNR in the head mask**: the engine's stage 2 (`PipelineRunner`, 'tracked'
-  mode: driven by sketches of the tracked landmarks, autoregressive windows, the
-  avatar's reference bank as identity) regenerates the tail's face crops, compared with
-  the real crops inside the head mask (`tccp.metrics.masked_psnr`). With the geometry
-  given, this measures appearance: how much the generated face looks like the person.
+- mouth-box PSNR, mouth sharpness ratio and PSNR of the face outside the edit
+  (`mouth_region_measures`);
+- mouth-opening correlation with the real tail and lip landmark distance (the output
+  tracked like the real video).
+
+Stage 1 on its own (generated vs tracked head-frame landmarks, `tccp.metrics.landmarks`,
+with the "mean lips" baseline) is measured once: an avatar keeps its base pack's stage 1.
+Values over several tails are frame-weighted means.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
-__all__ = ["stage2_val_loss", "face_psnr", "compare_packs"]
+__all__ = ["RECONSTRUCTION_KEYS", "reconstruction_measures", "validate_avatar"]
 
-
-@torch.no_grad()
-def stage2_val_loss(
-    stage2: torch.nn.Module,
-    cache: str | os.PathLike,
-    folders: Sequence[Path],
-    latent_norm: Any,
-    window: int,
-    device: torch.device | str = "cpu",
-    max_windows: int = 64,
-    seed: int = 0,
-) -> tuple[float, int]:
-    """(mean window-mode diffusion loss, windows used) of `stage2` on the clips."""
-    from tccp.data.datasets import LatentWindowDataset
-    from tccp.data.windows import collate, fixed_subset, stage_spec
-    from tccp.diffusion.loss import diffusion_loss
-    from tccp.diffusion.schedule import Schedule
-
-    ds = LatentWindowDataset(cache, list(folders), window=window, split=None, deterministic=True, seed=seed)
-    if len(ds) == 0:
-        return float("nan"), 0
-    spec = stage_spec("faces")
-    idx = fixed_subset(len(ds), max_windows)
-    schedule = Schedule()
-    stage2 = stage2.to(device).eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    total, n = 0.0, 0
-    with torch.random.fork_rng(devices=[]):
-        for a in range(0, len(idx), 8):
-            batch = collate([ds[i] for i in idx[a:a + 8]], spec, device)
-            batch = {k: latent_norm.to_model(v) if k in ("target", "c_v", "ref") else v for k, v in batch.items()}
-            b = batch["target"].shape[0]
-            gen_dev = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-            loss = diffusion_loss(stage2, batch, schedule, p_first=0.0, cond_dropout=0.0, first=False, generator=gen_dev)
-            total += float(loss) * b
-            n += b
-    return total / max(1, n), n
+# name in the result -> path into `evaluate_arrays(...).metrics`
+RECONSTRUCTION_KEYS: dict[str, tuple[str, ...]] = {
+    "psnr_mouth": ("mouth", "psnr_mouth"),
+    "sharpness_ratio": ("mouth", "sharpness_ratio"),
+    "psnr_face_kept": ("mouth", "psnr_face_kept"),
+    "aperture_corr": ("lipsync", "aperture_corr"),
+    "lip_lmd": ("lipsync", "lip_lmd"),
+    "lag_frames": ("lipsync", "lag_frames"),
+}
 
 
-def _head_masks(clip: Any, frames: np.ndarray) -> np.ndarray:
-    from tccp.face.geometry import head_mask
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d if isinstance(d, (int, float)) and math.isfinite(d) else None
 
-    s = clip.size
-    box = np.array([0, 0, s, s], np.float32)
-    out = np.zeros((len(frames), s, s), np.float32)
-    for j, i in enumerate(frames):
-        lm = np.nan_to_num(clip.mesh_landmarks(int(i)), nan=0.0)
-        out[j] = head_mask(lm, box, s) if clip.found[int(i)] else 0.0
+
+def reconstruction_measures(generated: np.ndarray, real: Any, audio: np.ndarray | None, sr: int,
+                            fps: float) -> dict[str, float | None]:
+    """The measures above for generated frames vs a `TrackedVideo` of the real ones."""
+    from tccp.metrics.evaluate import EvalConfig, evaluate_arrays
+
+    m = evaluate_arrays(generated, real, audio, sr=sr, fps=fps, cfg=EvalConfig(identity=False)).metrics
+    return {k: _get(m, path) for k, path in RECONSTRUCTION_KEYS.items()}
+
+
+def _weighted(rows: list[tuple[int, dict]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in {k for _, r in rows for k in r}:
+        vals = [(n, r[key]) for n, r in rows if isinstance(r.get(key), (int, float))]
+        total = sum(n for n, _ in vals)
+        out[key] = float(sum(n * v for n, v in vals) / total) if total else None
     return out
 
 
-def face_psnr(
-    runner: Any,
-    clips: Sequence[Any],
-    window: int = 8,
-    steps: int = 4,
-    max_frames: int = 250,
-    seed: int = 0,
-) -> tuple[float, int]:
-    """(face PSNR in dB inside the head mask, frames) of stage 2 regenerating the clips'
-    face crops from their tracked sketches (see module docstring)."""
-    from engine.runner import WindowRequest
-    from tccp.metrics import masked_psnr
-
-    new = window - 1
-    real, gen, masks = [], [], []
-    budget = max_frames
-    for clip in clips:
-        n = min(clip.n_frames, budget)
-        if n < 1:
-            break
-        budget -= n
-        faces, ctx = clip.faces[:n], clip.contexts[:n]
-        sketches = clip.sketches(range(n))
-        mel = clip.mel_windows[:n].astype(np.float32)
-        state = None
-        out = []
-        for k, a in enumerate(range(0, n, new)):
-            sl = slice(a, min(n, a + new))
-            req = WindowRequest(
-                mode="tracked", steps=steps, sampler="ddim", guidance=1.0, window=window,
-                contexts=ctx[sl], sketches=sketches[sl], mel=mel[sl], identity=faces[0],
-                state=state, seed=seed + k,
-            )
-            res = runner.run_batch([req])[0]
-            state = res.state
-            out.append(res.faces)
-        real.append(faces)
-        gen.append(np.concatenate(out)[:n])
-        masks.append(_head_masks(clip, np.arange(n)))
-    if not real:
-        return float("nan"), 0
-    r, g, m = np.concatenate(real), np.concatenate(gen), np.concatenate(masks)
-    return float(masked_psnr(r, g, m)), int(len(r))
-
-
-def compare_packs(
-    packs: dict[str, str | os.PathLike],
-    tail_folders: Sequence[Path],
-    cache: str | os.PathLike,
+def validate_avatar(
+    packs: dict[str, str | Path],
+    tails: Sequence[Path],
     bank: Any,
     device: str = "cpu",
     steps: int = 4,
-    max_frames: int = 250,
-    log: Any = None,
+    max_seconds: float = 6.0,
+    work: Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Validation numbers of each named pack (e.g. {"base": ..., "avatar": ...})."""
-    from engine.runner import PipelineRunner
-    from tccp.data.datasets import PreparedClip
-    from tccp.pack import load_pack
+    """Validation numbers of each named pack (e.g. {"base": ..., "avatar": ...}) on the
+    tail videos (up to `max_seconds` of them in all), every pack with `bank`."""
+    import tempfile
 
-    clips = [PreparedClip(f) for f in tail_folders]
-    out: dict[str, Any] = {"stage2_val_loss": {}, "face_psnr_db": {}}
-    for name, pack in packs.items():
-        pipe = load_pack(pack, device=device)
-        window = int(pipe.stage2.cfg.frames)
-        loss, n_win = stage2_val_loss(pipe.stage2, cache, tail_folders, pipe.norm, window, device)
-        runner = PipelineRunner(pipe, references=bank)
-        psnr, n_frames = face_psnr(runner, clips, steps=steps, max_frames=max_frames)
-        out["stage2_val_loss"][name] = loss
-        out["face_psnr_db"][name] = psnr
-        out["val_windows"], out["psnr_frames"] = n_win, n_frames
-        if log is not None:
-            log(f"validation ({name}): stage-2 loss {loss:.4f} on {n_win} windows, "
-                f"face PSNR {psnr:.2f} dB on {n_frames} frames")
-    out["steps"] = steps
-    return out
+    from engine.config import EngineConfig
+    from engine.filerun import run_file
+    from engine.model import SharedModel
+    from engine.runner import PipelineRunner
+    from tccp.media.io import load_clip
+    from tccp.metrics.evaluate import track_frames
+    from tccp.metrics.suite import stage1_clip
+
+    say = log or (lambda msg: None)
+    tmp = None
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tccp-avatar-eval-")
+        work = Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        reals = []
+        left = float(max_seconds)
+        for tail in tails:
+            if left * 25.0 < 1:
+                break
+            clip = load_clip(tail, max_seconds=left)
+            reals.append((tail, clip, track_frames(clip.frames)))
+            left -= len(clip.frames) / clip.fps
+        rows: dict[str, list[tuple[int, dict]]] = {name: [] for name in packs}
+        warp_only: dict[str, bool] = {}
+        stage1_rows: list[tuple[int, dict]] = []
+        conf = EngineConfig(steps=steps, degrade=False, seed=seed)
+        for pi, (name, pack) in enumerate(packs.items()):
+            runner = PipelineRunner.from_pack(str(pack), device=device)
+            runner.references = bank
+            warp_only[name] = runner.pipeline.stage2.model is None
+            model = SharedModel(runner)
+            try:
+                for i, (tail, clip, real) in enumerate(reals):
+                    out = work / f"{name}_{i:02d}.mp4"
+                    run_file(tail, out, model, config=conf, max_seconds=len(clip.frames) / clip.fps)
+                    gen = load_clip(out, require_audio=False, min_frames=1).frames
+                    n = min(len(gen), len(real.frames))
+                    audio = clip.audio[: int(round(n / clip.fps * clip.sr))] if clip.audio is not None else None
+                    r = reconstruction_measures(gen[:n], real.head(n), audio, clip.sr, clip.fps)
+                    rows[name].append((n, r))
+                    say(f"validation ({name}, {tail.name}): mouth PSNR {_show(r['psnr_mouth'], '.2f')} dB, "
+                        f"mouth-opening r {_show(r['aperture_corr'], '.3f')} on {n} frames")
+                    if pi == len(packs) - 1 and audio is not None and real.found.any():
+                        s1 = stage1_clip(runner.pipeline, real.head(n), audio, clip.sr, clip.fps, bank)
+                        stage1_rows.append((n, s1))
+            finally:
+                model.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    stage1 = {k: _weighted([(n, r.get(k) or {}) for n, r in stage1_rows]) for k in ("tccp", "mean_lips")} \
+        if stage1_rows else {}
+    rec = {name: _weighted(r) for name, r in rows.items()}
+    base, avatar = rec.get("base"), rec.get("avatar") or {}
+    summary = {k: [None if base is None else base.get(k), avatar.get(k)]
+               for k in ("psnr_mouth", "aperture_corr", "sharpness_ratio")}
+    return {
+        "steps": steps,
+        "warp_only": warp_only,
+        "frames": int(sum(len(r[2].frames) for r in reals)),
+        "clips": [str(Path(r[0]).name) for r in reals],
+        "reconstruction": rec,
+        "stage1": stage1,
+        "summary": summary,
+    }
+
+
+def _show(x: Any, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)

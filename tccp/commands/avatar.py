@@ -1,53 +1,88 @@
-"""`tccp avatar`: create, list and inspect avatar packs.
+"""`tccp avatar`: create, list and inspect avatars.
 
     tccp avatar create --video me.mp4 [--video more.mp4] --out avatars/me [--minutes 10] [--device cuda]
+    tccp avatar create --video me.mp4 --out avatars/me --minutes 0     # bank-only: no fine-tuning, quick
     tccp avatar list
     tccp avatar show me
 
-An avatar is a model pack fine-tuned on one person plus reference images of them;
-`tccp run/serve/demo --avatar NAME` use it (NAME: ./avatars/NAME or ~/.tccp/avatars/NAME).
-See docs/avatars.md.
+An avatar is the person's reference bank (frames covering their mouth shapes) plus a
+model pack: a copy of the base pack (--minutes 0), or the base pack's stage 1 with a
+stage 2 fine-tuned on the person. `tccp run/serve/demo --avatar NAME` use it (NAME:
+./avatars/NAME or ~/.tccp/avatars/NAME). See docs/avatars.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 
 # what `avatar create --work DIR` keeps there (tccp.avatars.create)
-WORK_FILES = ("clips", "data", "tail", "runs", "pack", "latents.safetensors", "tail_latents.safetensors")
+WORK_FILES = ("clips", "data", "runs", "pack", "eval", "mouth_latents.safetensors", "mouth_latents.safetensors.parts",
+              # written by the version-1 avatar create
+              "tail", "latents.safetensors", "tail_latents.safetensors")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
     sub = p.add_subparsers(dest="avatar_command", metavar="ACTION")
-    c = sub.add_parser("create", help="fine-tune the bundled pack on a person's videos")
+    c = sub.add_parser("create", help="an avatar from a person's videos: reference bank, optional fine-tuning")
     c.add_argument("--video", action="append", required=True, metavar="PERSON.mp4",
                    help="a clip of the person speaking (repeat for more clips)")
     c.add_argument("--out", required=True, metavar="avatars/NAME", help="avatar folder to write")
-    c.add_argument("--minutes", type=float, default=10.0,
-                   help="fine-tuning budget for both stages (default 10; GPU minutes go much further)")
-    c.add_argument("--steps", type=int, default=None, help="at most this many optimizer steps per stage")
+    c.add_argument("--minutes", type=float, default=None,
+                   help="stage-2 fine-tuning budget (default 10, or 0 when the base pack is warp-only); "
+                        "0: no fine-tuning, a bank-only avatar in seconds")
+    c.add_argument("--steps", type=int, default=None,
+                   help="at most this many optimizer steps (0: no fine-tuning, like --minutes 0)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    c.add_argument("--config", default=None, metavar="NAME",
-                   help="model config to fine-tune (tiny/small/demo/paper; default: the base pack's own)")
     c.add_argument("--init", default=None, metavar="PACK", help="base model pack (default: the bundled pack)")
-    c.add_argument("--refs", type=int, default=4, help="reference images to keep (default 4)")
+    c.add_argument("--refs", type=int, default=8, help="reference frames in the bank (default 8, at most 16)")
     c.add_argument("--max-seconds", type=float, default=None, metavar="S", help="use only the first S s of each clip")
     c.add_argument("--tail", type=float, default=0.15, help="held-out fraction at the end of each clip (default 0.15)")
+    c.add_argument("--eval-seconds", type=float, default=6.0, metavar="S",
+                   help="held-out seconds the validation reconstructs (default 6)")
     c.add_argument("--batch", type=int, default=None, help="windows per step (default 4 on CPU, 32 on CUDA)")
     c.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
-    c.add_argument("--work", default=None, metavar="DIR", help="keep intermediate files (prepared clips, runs) here")
+    c.add_argument("--work", default=None, metavar="DIR", help="keep intermediate files (split clips, prepared "
+                   "data, runs) here; prepared data is reused by a later run")
     c.add_argument("--force", action="store_true", help="replace an existing avatar folder")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("list", help="installed avatars (./avatars, ~/.tccp/avatars)")
     s = sub.add_parser("show", help="print an avatar's card")
     s.add_argument("name", metavar="NAME_OR_DIR")
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """mediapipe/TFLite write a log line to fd 2 for every frame tracked on its own
+    (the reference bank's candidates, the validation's outputs), bypassing Python.
+    Meanwhile fd 2 goes to /dev/null and Python's `sys.stderr` (progress bars, the
+    log, one-line errors) to a duplicate of the real stderr."""
+    fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    old = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                           errors="backslashreplace")
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = old
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -69,16 +104,21 @@ def _create(args: argparse.Namespace) -> int:
                  inputs=(*args.video, args.init, args.work))
     if args.work:
         claim_dir(args.work, kind="avatar", inputs=(*args.video, args.init), known=WORK_FILES, flag=None)
+    if not args.eval_seconds > 0:
+        from tccp.errors import TCCPError
+
+        raise TCCPError(f"--eval-seconds {args.eval_seconds}: must be positive")
     cfg = AvatarConfig(
         videos=list(args.video), out=args.out, minutes=args.minutes, steps=args.steps, device=args.device,
-        config=args.config, init=args.init, refs=args.refs, max_seconds=args.max_seconds, tail=args.tail,
-        batch=args.batch, lr=args.lr, seed=args.seed, work=args.work, force=args.force,
-        progress=not args.no_progress,
+        init=args.init, refs=args.refs, max_seconds=args.max_seconds, tail=args.tail,
+        eval_seconds=args.eval_seconds, batch=args.batch, lr=args.lr, seed=args.seed, work=args.work,
+        force=args.force, progress=not args.no_progress,
     )
     parent = Path(args.out).parent
     made_parent = not parent.exists()
     try:
-        res = create_avatar(cfg)
+        with _native_stderr_silenced():
+            res = create_avatar(cfg)
     except BaseException:
         if made_parent and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()  # a run that produced nothing leaves nothing
@@ -88,15 +128,21 @@ def _create(args: argparse.Namespace) -> int:
     def f(x, spec):
         return "n/a" if x is None else format(x, spec)
 
-    print(f"avatar: {res.path}")
-    print(f"  stage-2 validation loss  base {f(s['stage2_val_loss'][0], '.4f')}  ->  avatar {f(s['stage2_val_loss'][1], '.4f')}")
-    print(f"  face PSNR (head mask)    base {f(s['face_psnr_db'][0], '.2f')} dB  ->  avatar {f(s['face_psnr_db'][1], '.2f')} dB")
+    tuned = res.meta["fine_tuned"]
+    print(f"avatar: {res.path} ({len(res.meta['refs'])} references; "
+          + (f"stage 2 fine-tuned, {res.meta['training']['steps']} steps)" if tuned else
+             "the base pack's weights, no fine-tuning)"))
+    (b_psnr, a_psnr), (b_r, a_r) = s["psnr_mouth"], s["aperture_corr"]
+    if tuned:
+        print(f"  held-out mouth PSNR       base {f(b_psnr, '.2f')} dB  ->  avatar {f(a_psnr, '.2f')} dB")
+        print(f"  mouth-opening correlation base {f(b_r, '.3f')}  ->  avatar {f(a_r, '.3f')}")
+    else:
+        print(f"  held-out mouth PSNR {f(a_psnr, '.2f')} dB, mouth-opening correlation {f(a_r, '.3f')}")
     print(f"  card: {res.path / 'AVATAR_CARD.md'}")
-    base, avatar = s["face_psnr_db"]
-    if base is not None and avatar is not None and avatar < base:
-        print(f"warning: the avatar reconstructs the held-out tail worse than the base pack (face PSNR "
-              f"{base:.2f} -> {avatar:.2f} dB); fine-tune longer (--minutes, --steps) or give more footage",
-              file=sys.stderr)
+    if tuned and b_psnr is not None and a_psnr is not None and a_psnr < b_psnr:
+        print(f"warning: the avatar reconstructs the held-out tail worse than the base pack (mouth PSNR "
+              f"{b_psnr:.2f} -> {a_psnr:.2f} dB); fine-tune longer (--minutes, --steps), give more footage, "
+              "or use --minutes 0 (the base pack's weights with your reference bank)", file=sys.stderr)
     return 0
 
 
@@ -112,9 +158,10 @@ def _list() -> int:
             print(f"{it['name']:<20} BROKEN: {it['error']}")
             continue
         v = it.get("validation") or {}
-        psnr = (v.get("face_psnr_db") or [None, None])[1]
-        extra = f", face PSNR {psnr:.2f} dB" if isinstance(psnr, (int, float)) else ""
-        print(f"{it['name']:<20} {it['refs']} refs, created {it.get('created') or '?'}{extra}  ({it['path']})")
+        psnr = (v.get("psnr_mouth") or [None, None])[1]
+        extra = f", mouth PSNR {psnr:.2f} dB" if isinstance(psnr, (int, float)) else ""
+        kind = "fine-tuned" if it.get("fine_tuned") else "bank-only"
+        print(f"{it['name']:<20} {kind}, {it['refs']} refs, created {it.get('created') or '?'}{extra}  ({it['path']})")
     return 0
 
 
@@ -126,7 +173,7 @@ def _show(name: str) -> int:
     if card.is_file():
         sys.stdout.write(card.read_text())
     else:
-        print(f"{av.name}: {len(av.refs)} refs at {av.crop_size} px ({av.path}); no {CARD_FILE}")
+        print(f"{av.name}: {len(av)} refs at {av.crop_size} px ({av.path}); no {CARD_FILE}")
     return 0
 
 

@@ -148,8 +148,8 @@ def _main_suite(args: argparse.Namespace) -> int:
         raise TCCPError("--json: required with --suite")
     if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
         raise TCCPError(f"--seconds {args.seconds}: must be a positive number of seconds")
-    if args.steps is not None and args.steps < 1:
-        raise TCCPError(f"--steps {args.steps}: must be at least 1")
+    if args.steps is not None and args.steps < 0:
+        raise TCCPError(f"--steps {args.steps}: must be 0 or more")
     clip_files = [c for c in (args.clips or []) if Path(c).exists()]
     guard_output(args.json, inputs=(*clip_files, args.model))
     ensure_writable_dir(Path(args.json).parent, name=args.json)

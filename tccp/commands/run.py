@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="OUT.mp4", help="output mp4 (H.264 + AAC); with --live also 'window' (default)")
     p.add_argument("--live", action="store_true", help="live: the microphone drives a looping video or a camera")
     p.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: 4)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 sampler steps (default: 4; 0: the warped "
+                   "reference alone, no denoiser)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim")
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: stage 1 predicts landmarks from context+audio (default); "
@@ -148,8 +149,8 @@ def main(args: argparse.Namespace) -> int:
     from tccp.errors import TCCPError
     from tccp.io_utils import guard_output
 
-    if args.steps is not None and args.steps < 1:
-        raise TCCPError(f"--steps {args.steps}: must be at least 1")
+    if args.steps is not None and args.steps < 0:
+        raise TCCPError(f"--steps {args.steps}: must be 0 (the warped reference, no denoiser) or more")
     check_mouth_scale(args.mouth_scale)
     if args.avatar is not None and args.identity is not None:
         raise TCCPError("--identity and --avatar: pass one (the avatar brings its own reference images)")
@@ -166,10 +167,10 @@ def main(args: argparse.Namespace) -> int:
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     guard_output(args.out, inputs=(args.video, args.audio, args.identity))
-    cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
+    cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale)
     if args.steps is not None:
-        cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
-    model = load_model(args.model, args.device, args.backend, avatar=args.avatar, mouth_scale=args.mouth_scale)
+        cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
+    model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
     caught: list = []
     try:
         with quiet_native_stderr() as caught, make_progress("generating", quiet=args.quiet) as bar:
@@ -182,6 +183,15 @@ def main(args: argparse.Namespace) -> int:
         print_warnings(caught)
     print_summary(result)
     return 0
+
+
+def _loader(backend: str):
+    """The pipeline loader for `--backend` (None: torch, the engine's own)."""
+    if backend == "torch":
+        return None
+    from export.backends import pipeline_loader
+
+    return pipeline_loader(backend)
 
 
 def _camera_spec(value: str) -> bool:
@@ -215,15 +225,16 @@ def main_live(args: argparse.Namespace) -> int:
 
         guard_output(out, inputs=(None if _camera_spec(video) else video, args.audio, args.identity))
     audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
-    cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks)
+    cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks,
+                       mouth_scale=args.mouth_scale)
     if args.steps is not None:
-        cfg = cfg.with_(steps=args.steps, min_steps=min(cfg.min_steps, args.steps))
+        cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     if args.identity is not None:
         from engine.filerun import load_image
 
         cfg = cfg.with_(identity=load_image(args.identity))
     source = int(video) if video.strip().isdigit() else video
-    model = load_model(args.model, args.device, args.backend, avatar=args.avatar, mouth_scale=args.mouth_scale)
+    model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
     caught: list = []
     try:
         with quiet_native_stderr() as caught:

@@ -1,8 +1,12 @@
 """`tccp train`: train stage 1 (landmarks) or stage 2 (faces); export a model pack.
 
-    tccp train --stage landmarks --data data/prepared --out runs/s1 --config small --steps 3000
-    tccp train --stage landmarks --data data/prepared --out runs/s1 --resume --minutes 9
+    tccp train --stage landmarks --data data_prepared --out runs/s1 --minutes 25
+    tccp train --stage faces --data data_prepared --out runs/s2 --init tccp/assets/models/default --minutes 60
+    tccp train --stage faces --data data_prepared --out runs/s2 --resume --minutes 9
     tccp train --export-pack models/default --stage1 runs/s1 --stage2 runs/s2
+
+Stage 1 (coordinates, `tccp.training.landmarks`) continues its run folder when it
+exists; stage 2 (`tccp.training.trainer`) needs --resume for that.
 
 See docs/training.md for the chunked GPU recipe and multi-GPU (torchrun) use.
 """
@@ -12,18 +16,23 @@ from __future__ import annotations
 import argparse
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "checkpoints", "cache")
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "val.jsonl", "checkpoints", "cache")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
     g = p.add_argument_group("run")
-    g.add_argument("--stage", choices=["landmarks", "faces", "1", "2"], help="landmarks = stage 1, faces = stage 2")
+    g.add_argument("--stage", choices=["landmarks", "faces", "faces-refctrl", "1", "2"],
+                   help="landmarks = stage 1, faces = stage 2 (faces-refctrl: the reference through the control "
+                        "branch, the measured alternative)")
     g.add_argument("--data", metavar="DIR", help="folder of prepared clips (tccp prepare)")
     g.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
-    g.add_argument("--config", default="small", help="model config: tiny, small or paper (default small)")
-    g.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
+    g.add_argument("--config", default="mouth", help="stage-2 model config: tiny, mouth, small or paper (default mouth)")
+    g.add_argument("--objective", choices=("regress", "v"), default="regress",
+                   help="stage 1: deterministic regression head (default) or v-prediction diffusion")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (stage 2: total, default 5000; stage 1: "
+                   "this many more)")
     g.add_argument("--batch", type=int, default=8, help="windows per step per process (default 8)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--resume-from", metavar="CKPT", help="continue into --out from this checkpoint folder (e.g. an "
@@ -41,15 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
     o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--prediction", choices=("eps", "v"), default="eps",
+    o.add_argument("--prediction", choices=("eps", "v"), default="v",
                    help="model target: eps (paper) or v (keeps few-step x0 estimates bounded)")
     o.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     m = p.add_argument_group("misc")
-    m.add_argument("--cache", metavar="FILE", help="latent cache file (default DATA/latents/latents.safetensors)")
-    m.add_argument("--cache-frames", type=int, metavar="N",
-                   help="when building the cache, encode only the first N frames of each clip (CPU budget)")
-    m.add_argument("--cache-size", type=int, metavar="PX",
-                   help="when building the cache, resize crops to PX (e.g. 64 for the CPU demo config)")
+    m.add_argument("--cache", metavar="FILE", help="stage 2: mouth-patch latent cache (default DATA/.cache-mouth.safetensors); "
+                   "stage 1: Whisper feature cache folder (default DATA/.cache-whisper)")
+    m.add_argument("--cache-frames", type=int, metavar="N", default=300,
+                   help="stage 2: encode only the first N frames of each clip (CPU budget; default 300)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (1 is fastest on cores shared with other jobs)")
@@ -57,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("export a model pack (no training)")
     e.add_argument("--export-pack", metavar="PACK_DIR", help="write the engine's model pack from two runs")
     e.add_argument("--stage1", metavar="RUN_OR_CKPT", help="stage-1 (landmarks) run or checkpoint")
-    e.add_argument("--stage2", metavar="RUN_OR_CKPT", help="stage-2 (faces) run or checkpoint")
+    e.add_argument("--stage2", metavar="RUN_OR_CKPT", help="stage-2 (faces) run or checkpoint; omit for a warp-only pack")
     e.add_argument("--name", default=None, help="model card name for the pack")
 
 
@@ -67,8 +75,8 @@ def main(args: argparse.Namespace) -> int:
     from tccp.io_utils import claim_dir, guard_output
 
     if args.export_pack:
-        if not (args.stage1 and args.stage2):
-            raise TCCPError("--export-pack needs --stage1 RUN and --stage2 RUN")
+        if not args.stage1:
+            raise TCCPError("--export-pack needs --stage1 RUN (and --stage2 RUN, or none for a warp-only pack)")
         guard_output(args.export_pack, folder=True, kind="train", inputs=(args.stage1, args.stage2), flag=None)
         from tccp.training.trainer import export_pack
 
@@ -92,13 +100,25 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    if args.stage in ("landmarks", "1"):
+        from tccp.training.landmarks import LandmarkTrainConfig, train_landmarks
+
+        if not __import__("pathlib").Path(args.data).is_dir():
+            raise TCCPError(f"{args.data}: data folder does not exist")
+        if args.minutes is None and args.steps is None:
+            raise TCCPError("--stage landmarks: give --minutes or --steps")
+        res = train_landmarks(LandmarkTrainConfig(
+            data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
+            seed=args.seed, init=args.init, cache=args.cache, threads=args.threads))
+        print(res["run"])
+        return 0
 
     cfg = TrainConfig(
         stage=args.stage,
         data=args.data,
         out=args.out,
         config=args.config,
-        steps=args.steps,
+        steps=5000 if args.steps is None else args.steps,
         batch=args.batch,
         lr=args.lr,
         warmup_steps=args.warmup,
@@ -116,7 +136,6 @@ def main(args: argparse.Namespace) -> int:
         cache=args.cache,
         cache_frames=args.cache_frames,
         prediction=args.prediction,
-        cache_size=args.cache_size,
         progress=not args.no_progress,
         resume=args.resume,
         resume_from=args.resume_from,

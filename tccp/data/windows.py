@@ -42,19 +42,26 @@ class StageSpec:
     target: str  # latent kind generated
     control: str  # latent kind fed to the control branch (c_v)
     number: int
+    extra: tuple[str, ...] = ()  # kinds concatenated as extra input channels (inpainting)
 
 
+# Stage 1 is trained in coordinates (`tccp.training.landmarks`), not by this trainer.
+# Stage 2 (mouth mode) generates the mouth patch from its sketch (c_v) with the masked
+# source, the warped reference and the region mask as extra input channels.
 STAGES: dict[str, StageSpec] = {
-    "landmarks": StageSpec("landmarks", target="sketches", control="contexts", number=1),
-    "faces": StageSpec("faces", target="faces", control="sketches", number=2),
+    "faces": StageSpec("faces", target="faces", control="sketches", number=2, extra=("masked", "warped", "mask")),
+    # the alternative measured in docs/faces.md: the warped reference through the
+    # control branch instead of the input (no sketch: the warp already has the shape)
+    "faces-refctrl": StageSpec("faces-refctrl", target="faces", control="warped", number=2, extra=("masked", "mask")),
 }
 
 
 def stage_spec(stage: str) -> StageSpec:
-    aliases = {"1": "landmarks", "stage1": "landmarks", "2": "faces", "stage2": "faces"}
+    aliases = {"2": "faces", "stage2": "faces", "faces_refctrl": "faces-refctrl"}
     key = aliases.get(str(stage), str(stage))
     if key not in STAGES:
-        raise TCCPError(f"--stage {stage}: choose 'landmarks' (stage 1) or 'faces' (stage 2)")
+        raise TCCPError(f"--stage {stage}: this trainer trains stage 2 ('faces'); stage 1 is 'landmarks' "
+                        "(tccp train --stage landmarks)")
     return STAGES[key]
 
 
@@ -65,12 +72,15 @@ def collate(items: Sequence[dict], spec: StageSpec, device: torch.device | str =
     def stack(key: str) -> torch.Tensor:
         return torch.stack([it[key] for it in items]).to(device, non_blocking=True)
 
-    return {
+    out = {
         "target": stack(spec.target),
         "c_v": stack(spec.control),
         "mel": stack("mel"),
         "ref": stack("ref"),
     }
+    if spec.extra:
+        out["extra"] = torch.cat([stack(k) for k in spec.extra], dim=1)
+    return out
 
 
 class StepSampler:

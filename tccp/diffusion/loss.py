@@ -25,7 +25,7 @@ def split_first_frame(batch: dict[str, Any]) -> dict[str, Any]:
     out = dict(batch)
     b = batch["target"].shape[0]
     n = batch["target"].shape[2]
-    for key in ("target", "c_v"):
+    for key in ("target", "c_v", "extra"):
         if batch.get(key) is not None:
             out[key] = rearrange(batch[key], "b c n h w -> (b n) c 1 h w")
     out["mel"] = rearrange(batch["mel"], "b n t f -> (b n) 1 t f")
@@ -50,7 +50,8 @@ def diffusion_loss(
     generated slots.
 
     batch: "target" (B, C, N, h, w) latents to generate (already normalised), "c_v"
-    (B, C, N, h, w) or None, "mel" (B, N, 16, 80), "ref" (B, C, h, w) or None.
+    (B, C, N, h, w) or None, "mel" (B, N, 16, 80), "ref" (B, C, h, w) or None, "extra"
+    (B, E, N, h, w) or None (inpainting channels).
     `first` forces (True) or forbids (False) the one-frame mode; None draws it with
     `p_first`. `cond_noise_std` adds a little noise to the clean slot (robustness to
     the model's own slightly-off previous frames at inference).
@@ -88,7 +89,7 @@ def diffusion_loss(
         clean = x0 + cond_noise_std * randn(x0.shape)
     x_t = gen_mask * x_t + (1.0 - gen_mask) * clean
 
-    out = model(x_t, t, tokens, batch.get("c_v"), flags)
+    out = model(x_t, t, tokens, batch.get("c_v"), flags, batch.get("extra"))
     target = schedule.target(x0, noise, t)
     err = (out.float() - target.float()) ** 2 * gen_mask
     denom = gen_mask.expand_as(err).sum().clamp_min(1.0)

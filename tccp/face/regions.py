@@ -17,7 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "mask_box"]
+__all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "mask_box", "patch_box", "PATCH_FRACTION"]
 
 REGIONS = ("mouth", "head")
 # jaw line from the left cheek round the chin to the right cheek, then back along the
@@ -27,6 +27,23 @@ LOWER_FACE = (
     294, 327, 2, 98, 64,
 )
 _FOREHEAD, _CHIN = 10, 152
+
+# Mouth mode regenerates only a patch of the face crop: the lower face of a face crop
+# (box = 1.6 x the landmark extent) measured on the shared clips spans at most ~70 x 45
+# px of a 128 px crop, centred near (64, 94). A fixed patch (x 24..104, y 48..128 at
+# 128 px) holds it with room for a jaw that drops further than the source's. Only this
+# patch goes through the autoencoder and the denoiser: 10 x 10 latents instead of the
+# crop's 16 x 16, 2.6x less autoencoder work per frame on a CPU.
+PATCH_FRACTION = (24 / 128, 48 / 128, 104 / 128, 128 / 128)
+
+
+def patch_box(size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the mouth patch in a `size` px face crop: a square of 5/8 of
+    the crop (a multiple of 8 px, for the autoencoder), centred horizontally, at the
+    bottom edge. 128 px crops: (24, 48, 104, 128)."""
+    side = max(8, int(round(size * (PATCH_FRACTION[2] - PATCH_FRACTION[0]) / 8)) * 8)
+    x0 = (size - side) // 2
+    return x0, size - side, x0 + side, size
 
 
 def lower_face_polygon(mesh: np.ndarray) -> np.ndarray:

@@ -1,14 +1,20 @@
-"""`tccp eval --suite`: the model on held-out clips against two baselines, one table.
+"""`tccp eval --suite`: the model on held-out clips against baselines, in one run.
 
 Reconstruction: each held-out clip is re-generated from its own audio by the engine's
-file run (`engine.filerun.run_file`), and compared with the clip. Two baselines are
-measured in the same run, on the same frames, through the same H.264 encode, so the
-model's numbers have a floor and a ceiling next to them:
-- `reference_frame`: the head of the clip's first frame pasted, unchanged and
-  feathered, onto every frame (no motion at all; context untouched);
-- `real`: the clip itself after one encode/decode round trip (the upper bound; it is
-  not a perfect 100 dB only because of the codec, which the model output also goes
-  through).
+file run (`engine.filerun.run_file`) and compared with the clip. The reference bank is
+taken from the clip's frames AFTER the evaluated seconds when the clip is long enough
+(else from the whole clip, noted as `bank_overlap`), so the warp cannot copy the very
+frame it is judged against. Measured in the same run, on the same frames, through the
+same H.264 encode:
+- `tccp`: the full pipeline (stage-1 landmarks from the audio, stage 2);
+- `tccp_tracked`: stage 2 on the clip's tracked landmarks (stage 2's faithfulness);
+- `warp`: generated landmarks, stage 2 at 0 steps (the warped reference alone: the
+  no-learning baseline the denoiser must beat);
+- `frozen`: the first frame's lower face pasted on every frame (no motion);
+- `blur`: the real frame with the mouth region blurred (Gaussian sigma 2.5 px);
+- `real`: the clip after one encode/decode round trip (the codec's ceiling).
+Plus a stage-1 table (landmarks alone vs tracked, `tccp.metrics.landmarks`) against
+"mean lips" and "audio energy" baselines, on clips with speech only.
 
 The pipeline run is a hook (`Generator`): the default loads the bundled (or given)
 model pack once and calls the file run; tests pass a stand-in.
@@ -35,7 +41,9 @@ __all__ = [
     "default_clips_dir",
     "resolve_clips",
     "engine_generator",
-    "reference_frame_baseline",
+    "frozen_baseline",
+    "blur_baseline",
+    "stage1_clip",
     "run_suite",
     "format_table",
 ]
@@ -43,7 +51,7 @@ __all__ = [
 # (video in, mp4 out, seconds) -> the run's stats summary (any JSON-able dict)
 Generator = Callable[[Path, Path, float], dict]
 
-METHODS = ("tccp", "tccp_tracked", "reference_frame", "real")
+METHODS = ("tccp", "tccp_tracked", "warp", "frozen", "blur", "real")
 
 # column title -> (path into one clip's metrics, format); means over clips
 TABLE_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -59,7 +67,12 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
     "jitter x": (("temporal", "jitter", "ratio"), ".2f"),
     "seam ratio": (("temporal", "seams", "generated", "seam_ratio"), ".2f"),
     "identity": (("identity", "cosine"), ".3f"),
+    "PSNR mouth": (("mouth", "psnr_mouth"), ".2f"),
+    "sharp": (("mouth", "sharpness_ratio"), ".2f"),
+    "PSNR kept": (("mouth", "psnr_face_kept"), ".2f"),
 }
+# the columns printed (the JSON keeps every measure)
+PRINT_COLUMNS = ("mouth r", "|lag|", "LipLMD", "PSNR mouth", "sharp", "PSNR kept", "identity", "seam ratio")
 
 
 @dataclass
@@ -113,54 +126,43 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
         raise TCCPError(f"engine: the file run is not available ({exc})") from None
     close: Callable[[], None] = lambda: None  # noqa: E731
     if model is None:
-        model = load_model(cfg.model, cfg.device, "torch")
+        model = load_model(cfg.model, cfg.device)
         close = model.close
     changes: dict[str, Any] = {"window": cfg.eval.window, "degrade": False}
     if cfg.steps is not None:
-        if cfg.steps < 1:
-            raise TCCPError(f"--steps {cfg.steps}: must be at least 1")
+        if cfg.steps < 0:
+            raise TCCPError(f"--steps {cfg.steps}: must be 0 or more")
         changes["steps"] = cfg.steps
     econf = EngineConfig(**changes)
 
-    def generate(video: Path, out: Path, seconds: float, landmarks: str = "generated") -> dict:
-        res = run_file(video, out, model, config=econf.with_(landmarks=landmarks), max_seconds=seconds)
+    template = getattr(model.runner, "template", None)
+
+    def generate(video: Path, out: Path, seconds: float, landmarks: str = "generated",
+                 steps: int | None = None, references: Any = None) -> dict:
+        conf = econf.with_(landmarks=landmarks, references=references)
+        if steps is not None:
+            conf = conf.with_(steps=steps)
+        res = run_file(video, out, model, config=conf, max_seconds=seconds)
         return res.summary
+
+    def bank(video: Path, seconds: float) -> tuple[Any, bool]:
+        """References from after the evaluated part when there is enough of it."""
+        from engine.refs import scan_video
+        from tccp.media.io import probe
+
+        if template is None:
+            return None, False
+        dur = probe(video).duration
+        after = dur - seconds >= 1.5
+        b = scan_video(video, template, 8, model.size, start_s=seconds if after else 0.0)
+        return (b.bank if b is not None else None), not after
+
+    generate.bank = bank  # type: ignore[attr-defined]
+    generate.pipeline = getattr(model.runner, "pipeline", None)  # type: ignore[attr-defined]
 
     generate.supports_landmarks = True  # type: ignore[attr-defined]
 
     return generate, close
-
-
-def reference_frame_baseline(real: TrackedVideo, cfg: EvalConfig, feather: float = 0.03) -> np.ndarray:
-    """Every frame with the first frame's head pasted over it (no motion).
-
-    The head mask is the evaluation's own (so "head" metrics compare the still head
-    with the moving one) with an edge feathered by `feather` x the frame size,
-    like the engine's paste-back.
-    """
-    import cv2
-
-    from tccp.metrics.evaluate import head_masks_for_frame
-
-    frames = real.frames
-    ok = np.flatnonzero(real.found)
-    if ok.size == 0:
-        return frames.copy()
-    ref = int(ok[0])
-    h, w = frames.shape[1:3]
-    reg = head_masks_for_frame(real.landmarks[ref], (h, w), cfg)
-    if reg is None:
-        return frames.copy()
-    alpha = reg.head.astype(np.float32)
-    sigma = feather * max(h, w)
-    if sigma > 0:
-        alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
-    alpha = alpha[..., None]
-    still = frames[ref].astype(np.float32) * alpha
-    out = np.empty_like(frames)
-    for t in range(len(frames)):
-        out[t] = np.clip(frames[t].astype(np.float32) * (1.0 - alpha) + still + 0.5, 0, 255).astype(np.uint8)
-    return out
 
 
 def _roundtrip(frames: np.ndarray, audio: np.ndarray | None, path: Path, fps: float, sr: int) -> np.ndarray:
@@ -183,6 +185,8 @@ def _get(d: Any, path: tuple[str, ...]) -> Any:
 def _mean_table(per_clip: dict[str, dict[str, dict]]) -> dict[str, dict[str, float | None]]:
     table: dict[str, dict[str, float | None]] = {}
     for method in METHODS:
+        if not any(method in clip for clip in per_clip.values()):
+            continue
         row: dict[str, float | None] = {}
         for col, (path, _) in TABLE_COLUMNS.items():
             vals = []
@@ -218,68 +222,178 @@ def run_suite(
         work = Path(cfg.work)
         work.mkdir(parents=True, exist_ok=True)
     per_clip: dict[str, dict] = {}
+    stage1_rows: list[dict] = []
     try:
         for path in clips:
             name = path.stem
-            say(f"{name}: generating {cfg.seconds:g} s")
-            gen_path = work / f"{name}.tccp.mp4"
-            stats = generator(path, gen_path, cfg.seconds)
             real_clip = load_clip(path, max_seconds=cfg.seconds, require_audio=False)
             fps, sr = real_clip.fps, real_clip.sr
-            say(f"{name}: tracking and measuring")
+            say(f"{name}: tracking")
             real = track_frames(real_clip.frames)
             if not real.found.any():
                 raise TCCPError(f"{path}: no face found in the first {cfg.seconds:g} s")
+            bank, overlap = (None, False)
+            if hasattr(generator, "bank"):
+                bank, overlap = generator.bank(path, cfg.seconds)  # type: ignore[attr-defined]
+            kw = {"references": bank} if bank is not None else {}
+            say(f"{name}: generating {cfg.seconds:g} s")
+            gen_path = work / f"{name}.tccp.mp4"
+            stats = generator(path, gen_path, cfg.seconds, **kw)
             gen_frames = load_clip(gen_path, require_audio=False, min_frames=1).frames
             n = min(len(gen_frames), len(real.frames))
             real_n = real.head(n)
             audio = real_clip.audio[: int(round(n / fps * sr))] if real_clip.audio is not None else None
-            candidates = {
-                "tccp": gen_frames[:n],
-                "reference_frame": _roundtrip(
-                    reference_frame_baseline(real_n, cfg.eval), audio, work / f"{name}.reference.mp4", fps, sr
-                ),
-                "real": _roundtrip(real_n.frames, audio, work / f"{name}.real.mp4", fps, sr),
-            }
+            candidates = {"tccp": gen_frames[:n]}
             if cfg.tracked and getattr(generator, "supports_landmarks", False):
-                say(f"{name}: generating with tracked landmarks (upper bound)")
-                trk_path = work / f"{name}.tracked.mp4"
-                generator(path, trk_path, cfg.seconds, landmarks="tracked")  # type: ignore[call-arg]
-                trk = load_clip(trk_path, require_audio=False, min_frames=1).frames
-                if len(trk) >= n:
-                    candidates = {"tccp": candidates["tccp"], "tccp_tracked": trk[:n], **{
-                        k: v for k, v in candidates.items() if k != "tccp"}}
-            per_clip[name] = {"run_stats": stats}
+                for method, extra in (("tccp_tracked", {"landmarks": "tracked"}), ("warp", {"steps": 0})):
+                    say(f"{name}: generating ({method})")
+                    p = work / f"{name}.{method}.mp4"
+                    generator(path, p, cfg.seconds, **extra, **kw)  # type: ignore[call-arg]
+                    frames = load_clip(p, require_audio=False, min_frames=1).frames
+                    if len(frames) >= n:
+                        candidates[method] = frames[:n]
+            candidates["frozen"] = _roundtrip(frozen_baseline(real_n), audio, work / f"{name}.frozen.mp4", fps, sr)
+            candidates["blur"] = _roundtrip(blur_baseline(real_n), audio, work / f"{name}.blur.mp4", fps, sr)
+            candidates["real"] = _roundtrip(real_n.frames, audio, work / f"{name}.real.mp4", fps, sr)
+            speech = _speech_fraction(audio, sr, n, fps) if audio is not None else 0.0
+            per_clip[name] = {"run_stats": stats, "bank_overlap": overlap, "speech_fraction": speech}
             for method, frames in candidates.items():
                 res = evaluate_arrays(frames, real_n, audio, sr=sr, fps=fps, cfg=cfg.eval)
                 per_clip[name][method] = res.metrics
+            pipe = getattr(generator, "pipeline", None)
+            if pipe is not None and audio is not None and bank is not None:
+                row = stage1_clip(pipe, real_n, audio, sr, fps, bank)
+                row.update(clip=name, speech_fraction=speech)
+                stage1_rows.append(row)
     finally:
         close()
         if tmp is not None:
             tmp.cleanup()
     return {
-        "version": 1,
+        "version": 2,
         "seconds": cfg.seconds,
         "model": cfg.model or "bundled",
         "steps": cfg.steps,
         "clips": per_clip,
         "summary": _mean_table(per_clip),
+        "summary_speech": _mean_table({k: v for k, v in per_clip.items() if v.get("speech_fraction", 0) >= 0.5}),
+        "stage1": {"clips": stage1_rows, "summary": _stage1_summary(stage1_rows)},
     }
 
 
-def format_table(result: dict) -> str:
+def _speech_fraction(audio: np.ndarray, sr: int, n: int, fps: float) -> float:
+    from tccp.media.vad import frame_voice_activity
+
+    return float((frame_voice_activity(audio, n, fps, sr) > 0.5).mean()) if n else 0.0
+
+
+def frozen_baseline(real: TrackedVideo) -> np.ndarray:
+    """The first frame's lower face (the mouth region) pasted, feathered, on every frame."""
+    from tccp.face.regions import region_mask
+
+    frames = real.frames
+    ok = np.flatnonzero(real.found)
+    if ok.size == 0:
+        return frames.copy()
+    ref = int(ok[0])
+    h, w = frames.shape[1:3]
+    out = np.empty_like(frames)
+    src = frames[ref].astype(np.float32)
+    for t in range(len(frames)):
+        lm = real.landmarks[t] if real.found[t] else real.landmarks[ref]
+        m = region_mask([lm, real.landmarks[ref]], (h, w), "mouth", dilate=0.06, feather=0.02)[..., None]
+        out[t] = np.clip(frames[t] * (1 - m) + src * m + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def blur_baseline(real: TrackedVideo, sigma: float = 2.5) -> np.ndarray:
+    """Each real frame with its mouth region Gaussian-blurred (sigma px): the sharpness
+    floor (a tool's calibration puts it at ~31 dB and a ratio of ~0.17 on 512 px clips)."""
+    import cv2
+
+    from tccp.face.regions import region_mask
+
+    frames = real.frames
+    h, w = frames.shape[1:3]
+    out = frames.copy()
+    for t in range(len(frames)):
+        if not real.found[t]:
+            continue
+        m = region_mask(real.landmarks[t], (h, w), "mouth", dilate=0.06, feather=0.02)[..., None]
+        blurred = cv2.GaussianBlur(frames[t], (0, 0), sigma).astype(np.float32)
+        out[t] = np.clip(frames[t] * (1 - m) + blurred * m + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: float, bank: Any) -> dict:
+    """Stage 1 alone on one clip (its own audio): generated vs tracked head-frame
+    landmarks, and the two baselines (mean lips held; energy mapped to the opening)."""
+    from tccp.data.landmarks import reference_frames
+    from tccp.face import headframe as hf
+    from tccp.media.vad import frame_voice_activity
+    from tccp.media.whisper import frame_tokens, full_features
+    from tccp.metrics.evaluate import energy_db
+    from tccp.metrics.landmarks import energy_baseline, mean_lips_baseline, stage1_metrics
+    from tccp.pipelines.landmarks import generate_clip
+
+    gen = pipe.stage1
+    template = gen.codec.template
+    n = len(real.frames)
+    idx = np.flatnonzero(real.found)
+    lm = real.landmarks.copy()
+    lm[~real.found] = lm[idx[np.abs(np.arange(n)[:, None] - idx[None]).argmin(1)]][~real.found]
+    heads, _ = hf.to_head(lm.astype(np.float32), template)
+    bank_heads, _ = hf.to_head(bank.meshes, template)
+    refs = gen.references(bank_heads[reference_frames(bank_heads, 4)])
+    tokens = frame_tokens(full_features(pipe.whisper, audio), 0, n, fps=fps).astype(np.float32)
+    vad = frame_voice_activity(audio, n, fps, sr)
+    out = generate_clip(gen, tokens, vad, heads, refs)
+    row = {"tccp": stage1_metrics(out, heads, vad)}
+    anchor = heads[0].copy()
+    anchor[gen.codec.gen_index] = refs.anchor
+    row["mean_lips"] = stage1_metrics(mean_lips_baseline(heads, anchor), heads, vad)
+    e = energy_db(audio, sr, fps, n)
+    row["energy"] = stage1_metrics(energy_baseline(heads, refs.rest, e), heads, vad)
+    return row
+
+
+def _stage1_summary(rows: list[dict]) -> dict:
+    speech = [r for r in rows if r.get("speech_fraction", 0) >= 0.5]
+    out: dict = {"clips_with_speech": len(speech)}
+    for method in ("tccp", "mean_lips", "energy"):
+        d = {}
+        for key in ("aperture_corr", "lip_lmd", "silence_ratio", "silence_open"):
+            vals = [r[method].get(key) for r in speech]
+            vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+            d[key] = float(np.mean(vals)) if vals else None
+        lags = [abs(r[method]["lag"]) for r in speech if r[method].get("lag") is not None]
+        d["abs_lag"] = float(np.mean(lags)) if lags else None
+        out[method] = d
+    return out
+
+
+def format_table(result: dict, key: str = "summary") -> str:
     """The summary as a fixed-width text table (methods x measures, means over clips)."""
-    cols = list(TABLE_COLUMNS)
+    cols = list(PRINT_COLUMNS)
     fmt = {c: TABLE_COLUMNS[c][1] for c in cols}
     widths = {c: max(len(c), 7) for c in cols}
     head = f"{'method':<16}" + " ".join(f"{c:>{widths[c]}}" for c in cols)
     lines = [f"{len(result.get('clips', {}))} clips x {result.get('seconds')} s "
              f"(means; lower is better for LipLMD, |lag|, jitter x, seam ratio)", head,
              "-" * len(head)]
-    for method, row in result.get("summary", {}).items():
+    for method, row in result.get(key, {}).items():
         cells = []
         for c in cols:
             v = row.get(c)
             cells.append(f"{'-' if v is None else format(v, fmt[c]):>{widths[c]}}")
         lines.append(f"{method:<16}" + " ".join(cells))
+    st = (result.get("stage1") or {}).get("summary")
+    if st and st.get("clips_with_speech"):
+        lines += ["", f"stage 1 alone (landmarks vs tracked), {st['clips_with_speech']} clips with speech",
+                  f"{'method':<16}{'mouth r':>9}{'|lag|':>7}{'LipLMD':>9}{'silence':>9}"]
+        for m in ("tccp", "mean_lips", "energy"):
+            d = st[m]
+            f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+            lines.append(f"{m:<16}{f(d['aperture_corr'], '.3f'):>9}{f(d['abs_lag'], '.2f'):>7}"
+                         f"{f(d['lip_lmd'], '.4f'):>9}{f(d['silence_ratio'], '.3f'):>9}")
     return "\n".join(lines)

@@ -24,6 +24,9 @@ class MVConfig:
     latent_channels: int = 32
     latent_size: int = 16
     frames: int = 8
+    # extra input channels concatenated to x_t (inpainting-style conditions: stage 2's
+    # masked source, warped reference and region mask in mouth mode); 0 = none
+    extra_channels: int = 0
     # U-Net
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 4)
@@ -131,6 +134,17 @@ def _demo() -> MVConfig:
     return dataclasses.replace(_small(), latent_size=8, attention_levels=(0, 1, 2))
 
 
+def _mouth() -> MVConfig:
+    # Stage 2 of the default pack (mouth mode): the `small` network on the mouth patch
+    # (80 px of a 128 px crop -> 10 x 10 latents), one downsample (10 -> 5), attention
+    # at both levels; 65 extra input channels = masked source (32) + warped reference
+    # (32) + region mask (1); identity tokens on a 5 x 5 grid of the reference patch.
+    return dataclasses.replace(
+        _small(), latent_size=10, channel_mult=(1, 2), attention_levels=(0, 1), extra_channels=65,
+        identity_tokens=25,
+    )
+
+
 def _tiny() -> MVConfig:
     return MVConfig(
         latent_channels=4,
@@ -154,7 +168,7 @@ def _tiny() -> MVConfig:
     )
 
 
-_CONFIGS = {"paper": _paper, "small": _small, "demo": _demo, "tiny": _tiny}
+_CONFIGS = {"paper": _paper, "small": _small, "demo": _demo, "mouth": _mouth, "tiny": _tiny}
 CONFIG_NAMES = tuple(_CONFIGS)
 
 

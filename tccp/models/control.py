@@ -33,7 +33,7 @@ class ControlBranch(nn.Module):
             self.encoder = copy.deepcopy(unet.encoder)
         else:
             self.time_embed = TimeEmbedding(cfg.time_embed_dim)
-            self.encoder = VideoEncoder(cfg, cfg.latent_channels + 1)
+            self.encoder = VideoEncoder(cfg, cfg.latent_channels + 1 + cfg.extra_channels)
         ch = cfg.base_channels
         self.hint = nn.Sequential(
             nn.Conv2d(cfg.latent_channels, ch, 3, padding=1),

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -37,7 +38,7 @@ from torch import nn
 
 from tccp.errors import TCCPError
 
-__all__ = ["LandmarkNetConfig", "LandmarkNet", "timestep_embedding"]
+__all__ = ["LandmarkNetConfig", "LandmarkNet", "LandmarkCodec", "timestep_embedding"]
 
 
 @dataclass
@@ -183,3 +184,73 @@ class LandmarkNet(nn.Module):
             if i < len(ctrl):
                 h = h + ctrl[i]
         return self.out(h)
+
+
+class LandmarkCodec:
+    """Head-frame mesh points <-> the network's vectors (one normalisation for
+    training and inference, stored with the weights).
+
+    Mouth mode: x = (mouth points - anchor) / scale, anchor = the mean mouth shape of
+    the reference frames (the person's own lips: the network learns the motion, not
+    the shape); refs = (reference mouth points - template) / scale; c_v = (rest points
+    - template) / scale. Head mode generates every sketch point the same way (anchor =
+    mean reference shape) plus 4 pose values relative to the references' mean pose
+    (log scale, angle, origin x, y in units of the face crop / 20)."""
+
+    def __init__(self, template: np.ndarray, mode: str = "mouth", scale: float = 0.05) -> None:
+        from tccp.face import headframe as hf
+        from tccp.face.sketch import SKETCH_INDICES
+
+        self.template = np.asarray(template, np.float32)
+        self.mode = mode
+        self.scale = float(scale)
+        self.gen_index = np.asarray(hf.MOUTH if mode == "mouth" else SKETCH_INDICES)
+        self.cv_index = np.asarray(hf.REST)
+        self.pose_dims = 0 if mode == "mouth" else 4
+
+    @property
+    def gen_dim(self) -> int:
+        return 2 * len(self.gen_index) + self.pose_dims
+
+    @property
+    def ref_dim(self) -> int:
+        return 2 * len(self.gen_index)
+
+    @property
+    def cv_dim(self) -> int:
+        return 2 * len(self.cv_index)
+
+    def anchor(self, ref_heads: np.ndarray) -> np.ndarray:
+        """(K, 478, 2) reference head-frame meshes -> (G, 2) anchor shape."""
+        return ref_heads[:, self.gen_index].mean(0)
+
+    def refs(self, ref_heads: np.ndarray) -> np.ndarray:
+        """(K, 478, 2) -> (K, ref_dim)."""
+        r = (ref_heads[:, self.gen_index] - self.template[self.gen_index]) / self.scale
+        return r.reshape(len(ref_heads), -1).astype(np.float32)
+
+    def control(self, heads: np.ndarray) -> np.ndarray:
+        """(N, 478, 2) head-frame meshes -> (N, cv_dim) (mouth mode's pose prior)."""
+        r = (heads[:, self.cv_index] - self.template[self.cv_index]) / self.scale
+        return r.reshape(len(heads), -1).astype(np.float32)
+
+    def encode(self, heads: np.ndarray, anchor: np.ndarray, pose: np.ndarray | None = None,
+               ref_pose: np.ndarray | None = None) -> np.ndarray:
+        """(N, 478, 2) head-frame meshes (+ (N, 4) pose params in crop px / crop size
+        for head mode) -> (N, gen_dim)."""
+        x = ((heads[:, self.gen_index] - anchor) / self.scale).reshape(len(heads), -1)
+        if self.pose_dims:
+            x = np.concatenate([x, (pose - ref_pose) * np.array([20, 20, 20, 20], np.float32)], 1)
+        return x.astype(np.float32)
+
+    def decode(self, x: np.ndarray, anchor: np.ndarray, base: np.ndarray,
+               ref_pose: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, gen_dim) -> (head-frame meshes (N, 478, 2): `base` (N, 478, 2) with the
+        generated points replaced, pose params (N, 4) or None)."""
+        g = len(self.gen_index)
+        out = np.array(base, np.float32, copy=True)
+        out[:, self.gen_index] = x[:, : 2 * g].reshape(-1, g, 2) * self.scale + anchor
+        pose = None
+        if self.pose_dims:
+            pose = x[:, 2 * g :] / 20.0 + ref_pose
+        return out, pose

@@ -55,15 +55,22 @@ class MVControlNet(nn.Module):
         cond_tokens: torch.Tensor,
         c_v: torch.Tensor | None = None,
         cond_flags: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t (B, C, N, h, w), t (B,), cond_tokens (B, N, L, D), c_v (B, C, N, h, w) or
-        None (diffusion branch alone), cond_flags (B, N) (1 = clean conditioning slot)
+        None (diffusion branch alone), cond_flags (B, N) (1 = clean conditioning slot),
+        extra (B, E, N, h, w) inpainting channels when `cfg.extra_channels` = E
         -> model output (eps or v) (B, C, N, h, w)."""
         b, _, n, hh, ww = x_t.shape
         if cond_flags is None:
             cond_flags = x_t.new_zeros(b, n)
         flag = repeat(cond_flags.to(x_t.dtype), "b n -> b 1 n h w", h=hh, w=ww)
-        x = rearrange(torch.cat([x_t, flag], dim=1), "b c n h w -> (b n) c h w")
+        parts = [x_t, flag]
+        if self.cfg.extra_channels:
+            if extra is None or extra.shape[1] != self.cfg.extra_channels:
+                raise ValueError(f"this model takes {self.cfg.extra_channels} extra input channels")
+            parts.append(extra.to(x_t.dtype))
+        x = rearrange(torch.cat(parts, dim=1), "b c n h w -> (b n) c h w")
         ctx = rearrange(cond_tokens.to(x_t.dtype), "b n l d -> (b n) l d")
         t_frames = repeat(t.reshape(b), "b -> (b n)", n=n)
         emb = self.unet.time_embed(t_frames)
@@ -97,11 +104,12 @@ def count_flops(model: MVControlNet, cfg: MVConfig | None = None, frames: int | 
     mel = torch.randn(batch, n, cfg.mel_frames, cfg.mel_bins, device=p.device, dtype=p.dtype)
     ref = torch.randn(batch, c, s, s, device=p.device, dtype=p.dtype)
     t = torch.full((batch,), 500, device=p.device)
+    extra = torch.randn(batch, cfg.extra_channels, n, s, s, device=p.device, dtype=p.dtype) if cfg.extra_channels else None
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
         tokens = model.encode_conditions(mel, ref)
-        model(x, t, tokens, torch.randn_like(x), torch.zeros(batch, n, device=p.device))
+        model(x, t, tokens, torch.randn_like(x), torch.zeros(batch, n, device=p.device), extra)
     model.train(was_training)
     return int(counter.get_total_flops())

@@ -121,8 +121,9 @@ class VideoUNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.time_embed = TimeEmbedding(cfg.time_embed_dim)
-        # +1 input channel: the per-frame "clean conditioning frame" flag
-        self.encoder = VideoEncoder(cfg, cfg.latent_channels + 1)
+        # +1 input channel: the per-frame "clean conditioning frame" flag; + extra
+        # inpainting-style condition channels (cfg.extra_channels)
+        self.encoder = VideoEncoder(cfg, cfg.latent_channels + 1 + cfg.extra_channels)
         self.decoder = VideoDecoder(cfg, self.encoder.skip_channels, self.encoder.out_channels)
 
     def forward(

@@ -37,7 +37,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tccp.data.windows import StageSpec, StepSampler, collate, ensure_latent_cache, fixed_subset, stage_spec
+import numpy as np
+
+from tccp.data.windows import StageSpec, StepSampler, collate, fixed_subset, stage_spec
 from tccp.errors import TCCPError
 from tccp.training.checkpoint import (
     latest_checkpoint,
@@ -71,10 +73,10 @@ _RESUME_MUTABLE = {"steps", "minutes", "device", "val_every", "ckpt_every", "log
 
 @dataclass
 class TrainConfig:
-    stage: str = "landmarks"  # "landmarks" (stage 1) | "faces" (stage 2)
+    stage: str = "faces"  # stage 2 (stage 1 trains in coordinates: tccp.training.landmarks)
     data: str = ""  # folder of prepared clips
     out: str = ""  # run folder
-    config: str = "small"  # model config name (tccp.models.config)
+    config: str = "mouth"  # model config name (tccp.models.config)
     model_overrides: dict = field(default_factory=dict)
     steps: int = 5000
     batch: int = 8  # per process; the global batch is batch x world size
@@ -105,9 +107,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA
     init: str | None = None  # pack / checkpoint / run folder to start the weights from
     cache: str | None = None  # latent cache file (default: DATA/latents or OUT/cache)
-    prediction: str = "eps"  # "eps" (paper) | "v" (robust for few-step sampling of small models)
-    cache_frames: int | None = None  # encode only the first N frames of each clip (CPU)
-    cache_size: int | None = None  # encode crops resized to this size (e.g. 64 on CPU)
+    prediction: str = "v"  # "v" (robust for few-step sampling of small models) | "eps" (paper)
+    cache_frames: int | None = 300  # encode only the first N frames of each clip (CPU)
     progress: bool = True
     resume: bool = False
     resume_from: str | None = None  # continue from this checkpoint folder into `out`
@@ -178,13 +179,24 @@ def build_model(model_cfg: dict | Any) -> nn.Module:
     return MVControlNet(cfg)
 
 
-def _model_config_for_data(cfg: TrainConfig, latent_shape: tuple[int, ...]) -> Any:
+def _model_config_for_data(cfg: TrainConfig, latent_shape: tuple[int, ...], extra: int | None = None) -> Any:
     """The named config with latent channels/size taken from the data (a 64 px
     prepared set has 8x8 latents, 128 px 16x16) and any explicit overrides."""
     from tccp.models.config import get_config
 
     c, h = int(latent_shape[0]), int(latent_shape[-1])
-    over = {"latent_channels": c, "latent_size": h}
+    over = {"latent_channels": c, "latent_size": h, "extra_channels": 2 * c + 1 if extra is None else extra}
+    base = get_config(cfg.config)
+    # a named config whose levels do not fit this latent side (e.g. `tiny` on the 5 x 5
+    # patch of 64 px crops) loses levels until they do; identity tokens follow
+    mult = list(base.channel_mult)
+    while len(mult) > 1 and h % (2 ** (len(mult) - 1)):
+        mult.pop()
+    side = int(round(base.identity_tokens ** 0.5)) if base.identity_tokens else 0
+    while side > 1 and h % side:
+        side -= 1
+    over.update(channel_mult=tuple(mult), attention_levels=tuple(a for a in base.attention_levels if a < len(mult)) or (0,),
+                identity_tokens=side * side if base.identity_tokens else 0)
     over.update(cfg.model_overrides or {})
     return get_config(cfg.config, **over)
 
@@ -199,9 +211,12 @@ def load_stage_weights(path: str | os.PathLike, stage: str | None = None) -> dic
     if ckpt is not None:
         return load_tensors(ckpt / "ema.safetensors")
     if p.is_dir() and (p / "config.json").is_file() and (p / "stage1.safetensors").is_file():
-        from tccp.pack import load_stage_state
+        from tccp.pack import load_stage2
 
-        return load_stage_state(p, stage_spec(stage or "landmarks").number)
+        model = load_stage2(p)
+        if model is None:
+            raise TCCPError(f"{p}: a warp-only pack has no stage-2 weights to start from")
+        return model.state_dict()
     raise TCCPError(f"{p}: not a checkpoint, run folder, safetensors file or model pack")
 
 
@@ -223,6 +238,29 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
 def _rng_fork(devices: list[torch.device]):
     cuda = [d for d in devices if d.type == "cuda"]
     return torch.random.fork_rng(devices=cuda, enabled=True)
+
+
+def mouth_cache_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.cache) if cfg.cache else Path(cfg.data) / ".cache-mouth.safetensors"
+
+
+def ensure_mouth_cache(cfg: TrainConfig, train_f: list, val_f: list, log: Callable[[str], None]) -> Path:
+    """The mouth-patch latent cache of every prepared clip (built once, resumable)."""
+    from tccp.data.datasets import PreparedClip
+    from tccp.data.faces import encode_mouth_cache
+    from tccp.face import headframe as hf
+    from tccp.models.autoencoder import load_autoencoder
+
+    path = mouth_cache_path(cfg)
+    template = hf.fit_template(np.concatenate([hf.to_mesh(PreparedClip(f).landmarks[::10], PreparedClip(f).landmark_index)
+                                               for f in train_f]))
+    t0 = time.time()
+    dev = "cuda" if cfg.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    encode_mouth_cache(list(train_f) + list(val_f), load_autoencoder(device=dev), template, path,
+                       max_frames=cfg.cache_frames,
+                       progress=(lambda i, n, name: log(f"mouth cache {i}/{n} {name} ({time.time() - t0:.0f} s)"))
+                       if cfg.progress else None)
+    return path
 
 
 # --------------------------------------------------------------------------- distributed
@@ -348,7 +386,8 @@ class Trainer:
         return TrainConfig.from_dict(merged)
 
     def _setup_data(self) -> None:
-        from tccp.data.datasets import LatentWindowDataset, find_prepared, split_clips
+        from tccp.data.datasets import find_prepared, split_clips
+        from tccp.data.faces import MouthWindowDataset
 
         cfg = self.cfg
         folders = find_prepared(cfg.data)
@@ -359,21 +398,17 @@ class Trainer:
             raise TCCPError(f"{cfg.data}: every prepared clip is a validation clip; nothing to train on")
         # one process builds the cache; the others wait and read it
         if self.dist.main:
-            self.cache = ensure_latent_cache(cfg.data, self.out, self.device if self.device.type == "cuda" else "cpu",
-                                             path=cfg.cache, progress=cfg.progress,
-                                             max_frames=cfg.cache_frames, size=cfg.cache_size)
+            self.cache = ensure_mouth_cache(cfg, train_f, val_f, self.log)
         if self.dist.enabled:
             import torch.distributed as dist
 
             dist.barrier()
             if not self.dist.main:
-                from tccp.data.windows import cache_path
-
-                self.cache = Path(cfg.cache) if cfg.cache else cache_path(cfg.data, self.out)
+                self.cache = mouth_cache_path(cfg)
         window = self._window()
-        self.train_set = LatentWindowDataset(self.cache, train_f, window=window, split=None)
+        self.train_set = MouthWindowDataset(self.cache, train_f, window=window, seed=cfg.seed)
         if len(self.train_set) == 0:
-            raise TCCPError(f"{cfg.data}: no {window}-frame window with a face in every frame among the training clips")
+            raise TCCPError(f"{cfg.data}: no {window}-frame window among the training clips")
         self.train_clips = [c.name for c in self.train_set.clips]
         sizes = {c.size for c in self.train_set.clips}
         if len(sizes) != 1:
@@ -382,8 +417,7 @@ class Trainer:
         self.val_set = None
         self.val_batches: list[dict] = []
         if val_f:
-            self.val_set = LatentWindowDataset(self.cache, val_f, window=window, split=None,
-                                               deterministic=True, seed=cfg.seed)
+            self.val_set = MouthWindowDataset(self.cache, val_f, window=window, seed=cfg.seed, deterministic=True)
             if len(self.val_set) == 0:
                 self.val_set = None
         self.val_clips = [c.name for c in self.val_set.clips] if self.val_set is not None else []
@@ -391,8 +425,7 @@ class Trainer:
             raise TCCPError(f"{cfg.data}: validation clips are not all prepared at {prepared_size} px like the training clips")
         self.sampler = StepSampler(len(self.train_set), cfg.batch, cfg.seed, self.dist.rank, self.dist.world)
         self.latent_shape = tuple(self.train_set[0][self.spec.target].shape)  # (C, N, h, w)
-        # the model sees crops of latent side x 8 (a resized cache differs from the folders)
-        self.crop_size = int(self.latent_shape[-1]) * 8
+        self.crop_size = prepared_size  # the face crop; the model sees its mouth patch
 
     def _window(self) -> int:
         from tccp.models.config import get_config
@@ -405,7 +438,8 @@ class Trainer:
 
         cfg = self.cfg
         shape = self.latent_shape
-        self.model_cfg = _model_config_for_data(cfg, (shape[0], shape[2], shape[3]))
+        n_extra = sum(1 if k == "mask" else shape[0] for k in self.spec.extra)
+        self.model_cfg = _model_config_for_data(cfg, (shape[0], shape[2], shape[3]), n_extra)
         self.schedule = Schedule(prediction=cfg.prediction)
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = build_model(self.model_cfg).to(self.device)
@@ -478,7 +512,11 @@ class Trainer:
         sc, sh = self.cfg.latent_scale, self.cfg.latent_shift
         if sc == 1.0 and sh == 0.0:
             return batch
-        return {k: (v - sh) * sc if k in ("target", "c_v", "ref") else v for k, v in batch.items()}
+        out = {k: (v - sh) * sc if k in ("target", "c_v", "ref") else v for k, v in batch.items()}
+        if "extra" in batch:  # latents (masked source, warped reference) then the mask channel
+            e = batch["extra"]
+            out["extra"] = torch.cat([(e[:, :-1] - sh) * sc, e[:, -1:]], dim=1)
+        return out
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm before clipping)."""
@@ -691,55 +729,59 @@ def export_weights(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: t
 
 def export_pack(
     stage1_ckpt: str | os.PathLike,
-    stage2_ckpt: str | os.PathLike,
+    stage2_ckpt: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     card_info: dict | None = None,
+    stage1_steps: int | None = None,
+    sampler: Any = None,
 ) -> Path:
-    """Model pack for the engine: fp16 EMA weights of both stages + their configs,
-    written through `tccp.pack`."""
+    """Model pack for the engine: fp16 EMA weights of stage 1 (a coordinate run of
+    `tccp.training.landmarks`) and stage 2 (a run of this trainer; None: a warp-only
+    pack), written through `tccp.pack`. `stage1_ckpt` may also be a model pack: its
+    stage 1 (weights, template, sampler steps) is carried over as it is, e.g. an
+    avatar's base pack under a stage 2 fine-tuned on the person. `stage1_steps` None:
+    the pack's own (4 for a run); `sampler` (`tccp.pipeline.SamplerConfig`) None: the
+    default sampler settings."""
     from tccp import pack as pack_mod
-
-    stages = []
-    for number, path in ((1, stage1_ckpt), (2, stage2_ckpt)):
-        src = latest_checkpoint(path)
-        if src is None:
-            raise TCCPError(f"{path}: no checkpoint found")
-        ck = load_checkpoint(src)
-        want = "landmarks" if number == 1 else "faces"
-        if ck["config"].get("stage") != want:
-            raise TCCPError(f"{src}: is a {ck['config'].get('stage')} checkpoint, expected {want} (stage {number})")
-        stages.append(ck)
-    info = dict(card_info or {})
-    info.setdefault("training", {})
-    for number, ck in zip((1, 2), stages):
-        info["training"][f"stage{number}"] = {
-            "step": ck["state"]["step"],
-            "train_seconds": ck["state"].get("train_seconds"),
-            "train_clips": ck["config"].get("train_clips"),
-            "val_clips": ck["config"].get("val_clips"),
-            "checkpoint": str(ck["path"]),
-        }
-    return _write_pack(pack_mod, stages, Path(out_dir), info)
-
-
-def _write_pack(pack_mod: Any, stages: list[dict], out_dir: Path, info: dict) -> Path:
-    """Adapter to `tccp.pack.save_pack` (fp16 weights + config.json)."""
     from tccp.diffusion.schedule import Schedule
     from tccp.models.config import MVConfig
     from tccp.pipeline import LatentNorm
+    from tccp.training.landmarks import load_stage1_run
 
-    s1, s2 = stages
-    norms = [c["config"].get("latent_norm", {"scale": 1.0, "shift": 0.0}) for c in stages]
-    sizes = [c["config"].get("crop_size") for c in stages]
-    if norms[0] != norms[1]:
-        raise TCCPError(f"{s2['path']}: latent normalisation {norms[1]} differs from stage 1's {norms[0]}")
-    if sizes[0] != sizes[1]:
-        raise TCCPError(f"{s2['path']}: trained on {sizes[1]} px crops, stage 1 on {sizes[0]} px")
-    models = []
-    for ck in stages:
-        m = build_model(MVConfig.from_dict(ck["config"]["model"]))
-        m.load_state_dict(ck["ema"])
-        models.append(m)
-    schedule = Schedule.from_dict(s1["config"].get("schedule", {}))
-    return pack_mod.save_pack(out_dir, models[0], models[1], schedule=schedule, latent_norm=LatentNorm(**norms[0]),
-                              crop_size=int(sizes[0] or 128), card=info, dtype=torch.float16)
+    info = dict(card_info or {})
+    info.setdefault("training", {})
+    size = 128
+    p1 = Path(stage1_ckpt)
+    if (p1 / "config.json").is_file() and (p1 / "stage1.safetensors").is_file():
+        c1 = pack_mod.read_pack_config(p1)
+        net, codec = pack_mod.load_stage1(p1)
+        stage1_steps = int(c1["stage1"].get("steps", 4)) if stage1_steps is None else stage1_steps
+        size = int(c1.get("crop_size") or 128)
+        carried = ((c1.get("card") or {}).get("training") or {}).get("stage1") or {}
+        info["training"]["stage1"] = {**carried, "pack": str(p1)}
+    else:
+        net, codec, ck1 = load_stage1_run(stage1_ckpt)
+        if ck1["config"].get("stage") != "landmarks":
+            raise TCCPError(f"{stage1_ckpt}: is not a stage-1 (landmarks) run")
+        info["training"]["stage1"] = {"step": ck1["state"]["step"], "train_seconds": ck1["state"].get("elapsed_s"),
+                                      "train_clips": ck1["config"].get("train_clips"),
+                                      "val_clips": ck1["config"].get("val_clips"), "checkpoint": str(ck1["path"])}
+    stage1_steps = 4 if stage1_steps is None else stage1_steps
+    model2, schedule, norm = None, None, None
+    if stage2_ckpt is not None:
+        src = latest_checkpoint(stage2_ckpt)
+        if src is None:
+            raise TCCPError(f"{stage2_ckpt}: no checkpoint found")
+        ck = load_checkpoint(src)
+        if ck["config"].get("stage") != "faces":
+            raise TCCPError(f"{src}: is a {ck['config'].get('stage')} checkpoint, expected faces (stage 2)")
+        model2 = build_model(MVConfig.from_dict(ck["config"]["model"]))
+        model2.load_state_dict(ck["ema"])
+        schedule = Schedule.from_dict(ck["config"].get("schedule", {}))
+        norm = LatentNorm(**ck["config"].get("latent_norm", {"scale": 1.0, "shift": 0.0}))
+        size = int(ck["config"].get("crop_size") or 128)
+        info["training"]["stage2"] = {"step": ck["state"]["step"], "train_seconds": ck["state"].get("train_seconds"),
+                                      "train_clips": ck["config"].get("train_clips"),
+                                      "val_clips": ck["config"].get("val_clips"), "checkpoint": str(ck["path"])}
+    return pack_mod.save_pack(out_dir, net, codec, model2, schedule=schedule, sampler=sampler, latent_norm=norm,
+                              crop_size=size, stage1_steps=stage1_steps, card=info, dtype=torch.float16)

@@ -1,0 +1,146 @@
+"""A session's reference bank: frames of the person to warp the mouth from.
+
+Stage 2 in mouth mode starts from a real picture of the person's mouth in the shape
+it has to show. The bank holds up to `size` frames whose lip shapes are as different
+as possible (farthest-point sampling in the head frame, the most closed mouth first),
+each as a model-size crop with its landmarks plus a sharper crop of the same box at
+the source resolution (for detail transfer when pasting).
+
+Files pre-scan the context video (`scan_video`: frames spread over the clip, so the
+bank covers the shapes the person makes); live sessions start from their first
+frames and keep adding frames whose lips differ from everything in the bank, until
+it is full. An avatar brings its own bank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tccp.face import geometry as fg
+from tccp.face import headframe as hf
+from tccp.pipelines.faces import ReferenceBank
+
+__all__ = ["BankBuilder", "scan_video", "HIRES_MAX"]
+
+HIRES_MAX = 512  # side of the source-resolution crops kept for detail transfer
+
+
+def hires_size(box) -> int:
+    side = float(box[2] - box[0])
+    return int(np.clip(round(side / 8) * 8, 128, HIRES_MAX))
+
+
+class BankBuilder:
+    """Incremental farthest-point bank (see module docstring)."""
+
+    def __init__(self, template: np.ndarray, size: int = 8, crop: int = 128, min_distance: float = 0.02) -> None:
+        self.template = template
+        self.size = size
+        self.crop = crop
+        self.min_distance = min_distance
+        self.crops: list[np.ndarray] = []
+        self.meshes: list[np.ndarray] = []
+        self.hires: list[np.ndarray] = []
+        self.shapes: list[np.ndarray] = []
+        self.bank: ReferenceBank | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.crops) >= self.size
+
+    def _shape(self, mesh: np.ndarray) -> np.ndarray:
+        heads, _ = hf.to_head(mesh[None], self.template)
+        return heads[0, list(hf.LIPS)].reshape(-1)
+
+    def offer(self, frame: np.ndarray, landmarks_px: np.ndarray, box) -> bool:
+        """Consider one tracked frame (source px landmarks, face box); True if added."""
+        if self.full:
+            return False
+        mesh = fg.to_crop_coords(landmarks_px, box, self.crop)
+        shape = self._shape(mesh)
+        if self.shapes:
+            d = min(float(np.linalg.norm(shape - s)) / np.sqrt(len(shape) / 2) for s in self.shapes)
+            if d < self.min_distance:
+                return False
+        self.crops.append(fg.crop(frame, box, self.crop))
+        self.meshes.append(mesh.astype(np.float32))
+        self.hires.append(fg.crop(frame, box, hires_size(box)))
+        self.shapes.append(shape)
+        self._rebuild()
+        return True
+
+    def _rebuild(self) -> None:
+        version = 0 if self.bank is None else self.bank.version + 1
+        self.bank = ReferenceBank(np.stack(self.crops), np.stack(self.meshes), np.stack(self.shapes), list(self.hires))
+        self.bank.version = version
+
+    @classmethod
+    def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128) -> "BankBuilder":
+        """Farthest-point selection over many candidate frames at once (most closed first)."""
+        b = cls(template, size, crop, min_distance=0.0)
+        meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
+        heads, _ = hf.to_head(meshes, template)
+        shapes = heads[:, list(hf.LIPS)].reshape(len(heads), -1)
+        order = [int(np.argmin(hf.aperture(heads)))]
+        d = np.linalg.norm(shapes - shapes[order[0]], axis=1)
+        while len(order) < min(size, len(shapes)):
+            j = int(np.argmax(d))
+            if d[j] <= 1e-9:
+                break
+            order.append(j)
+            d = np.minimum(d, np.linalg.norm(shapes - shapes[j], axis=1))
+        for j in order:
+            b.crops.append(fg.crop(frames[j], boxes[j], crop))
+            b.meshes.append(meshes[j].astype(np.float32))
+            b.hires.append(fg.crop(frames[j], boxes[j], hires_size(boxes[j])))
+            b.shapes.append(shapes[j])
+        b._rebuild()
+        return b
+
+
+def scan_video(video: str | Path, template: np.ndarray, size: int = 8, crop: int = 128, samples: int = 48,
+               fps: float = 25.0, max_seconds: float = 120.0, start_s: float = 0.0) -> BankBuilder | None:
+    """A bank from `samples` frames spread over `video` from `start_s` to at most
+    `max_seconds` later (tracked one by one); None when no sampled frame has a face."""
+    from tccp.face.track import FaceTracker, FaceTrackerConfig
+    from tccp.media import io as media
+
+    info = media.probe(video)
+    first = int(round(start_s * fps))
+    n = max(first + 1, int(min(info.duration, start_s + max_seconds) * fps))
+    want = set(np.linspace(first, n - 1, min(samples, n - first)).round().astype(int).tolist())
+    frames, lms, boxes = [], [], []
+    with FaceTracker(FaceTrackerConfig(fps=fps)) as tr:
+        for i, (_, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=n)):
+            if i not in want:
+                continue
+            tr.reset() if hasattr(tr, "reset") else None
+            obs = tr.update(frame)
+            if obs is not None:
+                frames.append(frame)
+                lms.append(obs.landmarks)
+                boxes.append(obs.face_box)
+    if not frames:
+        return None
+    return BankBuilder.from_frames(frames, np.stack(lms), np.stack(boxes), template, size, crop)
+
+
+def bank_from_image(image: np.ndarray, template: np.ndarray, crop: int = 128, name: str = "identity image") -> ReferenceBank:
+    """A one-frame bank from a still image of the person (`--identity`)."""
+    from tccp.errors import TCCPError
+    from tccp.face.track import FaceTracker
+
+    img = np.ascontiguousarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise TCCPError(f"{name}: not a colour image")
+    if min(img.shape[:2]) < 64:
+        raise TCCPError(f"{name}: too small ({img.shape[1]}x{img.shape[0]} px; at least 64 px)")
+    with FaceTracker() as tr:
+        obs = tr.update(img)
+    if obs is None:
+        raise TCCPError(f"{name}: no face found")
+    b = BankBuilder(template, 1, crop, min_distance=0.0)
+    b.offer(img, obs.landmarks, obs.face_box)
+    return b.bank

@@ -1,0 +1,250 @@
+"""Stage-1 training data: landmark windows with Whisper audio tokens.
+
+From each prepared clip: the stored sketch landmarks (face-crop px) put into the head
+frame (`tccp.face.headframe`), the clip's audio turned into Whisper features in
+several variants, and the per-frame voice activity. Features are computed once per
+clip and variant and cached as fp16 `.npy` files (`cache_dir`); a CPU run spends
+~2 minutes on them for the shared clips.
+
+Feature variants (why several: the same model serves files and live calls):
+- `full`: Whisper's native 30 s view (files);
+- `stream0` / `stream2`: what a live session computes (3 s of past audio, 0 or 0.2 s
+  of look-ahead), whose last frames lack right context;
+- `noisy`: the full view of the audio plus noise at 10-20 dB SNR (robustness);
+- `silenced`: the full view of the audio with ~30% of it replaced by faint noise in
+  1-2 s stretches; the lips of those frames are replaced by the clip's rest shape
+  (mouth closed), so the network learns that no voice means a resting mouth.
+
+Windows (`LandmarkWindows.sample`) follow TCCP's first-frame conditioning: slot 0 is
+the clean previous frame (flag 1) except with probability `p_first` (a one-frame
+restart: no clean slot). Augmentation: mirror (x flipped, left/right points swapped),
+pose jitter (small similarity on the whole window + per-frame tracking noise), audio
+noise (the `noisy` variant). Only lip-sync clips (`PreparedClip.lipsync`) give windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tccp.data.datasets import PreparedClip
+from tccp.face import headframe as hf
+from tccp.models.landmarks import LandmarkCodec
+
+__all__ = ["FEATURE_KINDS", "LandmarkDataConfig", "LandmarkClip", "load_landmark_clips", "clip_features",
+           "LandmarkWindows", "rest_shape", "reference_frames"]
+
+FEATURE_KINDS = ("full", "stream0", "stream2", "noisy", "silenced")
+
+
+@dataclass
+class LandmarkDataConfig:
+    window: int = 8
+    refs: int = 4
+    p_first: float = 0.15
+    p_mirror: float = 0.5
+    jitter: float = 0.01  # whole-window similarity jitter (scale, angle rad, offset)
+    frame_noise: float = 0.003  # per-frame tracking noise, head-frame units
+    slot0_noise: float = 0.002  # head-frame units: the clean slot is generated, not tracked, at inference
+    # feature variant mix (sums to 1)
+    mix: dict = field(default_factory=lambda: {"full": 0.5, "stream0": 0.1, "stream2": 0.1, "noisy": 0.1,
+                                               "silenced": 0.2})
+
+
+@dataclass
+class LandmarkClip:
+    name: str
+    heads: np.ndarray  # (N, 478, 2) head-frame meshes (sketch points filled)
+    pose: np.ndarray  # (N, 4) pose params in crop px / crop size
+    vad: dict  # kind -> (N,) float32 voice activity
+    features: dict  # kind -> (T50, layers, width) float16
+    rest: np.ndarray  # (478, 2) head-frame mesh with the mouth at rest (closed)
+    silent: np.ndarray  # (N,) bool: frames silenced in the `silenced` variant
+
+    @property
+    def n(self) -> int:
+        return len(self.heads)
+
+
+def rest_shape(heads: np.ndarray, vad: np.ndarray | None = None, k: int = 5) -> np.ndarray:
+    """The clip's closed mouth: mean mesh of the `k` frames with the smallest aperture."""
+    ap = hf.aperture(heads)
+    idx = np.argsort(ap)[:k]
+    return heads[idx].mean(0).astype(np.float32)
+
+
+def reference_frames(heads: np.ndarray, k: int) -> np.ndarray:
+    """Indices of `k` reference frames spread over the mouth shapes of a clip: the most
+    closed mouth first, then farthest-point sampling on the lip shape."""
+    m = heads[:, list(hf.LIPS)].reshape(len(heads), -1)
+    idx = [int(np.argmin(hf.aperture(heads)))]
+    d = np.linalg.norm(m - m[idx[0]], axis=1)
+    while len(idx) < min(k, len(heads)):
+        j = int(np.argmax(d))
+        idx.append(j)
+        d = np.minimum(d, np.linalg.norm(m - m[j], axis=1))
+    while len(idx) < k:
+        idx.append(idx[-1])
+    return np.asarray(idx)
+
+
+def _silence_plan(n_samples: int, seed: int, sr: int = 16000) -> np.ndarray:
+    """Boolean sample mask of 1-2 s stretches covering ~30 % of the signal."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n_samples, bool)
+    pos = int(rng.uniform(0.5, 2.0) * sr)
+    while pos < n_samples:
+        ln = int(rng.uniform(1.0, 2.0) * sr)
+        mask[pos : pos + ln] = True
+        pos += ln + int(rng.uniform(2.0, 4.5) * sr)
+    return mask
+
+
+def _variant_audio(audio: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    rng = np.random.default_rng(seed)
+    if kind == "noisy":
+        p = float(np.mean(audio.astype(np.float64) ** 2)) + 1e-8
+        snr = rng.uniform(10, 20)
+        return (audio + rng.standard_normal(len(audio)).astype(np.float32) * np.sqrt(p / 10 ** (snr / 10))).astype(np.float32), None
+    if kind == "silenced":
+        mask = _silence_plan(len(audio), seed)
+        out = audio.copy()
+        out[mask] = rng.standard_normal(int(mask.sum())).astype(np.float32) * 10 ** (rng.uniform(-70, -50) / 20)
+        return out, mask
+    return audio, None
+
+
+def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.PathLike | None,
+                  model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(features (T50, L, D) fp16, per-frame voice activity (N,), silenced-frame mask or
+    None) of one clip and variant, cached under `cache_dir` when given."""
+    from tccp.media import whisper
+    from tccp.media.vad import frame_voice_activity
+
+    key = hashlib.sha1(f"{clip.meta.get('source')}|{clip.meta.get('created')}|{model_name}|{kind}".encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"{clip.name}-{kind}-{key}.npz" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            return z["features"], z["vad"], (z["silent"] if "silent" in z.files else None)
+    seed = int(key[:8], 16)
+    audio, mask = _variant_audio(clip.audio, kind, seed)
+    if kind in ("stream0", "stream2"):
+        feats = whisper.stream_features(encoder, audio, lookahead_s=0.2 if kind == "stream2" else 0.0)
+    else:
+        feats = whisper.full_features(encoder, audio)
+    n = int(clip.meta["n_frames"])
+    vad = clip.voice if kind in ("full", "stream0", "stream2") else frame_voice_activity(audio, n, clip.fps)
+    silent = None
+    if mask is not None:
+        t = ((np.arange(n) + 0.5) / clip.fps * 16000).astype(int).clip(0, len(mask) - 1)
+        silent = mask[t]
+    out = {"features": feats.astype(np.float16), "vad": vad.astype(np.float32)}
+    if silent is not None:
+        out["silent"] = silent
+    if cache is not None:
+        from tccp.io_utils import atomic_path
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **out)
+    return out["features"], out["vad"], silent
+
+
+def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarray, encoder=None,
+                        kinds: Sequence[str] = FEATURE_KINDS, cache_dir: str | os.PathLike | None = None,
+                        only_lipsync: bool = True, progress=None) -> list[LandmarkClip]:
+    """Prepared clip folders -> `LandmarkClip`s (features computed or read from cache)."""
+    from tccp.media.whisper import load_whisper
+
+    encoder = encoder or load_whisper()
+    out = []
+    for i, folder in enumerate(folders):
+        clip = PreparedClip(folder)
+        if only_lipsync and not clip.lipsync:
+            continue
+        mesh = hf.to_mesh(clip.landmarks, clip.landmark_index)
+        heads, pose = hf.to_head(mesh, template)
+        feats, vads, silent = {}, {}, np.zeros(clip.n_frames, bool)
+        for kind in kinds:
+            f, v, s = clip_features(clip, encoder, kind, cache_dir)
+            feats[kind], vads[kind] = f, v[: clip.n_frames]
+            if s is not None:
+                silent = s[: clip.n_frames]
+        params = pose.params()
+        params[:, 2:] /= clip.size
+        out.append(LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent))
+        if progress is not None:
+            progress(i + 1, len(folders))
+    return out
+
+
+class LandmarkWindows:
+    """Random training windows over `LandmarkClip`s (see module docstring)."""
+
+    def __init__(self, clips: Sequence[LandmarkClip], codec: LandmarkCodec, cfg: LandmarkDataConfig | None = None,
+                 seed: int = 0) -> None:
+        from tccp.face.sketch import SKETCH_INDICES
+
+        self.clips = [c for c in clips if c.n >= (cfg or LandmarkDataConfig()).window]
+        if not self.clips:
+            raise ValueError("no lip-sync clip long enough for one window")
+        self.codec = codec
+        self.cfg = cfg or LandmarkDataConfig()
+        self.rng = np.random.default_rng(seed)
+        w = np.array([c.n for c in self.clips], np.float64)
+        self.weights = w / w.sum()
+        self.mirror = hf.mirror_permutation(codec.template, SKETCH_INDICES)
+        kinds = [k for k in self.cfg.mix if k in self.clips[0].features]
+        p = np.array([self.cfg.mix[k] for k in kinds], np.float64)
+        self.kinds, self.kind_p = kinds, p / p.sum()
+
+    def _augment(self, heads: np.ndarray, rng: np.random.Generator, mirror: bool) -> np.ndarray:
+        h = heads
+        if mirror:
+            h = h[:, self.mirror] * np.array([-1.0, 1.0], np.float32)
+        j = self.cfg.jitter
+        a = (1 + rng.uniform(-j, j)) * np.exp(1j * rng.uniform(-j, j))
+        b = complex(rng.uniform(-j, j), rng.uniform(-j, j))
+        h = hf.apply_similarity(np.full(len(h), a), np.full(len(h), b), h)
+        return (h + rng.normal(0, self.cfg.frame_noise, h.shape)).astype(np.float32)
+
+    def sample(self, batch: int) -> dict[str, torch.Tensor]:
+        from tccp.media.whisper import frame_tokens
+
+        cfg, codec, rng = self.cfg, self.codec, self.rng
+        n = cfg.window
+        keys = ("x", "audio", "vad", "refs", "cv", "flags")
+        out: dict[str, list] = {k: [] for k in keys}
+        for _ in range(batch):
+            clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
+            kind = self.kinds[rng.choice(len(self.kinds), p=self.kind_p)]
+            i0 = int(rng.integers(0, clip.n - n + 1))
+            mirror = rng.random() < cfg.p_mirror
+            heads = clip.heads[i0 : i0 + n].copy()
+            if kind == "silenced":
+                sil = clip.silent[i0 : i0 + n]
+                heads[sil] = np.where(np.isin(np.arange(hf.N_MESH), codec.gen_index)[:, None], clip.rest, heads[sil])
+            ref_idx = rng.choice(clip.n, cfg.refs, replace=clip.n < cfg.refs)
+            both = self._augment(np.concatenate([heads, clip.heads[ref_idx]]), rng, mirror)
+            win, refs = both[:n], both[n:]
+            anchor = codec.anchor(refs)
+            pose = clip.pose[i0 : i0 + n]
+            x = codec.encode(win, anchor, pose, clip.pose[ref_idx].mean(0))
+            flags = np.zeros(n, np.float32)
+            if rng.random() >= cfg.p_first:
+                flags[0] = 1.0
+                x[0] += rng.normal(0, cfg.slot0_noise / codec.scale, x.shape[1])
+            out["x"].append(x)
+            out["audio"].append(frame_tokens(clip.features[kind], i0, n, fps=25.0).astype(np.float32))
+            out["vad"].append(clip.vad[kind][i0 : i0 + n])
+            out["refs"].append(codec.refs(refs))
+            out["cv"].append(codec.control(win))
+            out["flags"].append(flags)
+        return {k: torch.from_numpy(np.stack(v)) for k, v in out.items()}

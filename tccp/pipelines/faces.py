@@ -1,0 +1,220 @@
+"""Stage 2 at inference, mouth mode: edit the mouth patch of each face crop.
+
+Per frame: the target landmarks (stage 1's, or the tracked ones), the source crop and
+the session's reference bank go in; out comes the regenerated mouth patch. Inputs are
+made exactly as `tccp.data.faces` made the training data: the lower face greyed out
+(union of the source's and the target's regions, so the old mouth disappears and the
+new one has room), the best-matching reference warped onto the target landmarks, the
+target sketch, the region mask. Only the 80 px patch (of a 128 px crop) goes through
+the autoencoder and the denoiser, slot 0 of each window being the previous window's
+last patch latent (first-frame conditioning).
+
+`steps=0` skips the denoiser: the patch is the warped reference itself (the cheap rung
+of the degradation ladder, and the no-learning baseline the model is measured against).
+Reference latents (identity tokens) are encoded once per bank, not per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from tccp.diffusion.samplers import cfg_model_fn, sample
+from tccp.diffusion.schedule import Schedule
+from tccp.face import headframe as hf
+from tccp.face.regions import patch_box
+
+__all__ = ["ReferenceBank", "MouthEditor", "SamplerConfig", "LatentNorm", "stream_noise"]
+
+
+def stream_noise(shape, seed: int | list[int]) -> torch.Tensor:
+    """Starting noise for a batch of streams, each from its own seed, so a stream's
+    output does not depend on which other streams share its batch."""
+    seeds = [int(seed)] * shape[0] if isinstance(seed, int) else [int(s) for s in seed]
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddim"  # "ddpm" | "ddim" | "dpmpp_2m"
+    steps: int = 4
+    cfg_scale: float = 1.0
+    eta: float = 0.0  # DDIM only
+    clip_x0: float | None = 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplerConfig":
+        return cls(**{k: d[k] for k in ("name", "steps", "cfg_scale", "eta", "clip_x0") if k in d})
+
+
+@dataclass
+class LatentNorm:
+    """Model-space latent = (TAEF2 latent - shift) * scale."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def to_model(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift) * self.scale
+
+    def from_model(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale + self.shift
+
+
+@dataclass
+class ReferenceBank:
+    """A person's reference frames (from the context video or an avatar).
+
+    crops (K, S, S, 3) face crops at the model's size, meshes (K, 478, 2) their landmarks
+    in crop px, shapes (K, 80) head-frame lip shapes used to pick the best reference,
+    hires: per reference a (H, W, 3) sharper crop of the same box (source resolution,
+    for detail transfer) or None; latents (K, C, h, w) the encoded patches (lazily)."""
+
+    crops: np.ndarray
+    meshes: np.ndarray
+    shapes: np.ndarray
+    hires: list = field(default_factory=list)
+    latents: Any = None
+    version: int = 0  # bumped when references are added (re-encode)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @classmethod
+    def build(cls, crops: np.ndarray, meshes: np.ndarray, template: np.ndarray, hires: list | None = None) -> "ReferenceBank":
+        heads, _ = hf.to_head(np.asarray(meshes, np.float32), template)
+        shapes = heads[:, list(hf.LIPS)].reshape(len(heads), -1)
+        return cls(np.asarray(crops, np.uint8), np.asarray(meshes, np.float32), shapes,
+                   list(hires) if hires is not None else [None] * len(crops))
+
+    def choose(self, target_heads: np.ndarray) -> np.ndarray:
+        """Per target (N, 478, 2) head-frame mesh, the index of the closest lip shape."""
+        t = target_heads[:, list(hf.LIPS)].reshape(len(target_heads), -1)
+        d = np.linalg.norm(t[:, None] - self.shapes[None], axis=-1)
+        return d.argmin(1)
+
+
+class MouthEditor:
+    def __init__(self, model, autoencoder, template: np.ndarray, size: int = 128, schedule: Schedule | None = None,
+                 sampler: SamplerConfig | None = None, latent_norm: LatentNorm | None = None) -> None:
+        from tccp.face.sketch import SKETCH_INDICES
+        from tccp.face.warp import triangulate
+
+        self.model = model.eval() if model is not None else None
+        self.autoencoder = autoencoder
+        self.template = np.asarray(template, np.float32)
+        self.size = int(size)
+        self.patch = patch_box(self.size)
+        self.schedule = schedule or Schedule(prediction="v")
+        self.sampler = sampler or SamplerConfig()
+        self.norm = latent_norm or LatentNorm()
+        self.tri = triangulate(self.template, SKETCH_INDICES)
+
+    @property
+    def device(self) -> torch.device:
+        p = self.model if self.model is not None else self.autoencoder.encoder
+        return next(p.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = self.model if self.model is not None else self.autoencoder.encoder
+        return next(p.parameters()).dtype
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self, crops: np.ndarray, targets: np.ndarray, sources: np.ndarray, bank: ReferenceBank,
+               ref_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per frame (n of them): source crops (n, S, S, 3), target and source meshes
+        (n, 478, 2) in crop px -> patch images `masked`, `warped`, `sketches` (n, ph, pw, 3),
+        `mask` (n, ph, pw), `ref` (n,) reference used."""
+        from tccp.data.faces import mouth_inputs
+
+        if ref_index is None:
+            heads, _ = hf.to_head(np.asarray(targets, np.float32), self.template)
+            ref_index = bank.choose(heads)
+        out: dict[str, list] = {"masked": [], "warped": [], "sketches": [], "mask": []}
+        for k in range(len(crops)):
+            j = int(ref_index[k])
+            d = mouth_inputs(crops[k], targets[k], bank.crops[j], bank.meshes[j], self.tri,
+                             masks_from=[sources[k], targets[k]])
+            for key in out:
+                out[key].append(d[key])
+        res = {k: np.stack(v) for k, v in out.items()}
+        res["ref"] = np.asarray(ref_index)
+        return res
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """(..., h, w, 3) uint8 -> (..., C, h/8, w/8) raw latents."""
+        lead = images.shape[:-3]
+        z = self.autoencoder.encode_images(images.reshape((-1,) + images.shape[-3:]))
+        z = z.to(self.device, self.dtype)
+        return z.reshape(tuple(lead) + tuple(z.shape[1:]))
+
+    def bank_latents(self, bank: ReferenceBank) -> torch.Tensor:
+        """The bank's patch latents (identity tokens), encoded once per bank version."""
+        if bank.latents is None or getattr(bank, "_enc_version", -1) != bank.version:
+            x0, y0, x1, y1 = self.patch
+            bank.latents = self.encode(np.ascontiguousarray(bank.crops[:, y0:y1, x0:x1]))
+            bank._enc_version = bank.version  # type: ignore[attr-defined]
+        return bank.latents
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def window(self, inputs: list[dict[str, np.ndarray]], banks: list[ReferenceBank], mel: np.ndarray,
+               prev: torch.Tensor | None, steps: int | None = None, seed: int | list[int] = 0) -> torch.Tensor:
+        """Generate patch latents for B streams with n frames each (slot 0 = the
+        previous frame when `prev` (B, C, h, w) is given, and then inputs[b] covers slots
+        0..n-1 too). mel (B, n, 16, 80). Returns raw latents (B, C, n, h, w); with `steps`
+        0 (or no model) the warped references' latents."""
+        steps = self.sampler.steps if steps is None else steps
+        five = lambda z: rearrange(z, "b n c h w -> b c n h w")  # noqa: E731
+        warped = five(self.encode(np.stack([d["warped"] for d in inputs])))
+        if steps <= 0 or self.model is None:
+            if prev is not None:
+                warped[:, :, 0] = prev.to(warped.dtype)
+            return warped
+        masked = five(self.encode(np.stack([d["masked"] for d in inputs])))
+        sketch = five(self.encode(np.stack([d["sketches"] for d in inputs])))
+        b, c, n, h, w = warped.shape
+        mask = rearrange(torch.nn.functional.adaptive_avg_pool2d(
+            rearrange(torch.from_numpy(np.stack([d["mask"] for d in inputs])).to(self.device, self.dtype), "b n h w -> (b n) 1 h w"),
+            (h, w)), "(b n) 1 h w -> b 1 n h w", b=b)
+        norm = self.norm.to_model
+        extra = torch.cat([norm(masked), norm(warped), mask], dim=1)
+        ref = torch.stack([self.bank_latents(bk)[int(d["ref"][0])] for bk, d in zip(banks, inputs)])
+        tokens = self.model.encode_conditions(torch.from_numpy(np.asarray(mel, np.float32)).to(self.device, self.dtype),
+                                              norm(ref))
+        flags = torch.zeros(b, n, device=self.device, dtype=self.dtype)
+        fixed = None
+        c_v = norm(sketch)
+        if prev is not None:
+            flags[:, 0] = 1
+            m = torch.zeros(1, 1, n, 1, 1, dtype=torch.bool, device=self.device)
+            m[:, :, 0] = True
+            value = torch.zeros_like(warped)
+            value[:, :, 0] = norm(prev.to(self.dtype))
+            fixed = (m.expand_as(warped), value)
+        sc = self.sampler
+        null = self.model.null_conditions(b, n).to(tokens.dtype)
+        fn = cfg_model_fn(lambda x, t, tok, cv, fl, ex: self.model(x, t, tok, cv, fl, ex),
+                          (tokens, c_v, flags, extra), (null, c_v, flags, extra), sc.cfg_scale)
+        x_T = stream_noise(warped.shape, seed).to(self.device, self.dtype)
+        kwargs: dict[str, Any] = {"eta": sc.eta} if sc.name == "ddim" else {}
+        out = sample(sc.name, fn, x_T, self.schedule, steps, fixed=fixed, clip_x0=sc.clip_x0, **kwargs)
+        return self.norm.from_model(out)
+
+    @torch.inference_mode()
+    def decode(self, lat: torch.Tensor) -> np.ndarray:
+        """(B, C, n, h, w) raw latents -> (B, n, ph, pw, 3) uint8 patches."""
+        b = lat.shape[0]
+        img = self.autoencoder.decode(rearrange(lat, "b c n h w -> (b n) c h w"))
+        img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return rearrange(img, "(b n) c h w -> b n h w c", b=b).cpu().numpy()

@@ -1,0 +1,160 @@
+"""Stage 1 at inference: windows of landmark coordinates from audio tokens.
+
+`LandmarkGenerator.window` generates the new frames of one 8-frame window for a batch
+of streams, slot 0 pinned to each stream's previous generated frame (TCCP's
+first-frame conditioning; `prev=None` is the one-frame restart). The objective stored
+with the weights decides how: "regress" is one network call; "v" samples with any
+`tccp.diffusion.samplers` sampler (DDIM, 4 steps by default). Post-processing that
+users control lives here too: the mouth-opening factor (ControlTalk's alpha, on
+coordinates) and the voice-activity gate that rests the mouth in silence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tccp.diffusion.samplers import sample
+from tccp.diffusion.schedule import Schedule
+from tccp.face import headframe as hf
+from tccp.models.landmarks import LandmarkCodec, LandmarkNet
+
+__all__ = ["References", "LandmarkGenerator", "generate_clip", "scale_opening"]
+
+
+@dataclass
+class References:
+    """A stream's reference landmarks, computed once per session."""
+
+    tokens: torch.Tensor  # (K, ref_dim)
+    anchor: np.ndarray  # (G, 2) head-frame anchor of the generated points
+    rest: np.ndarray  # (478, 2) head-frame mesh with the mouth at rest
+    pose: np.ndarray | None = None  # (4,) mean reference pose (head mode)
+
+
+def scale_opening(heads: np.ndarray, rest: np.ndarray, factor: float) -> np.ndarray:
+    """Mouth-opening control on head-frame meshes: lips and jaw move `factor` times as
+    far from the rest (closed) shape as generated, vertically (0 closes the mouth, 1
+    leaves it, 2 doubles the opening); horizontal motion (spreading, rounding) stays."""
+    if factor == 1.0:
+        return heads
+    out = np.array(heads, np.float32, copy=True)
+    idx = list(hf.MOUTH)
+    dy = out[:, idx, 1] - rest[idx, 1]
+    out[:, idx, 1] = rest[idx, 1] + factor * dy
+    return out
+
+
+class LandmarkGenerator:
+    def __init__(self, net: LandmarkNet, codec: LandmarkCodec, schedule: Schedule | None = None,
+                 steps: int = 4, sampler: str = "ddim") -> None:
+        self.net = net.eval()
+        self.codec = codec
+        self.schedule = schedule or Schedule(prediction="v")
+        self.steps = steps
+        self.sampler = sampler
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def references(self, ref_heads: np.ndarray, ref_pose: np.ndarray | None = None) -> References:
+        """(K, 478, 2) reference head-frame meshes (e.g. `tccp.data.landmarks.reference_frames`
+        of the context video) -> `References`."""
+        from tccp.data.landmarks import rest_shape
+
+        return References(
+            tokens=torch.from_numpy(self.codec.refs(ref_heads)),
+            anchor=self.codec.anchor(ref_heads),
+            rest=rest_shape(ref_heads, k=1),
+            pose=None if ref_pose is None else np.asarray(ref_pose, np.float32).mean(0),
+        )
+
+    @torch.inference_mode()
+    def window(self, audio: np.ndarray, vad: np.ndarray, cv: np.ndarray, refs: list[References],
+               prev: np.ndarray | None, seed: int | list[int] = 0, steps: int | None = None) -> np.ndarray:
+        """audio (B, n, La, F) tokens, vad (B, n), cv (B, n, cv_dim) for the window's
+        frames (slot 0 = the previous frame's when `prev` is given), prev (B, gen_dim)
+        or None -> (B, n, gen_dim) with slot 0 = prev exactly."""
+        dev, dt = self.device, next(self.net.parameters()).dtype
+        b, n = audio.shape[:2]
+        a = torch.from_numpy(np.ascontiguousarray(audio)).to(dev, dt)
+        v = torch.from_numpy(np.ascontiguousarray(vad)).to(dev, dt)
+        c = torch.from_numpy(np.ascontiguousarray(cv)).to(dev, dt)
+        r = torch.stack([x.tokens for x in refs]).to(dev, dt)
+        flags = torch.zeros(b, n, device=dev, dtype=dt)
+        x = torch.zeros(b, n, self.codec.gen_dim, device=dev, dtype=dt)
+        fixed = None
+        if prev is not None:
+            flags[:, 0] = 1
+            x[:, 0] = torch.from_numpy(np.asarray(prev)).to(dev, dt)
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            mask[:, 0] = True
+            fixed = (mask, x.clone())
+        ctx = self.net.condition_tokens(a, v, r)
+        if self.net.cfg.objective == "regress":
+            t = torch.full((b,), self.schedule.num_steps - 1, device=dev, dtype=torch.long)
+            out = self.net(x, t, ctx, c, flags)
+            if prev is not None:
+                out[:, 0] = x[:, 0]
+        else:
+            from tccp.pipelines.faces import stream_noise
+
+            x_t = stream_noise(x.shape, seed).to(dev, dt)
+            fn = lambda xt, tt: self.net(xt, tt, ctx, c, flags)  # noqa: E731
+            out = sample(self.sampler, fn, x_t, self.schedule, steps or self.steps, fixed=fixed)
+        return out.float().cpu().numpy()
+
+
+def generate_clip(gen: LandmarkGenerator, tokens: np.ndarray, vad: np.ndarray, heads: np.ndarray,
+                  refs: References, window: int = 8, gate: bool = True) -> np.ndarray:
+    """Offline stage 1 over a whole clip, exactly as the engine runs it (first-frame
+    step, then windows of `window - 1` new frames carrying slot 0): tokens (N, La, F),
+    vad (N,), heads (N, 478, 2) the source's head-frame meshes (their REST points are the
+    pose prior) -> generated head-frame meshes (N, 478, 2). `gate` applies the
+    voice-activity rest (see `apply_gate`)."""
+    codec = gen.codec
+    n = len(heads)
+    cv = codec.control(heads)
+    out = np.zeros((n, codec.gen_dim), np.float32)
+    out[0] = gen.window(tokens[None, :1], vad[None, :1], cv[None, :1], [refs], None)[0, 0]
+    i = 0
+    while i + 1 < n:
+        m = min(window, n - i)
+        y = gen.window(tokens[None, i : i + m], vad[None, i : i + m], cv[None, i : i + m], [refs], out[i][None])
+        out[i + 1 : i + m] = y[0, 1:]
+        i += m - 1
+    meshes, _ = codec.decode(out, refs.anchor, heads, refs.pose)
+    return apply_gate(meshes, refs.rest, vad) if gate else meshes
+
+
+GATE_LOW, GATE_HIGH, GATE_HOLD, GATE_RELEASE = 0.2, 0.35, 1, 2
+
+
+def gate_levels(vad: np.ndarray, level: float = 1.0, quiet: int = 0, low: float = GATE_LOW,
+                high: float = GATE_HIGH, hold: int = GATE_HOLD, release: int = GATE_RELEASE) -> tuple[np.ndarray, float, int]:
+    """Per-frame mouth gate in [0, 1] from voice activity, causal (live-safe): it opens
+    at once when the voice activity rises above `high` and closes over `release` frames
+    only after `hold` frames in a row below `low` (a silent stretch, not the short pause
+    between words, whose mouth motion is real). Returns (levels, last level, quiet run)."""
+    out = np.zeros(len(vad), np.float32)
+    for i, v in enumerate(np.asarray(vad, np.float64)):
+        quiet = quiet + 1 if v < low else 0
+        if v > high:
+            level = 1.0
+        elif quiet >= hold:
+            level = max(0.0, level - 1.0 / max(release, 1))
+        out[i] = level
+    return out, level, quiet
+
+
+def apply_gate(meshes: np.ndarray, rest: np.ndarray, vad: np.ndarray, **kw) -> np.ndarray:
+    """Rest the mouth in silent stretches: mouth points blend toward the rest shape by
+    1 - g (`gate_levels`)."""
+    g, _, _ = gate_levels(vad, **kw)
+    out = np.array(meshes, np.float32, copy=True)
+    idx = list(hf.MOUTH)
+    out[:, idx] = rest[idx] + g[:, None, None] * (out[:, idx] - rest[idx])
+    return out

@@ -1,0 +1,199 @@
+"""Stage 1 in coordinates: the head frame, the landmark network and its training.
+
+What the issue asks of stage 1, tested on small models: shapes in both modes, slot 0
+returned exactly, per-frame cross-attention (frame j's audio cannot reach frame i's
+cross-attention output), the control branch starts as a no-op, one batch can be
+overfitted, and a trained tiny model rests the mouth in silence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tccp.diffusion.schedule import Schedule
+from tccp.face import headframe as hf
+from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+from tccp.pipelines.landmarks import LandmarkGenerator, apply_gate, scale_opening
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LA, LAYERS, WIDTH = 10, 5, 16
+
+
+def _template() -> np.ndarray:
+    from engine.runner import default_template
+
+    return default_template()
+
+
+def _net(mode: str = "mouth", objective: str = "regress", seed: int = 0) -> tuple[LandmarkNet, LandmarkCodec]:
+    codec = LandmarkCodec(_template(), mode)
+    torch.manual_seed(seed)
+    cfg = LandmarkNetConfig(mode=mode, gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
+                            audio_layers=LAYERS, audio_width=WIDTH, width=32, depth=2, control_depth=1, heads=2,
+                            objective=objective, dropout=0.0)
+    return LandmarkNet(cfg), codec
+
+
+def _inputs(net: LandmarkNet, b: int = 2, n: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = net.cfg
+    return dict(
+        audio=torch.randn(b, n, LA, LAYERS * WIDTH, generator=g), vad=torch.rand(b, n, generator=g),
+        refs=torch.randn(b, 4, c.ref_dim, generator=g), cv=torch.randn(b, n, c.cv_dim, generator=g),
+        x=torch.randn(b, n, c.gen_dim, generator=g),
+    )
+
+
+def test_head_frame_roundtrip_and_pose():
+    t = _template()
+    rng = np.random.default_rng(0)
+    a = 120 * np.exp(1j * 0.3)
+    img = hf.apply_similarity(np.full(3, a), np.full(3, 40 + 30j), np.repeat(t[None], 3, 0))
+    img = img + rng.normal(0, 0.2, img.shape).astype(np.float32)
+    heads, pose = hf.to_head(img, t)
+    np.testing.assert_allclose(hf.to_image(heads, pose), img, atol=1e-3)
+    # the similarity is removed: head-frame points sit on the template (up to the noise)
+    assert np.abs(heads[:, list(hf.STABLE)] - t[list(hf.STABLE)]).max() < 0.01
+    back = hf.Pose.from_params(pose.params())
+    np.testing.assert_allclose(back.a, pose.a, rtol=1e-5)
+    assert len(hf.MOUTH) == 57 and not set(hf.MOUTH) & set(hf.REST)
+
+
+@pytest.mark.parametrize("mode", ["mouth", "head"])
+def test_shapes_in_both_modes(mode):
+    net, codec = _net(mode)
+    d = _inputs(net)
+    ctx = net.condition_tokens(d["audio"], d["vad"], d["refs"])
+    assert ctx.shape == (2, 8, LA + 4, 32)
+    out = net(d["x"], torch.zeros(2, dtype=torch.long), ctx, d["cv"], torch.zeros(2, 8))
+    assert out.shape == (2, 8, codec.gen_dim)
+    assert codec.gen_dim == (114 if mode == "mouth" else 2 * 160 + 4)
+
+
+@pytest.mark.parametrize("objective", ["regress", "v"])
+def test_slot0_is_returned_exactly(objective):
+    net, codec = _net(objective=objective)
+    gen = LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=3)
+    t = _template()
+    refs = gen.references(np.repeat(t[None], 4, 0))
+    d = _inputs(net, b=1)
+    prev = np.random.default_rng(1).standard_normal((1, codec.gen_dim)).astype(np.float32)
+    out = gen.window(d["audio"].numpy(), d["vad"].numpy(), d["cv"].numpy(), [refs], prev)
+    np.testing.assert_array_equal(out[:, 0], prev)
+    assert out.shape == (1, 8, codec.gen_dim)
+
+
+def test_frame_j_audio_does_not_reach_frame_i_cross_attention():
+    net, _ = _net()
+    net.eval()
+    d = _inputs(net, b=1)
+    ctx = net.condition_tokens(d["audio"], d["vad"], d["refs"])
+    audio2 = d["audio"].clone()
+    audio2[:, 5] = torch.randn_like(audio2[:, 5])  # change frame 5's audio only
+    ctx2 = net.condition_tokens(audio2, d["vad"], d["refs"])
+    h = torch.randn(1, 8, 32)
+    blk = net.blocks[0]
+    a, b = blk.cross(h, ctx), blk.cross(h, ctx2)
+    changed = (a - b).abs().amax(-1)[0]
+    assert changed[5] > 1e-4
+    assert torch.all(changed[[0, 1, 2, 3, 4, 6, 7]] == 0)
+
+
+def test_control_branch_starts_as_a_no_op():
+    net, _ = _net()
+    net.eval()
+    d = _inputs(net)
+    ctx = net.condition_tokens(d["audio"], d["vad"], d["refs"])
+    t = torch.zeros(2, dtype=torch.long)
+    with_cv = net(d["x"], t, ctx, d["cv"], torch.zeros(2, 8))
+    without = net(d["x"], t, ctx, None, torch.zeros(2, 8))
+    other_cv = net(d["x"], t, ctx, d["cv"] * 5 + 1, torch.zeros(2, 8))
+    assert torch.equal(with_cv, without) and torch.equal(with_cv, other_cv)
+
+
+@pytest.mark.parametrize("objective", ["regress", "v"])
+def test_overfits_one_batch(objective):
+    from tccp.training.landmarks import LandmarkTrainConfig, _loss
+
+    net, _ = _net(objective=objective, seed=3)
+    d = _inputs(net, b=4, seed=5)
+    batch = {"x": d["x"] * 0.5, "audio": d["audio"], "vad": d["vad"], "refs": d["refs"], "cv": d["cv"],
+             "flags": torch.tensor([[1.0] + [0.0] * 7] * 4)}
+    sched = Schedule(prediction="v")
+    cfg = LandmarkTrainConfig(cond_dropout=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = float(_loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)))
+    for _ in range(150):
+        loss = _loss(net, batch, sched, cfg, torch.Generator().manual_seed(0))  # one batch: same t, same noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = float(_loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)))
+    assert last < 0.1 * first
+
+
+def test_silence_rests_the_mouth_on_a_trained_tiny_model():
+    """A tiny model trained for a few seconds on synthetic data where speech (vad 1,
+    audio tokens with energy) opens the mouth by a random amount and silence (vad 0,
+    zero tokens) closes it: in silence its mouth is closed, with the gate off."""
+    from tccp.training.landmarks import LandmarkTrainConfig, _loss
+
+    net, codec = _net(seed=7)
+    t = _template()
+    rest = t.copy()
+    gen = LandmarkGenerator(net, codec, Schedule(prediction="v"))
+    refs = gen.references(np.repeat(rest[None], 4, 0))
+    rng = np.random.default_rng(0)
+    lower = [i for i in hf.MOUTH if rest[i, 1] > rest[14, 1] - 1e-6]
+
+    def batch(b=32):
+        speech = rng.random((b, 8)) < 0.5
+        amount = rng.uniform(0.05, 0.15, (b, 8)) * speech
+        heads = np.repeat(rest[None, None], 8, 1).repeat(b, 0)
+        heads[:, :, lower, 1] += amount[..., None]
+        x = np.stack([codec.encode(h, refs.anchor) for h in heads])
+        audio = rng.standard_normal((b, 8, LA, LAYERS * WIDTH)).astype(np.float32) * speech[..., None, None]
+        flags = np.zeros((b, 8), np.float32)
+        return {"x": torch.from_numpy(x), "audio": torch.from_numpy(audio),
+                "vad": torch.from_numpy(speech.astype(np.float32)),
+                "refs": refs.tokens[None].repeat(b, 1, 1), "cv": torch.from_numpy(
+                    np.stack([codec.control(h) for h in heads])), "flags": torch.from_numpy(flags)}
+
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = Schedule(prediction="v")
+    cfg = LandmarkTrainConfig(cond_dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss = _loss(net, batch(), sched, cfg, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    n = 8
+    heads = np.repeat(rest[None], n, 0)
+    out = gen.window(np.zeros((1, n, LA, LAYERS * WIDTH), np.float32), np.zeros((1, n), np.float32),
+                     codec.control(heads)[None], [refs], None)
+    meshes, _ = codec.decode(out[0], refs.anchor, heads)
+    speaking = gen.window(rng.standard_normal((1, n, LA, LAYERS * WIDTH)).astype(np.float32) * 1.0,
+                          np.ones((1, n), np.float32), codec.control(heads)[None], [refs], None)
+    open_meshes, _ = codec.decode(speaking[0], refs.anchor, heads)
+    rest_ap = hf.aperture(rest[None])[0]  # the template's mouth is slightly open
+    opening_silent = hf.aperture(meshes).mean() - rest_ap
+    opening_speech = hf.aperture(open_meshes).mean() - rest_ap
+    assert opening_speech > 0.03 and abs(opening_silent) < 0.3 * opening_speech
+
+
+def test_gate_and_mouth_opening_on_coordinates():
+    t = _template()
+    rest = t.copy()
+    heads = np.repeat(t[None], 14, 0)
+    lower = [i for i in hf.MOUTH if rest[i, 1] > rest[14, 1] - 1e-6]
+    heads[:, lower, 1] += 0.1
+    gated = apply_gate(heads, rest, np.array([0.0] * 8 + [1.0] * 5 + [0.3]))
+    assert np.allclose(gated[2:8, list(hf.MOUTH)], rest[list(hf.MOUTH)])  # a silent stretch: at rest
+    assert np.allclose(gated[8:], heads[8:])  # speech onset: open at once; 0.3 is not silence
+    ap = [hf.aperture(scale_opening(heads, rest, s)).mean() for s in (0.0, 1.0, 2.0)]
+    np.testing.assert_allclose(ap[0], hf.aperture(rest[None])[0], atol=1e-6)  # 0: the rest mouth
+    np.testing.assert_allclose(ap[2] - ap[0], 2 * (ap[1] - ap[0]), rtol=1e-4)  # 2: twice the opening
