@@ -89,7 +89,7 @@ class EngineConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.steps < 0 or self.min_steps < 1:
             raise ValueError("steps must be >= 0 and min_steps >= 1")
-        self.min_steps = min(self.min_steps, self.steps)
+        self.min_steps = max(1, min(self.min_steps, self.steps))  # steps 0 (warp only) keeps 1
         if self.window < 2:
             raise ValueError("window must have at least 2 slots")
         if min(self.video_queue, self.job_queue, self.output_queue) < 1:

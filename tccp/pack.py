@@ -3,8 +3,10 @@
     <pack>/config.json        format "tccp-pack", version 2; region; crop size;
                               stage1: the landmark network's config, the coordinate
                               scale, sampler steps, the audio encoder's name;
-                              stage2: MVConfig, schedule, sampler, latent norm (or null:
-                              a warp-only pack, the no-learning baseline);
+                              stage2: MVConfig, schedule, sampler, latent norm, the
+                              residual scale when the network generates the correction
+                              to the warped reference (or null: a warp-only pack, the
+                              no-learning baseline);
                               autoencoder ("taef2"); card (how it was trained)
     <pack>/stage1.safetensors landmark network + its head-frame template (fp16)
     <pack>/stage2.safetensors mouth-patch MVControlNet (fp16)
@@ -63,6 +65,7 @@ def save_pack(
     card: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float16,
     extra_files: dict[str, Path] | None = None,
+    residual_scale: float | None = None,
 ) -> Path:
     """Write a pack folder atomically; returns its path."""
     from safetensors.torch import save_file
@@ -81,6 +84,8 @@ def save_pack(
             "kind": "faces", "model": stage2.cfg.to_dict(), "schedule": (schedule or Schedule(prediction="v")).to_dict(),
             "sampler": (sampler or SamplerConfig()).to_dict(),
             "latent_norm": {"scale": (latent_norm or LatentNorm()).scale, "shift": (latent_norm or LatentNorm()).shift},
+            # the network generates face - warped reference (x this scale); None: the face
+            "residual_scale": residual_scale,
         },
         "autoencoder": "taef2",
         "dtype": dtype_name,
@@ -208,6 +213,7 @@ def load_pack(
         model2 = model2.to(dtype)
     pipe = EditPipeline.build(net, codec, model2, autoencoder, whisper, crop_size=int(config.get("crop_size", 128)),
                               schedule=schedule, sampler=sampler, latent_norm=norm,
-                              stage1_steps=int(config["stage1"].get("steps", 4)))
+                              stage1_steps=int(config["stage1"].get("steps", 4)),
+                              residual_scale=c2.get("residual_scale"))
     pipe.pack_config = config
     return pipe

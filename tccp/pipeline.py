@@ -45,10 +45,11 @@ class EditPipeline:
     @classmethod
     def build(cls, net: LandmarkNet, codec: LandmarkCodec, stage2_model, autoencoder, whisper,
               crop_size: int = 128, schedule: Schedule | None = None, sampler: SamplerConfig | None = None,
-              latent_norm: LatentNorm | None = None, stage1_steps: int = 4) -> "EditPipeline":
+              latent_norm: LatentNorm | None = None, stage1_steps: int = 4,
+              residual_scale: float | None = None) -> "EditPipeline":
         gen = LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=stage1_steps)
         editor = MouthEditor(stage2_model, autoencoder, codec.template, crop_size, schedule=schedule,
-                             sampler=sampler, latent_norm=latent_norm)
+                             sampler=sampler, latent_norm=latent_norm, residual_scale=residual_scale)
         return cls(gen, editor, whisper, crop_size)
 
     def to(self, device: str | torch.device) -> "EditPipeline":

@@ -146,7 +146,9 @@ def test_stage_inputs(data_dir, tmp_path):
     batch = tr._batch(0)
     n = tr.model_cfg.frames
     assert batch["target"].shape == (2, 32, n, 5, 5)
-    assert torch.equal(batch["target"][0, :, 0], lat["faces"][s].float())
+    # the target is the correction to the warped reference, scaled (residual stage)
+    want = (lat["faces"][s].float() - lat["warped"][s].float()) * tr.cfg.residual_scale
+    torch.testing.assert_close(batch["target"][0, :, 0], want)
     assert torch.equal(batch["c_v"][0, :, 0], lat["sketches"][s].float())
     assert batch["extra"].shape == (2, 65, n, 5, 5)
     assert torch.equal(batch["extra"][0, :32, 0], lat["masked"][s].float())

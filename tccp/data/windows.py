@@ -43,13 +43,18 @@ class StageSpec:
     control: str  # latent kind fed to the control branch (c_v)
     number: int
     extra: tuple[str, ...] = ()  # kinds concatenated as extra input channels (inpainting)
+    residual_of: str | None = None  # generate target - this kind (a correction), not the target
 
 
 # Stage 1 is trained in coordinates (`tccp.training.landmarks`), not by this trainer.
 # Stage 2 (mouth mode) generates the mouth patch from its sketch (c_v) with the masked
 # source, the warped reference and the region mask as extra input channels.
 STAGES: dict[str, StageSpec] = {
-    "faces": StageSpec("faces", target="faces", control="sketches", number=2, extra=("masked", "warped", "mask")),
+    # Stage 2 generates the correction to the warped reference (face - warped, in
+    # latents): a network that outputs zero is exactly the no-learning warp, so training
+    # starts from the baseline and only has to learn what the warp gets wrong.
+    "faces": StageSpec("faces", target="faces", control="sketches", number=2, extra=("masked", "warped", "mask"),
+                       residual_of="warped"),
     # the alternative measured in docs/faces.md: the warped reference through the
     # control branch instead of the input (no sketch: the warp already has the shape)
     "faces-refctrl": StageSpec("faces-refctrl", target="faces", control="warped", number=2, extra=("masked", "mask")),
@@ -72,8 +77,11 @@ def collate(items: Sequence[dict], spec: StageSpec, device: torch.device | str =
     def stack(key: str) -> torch.Tensor:
         return torch.stack([it[key] for it in items]).to(device, non_blocking=True)
 
+    target = stack(spec.target)
+    if spec.residual_of:
+        target = target - stack(spec.residual_of)
     out = {
-        "target": stack(spec.target),
+        "target": target,
         "c_v": stack(spec.control),
         "mel": stack("mel"),
         "ref": stack("ref"),

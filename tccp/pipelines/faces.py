@@ -11,6 +11,8 @@ last patch latent (first-frame conditioning).
 
 `steps=0` skips the denoiser: the patch is the warped reference itself (the cheap rung
 of the degradation ladder, and the no-learning baseline the model is measured against).
+With `residual_scale` (packs trained that way) the denoiser generates only the
+correction to the warped reference's latent: a network that outputs zero is the warp.
 Reference latents (identity tokens) are encoded once per bank, not per window.
 """
 
@@ -105,7 +107,8 @@ class ReferenceBank:
 
 class MouthEditor:
     def __init__(self, model, autoencoder, template: np.ndarray, size: int = 128, schedule: Schedule | None = None,
-                 sampler: SamplerConfig | None = None, latent_norm: LatentNorm | None = None) -> None:
+                 sampler: SamplerConfig | None = None, latent_norm: LatentNorm | None = None,
+                 residual_scale: float | None = None) -> None:
         from tccp.face.sketch import SKETCH_INDICES
         from tccp.face.warp import triangulate
 
@@ -117,6 +120,9 @@ class MouthEditor:
         self.schedule = schedule or Schedule(prediction="v")
         self.sampler = sampler or SamplerConfig()
         self.norm = latent_norm or LatentNorm()
+        # None: the network generates the patch latent; a number: it generates the
+        # correction to the warped reference's latent, times this scale
+        self.residual_scale = residual_scale
         self.tri = triangulate(self.template, SKETCH_INDICES)
 
     @property
@@ -195,12 +201,14 @@ class MouthEditor:
         flags = torch.zeros(b, n, device=self.device, dtype=self.dtype)
         fixed = None
         c_v = norm(sketch)
+        rs = self.residual_scale
+        to_x = (lambda z, k: (z - warped[:, :, k]) * rs) if rs else (lambda z, k: norm(z))  # noqa: E731
         if prev is not None:
             flags[:, 0] = 1
             m = torch.zeros(1, 1, n, 1, 1, dtype=torch.bool, device=self.device)
             m[:, :, 0] = True
             value = torch.zeros_like(warped)
-            value[:, :, 0] = norm(prev.to(self.dtype))
+            value[:, :, 0] = to_x(prev.to(self.dtype), 0)
             fixed = (m.expand_as(warped), value)
         sc = self.sampler
         null = self.model.null_conditions(b, n).to(tokens.dtype)
@@ -209,6 +217,11 @@ class MouthEditor:
         x_T = stream_noise(warped.shape, seed).to(self.device, self.dtype)
         kwargs: dict[str, Any] = {"eta": sc.eta} if sc.name == "ddim" else {}
         out = sample(sc.name, fn, x_T, self.schedule, steps, fixed=fixed, clip_x0=sc.clip_x0, **kwargs)
+        if rs:
+            out = warped + out / rs
+            if prev is not None:
+                out[:, :, 0] = prev.to(out.dtype)  # exactly, not via the round trip
+            return out
         return self.norm.from_model(out)
 
     @torch.inference_mode()
