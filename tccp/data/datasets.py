@@ -54,12 +54,13 @@ N_MESH_POINTS = 478
 MEL_WIDTH = 16  # mel frames per video frame window (0.2 s)
 
 # Held out of training, fixed so that validation numbers are comparable across runs:
-# nine people, none of whom appears in a training clip: real footage (interviews,
+# eight people, none of whom appears in a training clip: real footage (interviews,
 # speeches, GRID, a full-body shot), two generated faces, and one driving clip whose
-# audio is mostly music (lp_d20: lip-sync means skip clips without speech).
+# audio is mostly music (lp_d20: lip-sync means skip clips without speech). Names are
+# prepared-folder names (the file stem: `x_noaudio` for a clip whose audio is a .wav).
 VALIDATION_CLIPS: tuple[str, ...] = (
     "vr_face5", "lp_d20", "vx_vasa_17", "vx_emo_yomir", "sadtalker_WDA_EdMarkey0_000",
-    "styletalk_reagan_clip1", "lipnet_swiz3n", "edtalk_mouth_source_noaudio", "latentsync_demo3_video",
+    "lipnet_swiz3n", "edtalk_mouth_source_noaudio", "latentsync_demo3_video",
 )
 
 

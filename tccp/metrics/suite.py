@@ -106,6 +106,8 @@ def resolve_clips(cfg: SuiteConfig) -> list[Path]:
             out.append(p)
             continue
         cand = folder / (name if p.suffix else f"{name}.mp4")
+        if not cand.is_file() and not p.suffix:
+            cand = next((c for c in (folder / f"{name}.mpg", folder / f"{name}_noaudio.mp4") if c.is_file()), cand)
         if not cand.is_file():
             raise TCCPError(f"{cand}: held-out clip not found (pass --clips FILE ...)")
         out.append(cand)
@@ -138,11 +140,11 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
     template = getattr(model.runner, "template", None)
 
     def generate(video: Path, out: Path, seconds: float, landmarks: str = "generated",
-                 steps: int | None = None, references: Any = None) -> dict:
+                 steps: int | None = None, references: Any = None, audio: Path | None = None) -> dict:
         conf = econf.with_(landmarks=landmarks, references=references)
         if steps is not None:
             conf = conf.with_(steps=steps)
-        res = run_file(video, out, model, config=conf, max_seconds=seconds)
+        res = run_file(video, out, model, audio=audio, config=conf, max_seconds=seconds)
         return res.summary
 
     def bank(video: Path, seconds: float) -> tuple[Any, bool]:
@@ -226,7 +228,8 @@ def run_suite(
     try:
         for path in clips:
             name = path.stem
-            real_clip = load_clip(path, max_seconds=cfg.seconds, require_audio=False)
+            audio_path = _clip_audio(path)
+            real_clip = load_clip(path, audio=audio_path, max_seconds=cfg.seconds, require_audio=False)
             fps, sr = real_clip.fps, real_clip.sr
             say(f"{name}: tracking")
             real = track_frames(real_clip.frames)
@@ -235,7 +238,9 @@ def run_suite(
             bank, overlap = (None, False)
             if hasattr(generator, "bank"):
                 bank, overlap = generator.bank(path, cfg.seconds)  # type: ignore[attr-defined]
-            kw = {"references": bank} if bank is not None else {}
+            kw: dict[str, Any] = {"references": bank} if bank is not None else {}
+            if audio_path is not None:
+                kw["audio"] = audio_path
             say(f"{name}: generating {cfg.seconds:g} s")
             gen_path = work / f"{name}.tccp.mp4"
             stats = generator(path, gen_path, cfg.seconds, **kw)
@@ -279,6 +284,17 @@ def run_suite(
         "summary_speech": _mean_table({k: v for k, v in per_clip.items() if v.get("speech_fraction", 0) >= 0.5}),
         "stage1": {"clips": stage1_rows, "summary": _stage1_summary(stage1_rows)},
     }
+
+
+def _clip_audio(path: Path) -> Path | None:
+    """The clip's driving audio when it is not its own track (`x_noaudio.mp4` + `x.wav`)."""
+    from tccp.data.prepare import resolve_audio
+    from tccp.media.io import probe
+
+    try:
+        return resolve_audio(path, None, probe(path).has_audio)
+    except TCCPError:
+        return None
 
 
 def _speech_fraction(audio: np.ndarray, sr: int, n: int, fps: float) -> float:
