@@ -27,7 +27,14 @@ def stage1_info(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     rows = _rows(run / "metrics.jsonl")
     val = _rows(run / "val.jsonl")
-    return {"steps": rows[-1]["step"] if rows else 0, "minutes": (rows[-1]["t"] / 60) if rows else 0,
+    # `t` restarts at 0 in each resumed chunk: add up the chunks
+    total, last = 0.0, 0.0
+    for r in rows:
+        if r["t"] < last:
+            total += last
+        last = r["t"]
+    total += last
+    return {"steps": rows[-1]["step"] if rows else 0, "minutes": total / 60,
             "loss": rows[-1].get("loss_smooth") if rows else None, "val": val[-1] if val else None, "config": cfg}
 
 
@@ -89,7 +96,7 @@ def main() -> int:
         "",
         "## How it was trained",
         f"Machine: {args.machine}.",
-        f"- Stage 1: {s1['steps']} steps in {s1['minutes']:.0f} min from scratch on "
+        f"- Stage 1: {s1['steps']} steps in {s1['minutes']:.0f} min of training (chunks resumed) from scratch on "
         f"{len(s1['config'].get('train_clips', []))} lip-sync clips of `../shared/data/clips` (clips without speech, "
         "music and still faces are excluded by voice activity and mouth motion), batch 32 windows of 8 frames, "
         "AdamW 3e-4, EMA 0.999; Whisper feature variants full / live (0 and 0.2 s look-ahead) / noisy / silenced, "
@@ -124,7 +131,7 @@ def main() -> int:
         "",
         "Clips with speech only:",
         "```",
-        format_table(suite, key="summary_speech"),
+        format_table(suite, key="summary_speech", stage1=False),
         "```",
         "",
         "Columns: mouth r = aperture correlation with the real mouth; PSNR mouth / sharp = PSNR and Laplacian-",

@@ -388,13 +388,16 @@ def _stage1_summary(rows: list[dict]) -> dict:
     return out
 
 
-def format_table(result: dict, key: str = "summary") -> str:
-    """The summary as a fixed-width text table (methods x measures, means over clips)."""
+def format_table(result: dict, key: str = "summary", stage1: bool = True) -> str:
+    """The summary as a fixed-width text table (methods x measures, means over clips);
+    `key` "summary_speech" for clips with speech only; `stage1` adds the stage-1 table."""
     cols = list(PRINT_COLUMNS)
     fmt = {c: TABLE_COLUMNS[c][1] for c in cols}
     widths = {c: max(len(c), 7) for c in cols}
     head = f"{'method':<16}" + " ".join(f"{c:>{widths[c]}}" for c in cols)
-    lines = [f"{len(result.get('clips', {}))} clips x {result.get('seconds')} s "
+    clips = result.get("clips", {})
+    count = len(clips) if key == "summary" else sum(1 for c in clips.values() if c.get("speech_fraction", 0) >= 0.5)
+    lines = [f"{count} clips x {result.get('seconds')} s "
              f"(means; lower is better for LipLMD, |lag|, jitter x, seam ratio)", head,
              "-" * len(head)]
     for method, row in result.get(key, {}).items():
@@ -404,7 +407,7 @@ def format_table(result: dict, key: str = "summary") -> str:
             cells.append(f"{'-' if v is None else format(v, fmt[c]):>{widths[c]}}")
         lines.append(f"{method:<16}" + " ".join(cells))
     st = (result.get("stage1") or {}).get("summary")
-    if st and st.get("clips_with_speech"):
+    if stage1 and st and st.get("clips_with_speech"):
         lines += ["", f"stage 1 alone (landmarks vs tracked), {st['clips_with_speech']} clips with speech",
                   f"{'method':<16}{'mouth r':>9}{'|lag|':>7}{'LipLMD':>9}{'silence':>9}"]
         for m in ("tccp", "mean_lips", "energy"):
