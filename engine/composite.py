@@ -72,8 +72,9 @@ def feather_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     on the head boundary rather than spilling 2 sigma into the background, and it is
     forced to zero at the crop border so the square box itself never shows.
     """
+    is_bytes = np.asarray(mask).dtype == np.uint8
     m = np.asarray(mask, np.float32)
-    if m.max() > 1.0:
+    if is_bytes:  # a 0-255 mask (a float mask may exceed 1.0 by rounding: never rescale it)
         m = m / 255.0
     size = m.shape[0]
     if sigma_px > 0:
@@ -218,7 +219,7 @@ def paste_mouth(
         crop = colour_match(crop, original, ring, settings.max_gain)
     big = hires_size(box)
     up = cv2.resize(crop, (big, big), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    m = cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR)
+    m = np.clip(cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     ys, xs = np.nonzero(m > 1e-3)
     if detail and bank is not None and targets is not None and tri is not None and 0 <= ref_index < len(bank) \
             and bank.hires[ref_index] is not None:

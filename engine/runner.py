@@ -252,7 +252,7 @@ class PipelineRunner:
         for i, (r, (meshes, heads, pose)) in enumerate(zip(requests, per_req)):
             ref = r.refs.stage1
             gen_heads, _ = codec.decode(x[i], ref.anchor, heads, ref.pose)
-            level = 1.0 if r.state is None else r.state.gate
+            level = 0.0 if r.state is None else r.state.gate  # a stream starts at rest
             quiet = 0 if r.state is None else r.state.quiet
             if r.gate:
                 gen_heads, level, quiet = _gate(gen_heads, ref.rest, vad[i], level, quiet)

@@ -213,3 +213,38 @@ def test_demo_writes_video_and_preview(tmp_path, capsys):
 
     png = cv2.imread(str(tmp_path / "demo_preview.png"))
     assert png is not None and png.shape[0] > 2 * 200 and png.shape[1] > 3 * 200
+
+
+def test_bundled_pack_rests_the_mouth_on_silent_audio_and_takes_odd_rates(tmp_path):
+    """The bundled pack end to end: digital silence gives a resting mouth (the gate and
+    the model's own silence training), speech opens it; 8 kHz audio is resampled."""
+    import wave
+
+    from engine.model import load_model
+    from tccp.metrics.evaluate import track_frames
+
+    video, speech = media.sample_paths()
+
+    def wav(path, x, sr):
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(sr)
+            w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+        return path
+
+    silent = wav(tmp_path / "silent.wav", np.zeros(16000 * 2), 16000)
+    speech8k = media.read_audio(speech, sr=8000)[: 8000 * 2]
+    low = wav(tmp_path / "speech8k.wav", speech8k, 8000)
+    model = load_model(None, "cpu")
+    try:
+        aps = {}
+        for name, audio in (("silent", silent), ("speech", speech), ("speech8k", low)):
+            out = tmp_path / f"{name}.mp4"
+            run_file(video, out, model, audio=audio, max_seconds=2.0)
+            aps[name] = track_frames(media.read_video(out).frames).aperture
+    finally:
+        model.close()
+    assert np.nanmean(aps["silent"]) < 0.5 * np.nanmean(aps["speech"])
+    assert np.nanstd(aps["silent"]) < 0.5 * np.nanstd(aps["speech"])
+    assert np.nanstd(aps["speech8k"]) > 0.5 * np.nanstd(aps["speech"])

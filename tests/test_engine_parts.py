@@ -266,3 +266,17 @@ def test_ladder_tracked_mode_keeps_its_mode():
     assert [r.mode for r in rungs] == ["tracked", "tracked", "tracked", "tracked", "passthrough"]
     assert [r.steps for r in rungs][:4] == [4, 2, 1, 0]
     assert ladder(4, 1)[0].mode == "generated"
+
+
+def test_paste_mouth_takes_float_masks_that_round_above_one():
+    """A float mask whose maximum rounds to 1.0000001 is still a [0, 1] mask (it used to
+    be mistaken for a 0-255 one, and the frame came out unedited)."""
+    from engine.composite import paste_mouth
+
+    frame = np.full((200, 200, 3), 100, np.uint8)
+    crop = np.full((64, 64, 3), 200, np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[30:60, 16:48] = np.float32(1.0000001)
+    out = paste_mouth(frame, crop, (20.0, 20.0, 180.0, 180.0), mask, settings=CompositeSettings(colour_match=False))
+    assert out[150, 100].tolist() == [200, 200, 200]
+    assert out[40, 40].tolist() == [100, 100, 100]  # outside the mask: the frame

@@ -133,7 +133,7 @@ def generate_clip(gen: LandmarkGenerator, tokens: np.ndarray, vad: np.ndarray, h
 GATE_LOW, GATE_HIGH, GATE_HOLD, GATE_RELEASE = 0.2, 0.35, 1, 2
 
 
-def gate_levels(vad: np.ndarray, level: float = 1.0, quiet: int = 0, low: float = GATE_LOW,
+def gate_levels(vad: np.ndarray, level: float = 0.0, quiet: int = 0, low: float = GATE_LOW,
                 high: float = GATE_HIGH, hold: int = GATE_HOLD, release: int = GATE_RELEASE) -> tuple[np.ndarray, float, int]:
     """Per-frame mouth gate in [0, 1] from voice activity, causal (live-safe): it opens
     at once when the voice activity rises above `high` and closes over `release` frames
