@@ -291,6 +291,7 @@ class PipelineRunner:
         mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
         k0 = 0 if r0.restart else 1
         warp_only = r0.steps <= 0 or editor.model is None
+        how = {"sampler": SAMPLER_NAMES.get(r0.sampler, r0.sampler), "cfg_scale": float(r0.guidance)}
         lat_new = None
         if warp_only:
             # the warped reference is the patch: no autoencoder, no denoiser
@@ -302,12 +303,15 @@ class PipelineRunner:
                 # with slot 0 pinned to that frame
                 ins = [{k: v[k0:] for k, v in d.items()} for d in inputs]
                 first = [{k: v[:1] for k, v in d.items()} for d in ins]
-                lat0 = editor.window(first, banks, mel[:, :1], None, steps=r0.steps, seed=[r.seed for r in requests])
-                lat_new = editor.window(ins, banks, mel, lat0[:, :, 0], steps=r0.steps, seed=[r.seed for r in requests])
+                lat0 = editor.window(first, banks, mel[:, :1], None, steps=r0.steps, seed=[r.seed for r in requests],
+                                     **how)
+                lat_new = editor.window(ins, banks, mel, lat0[:, :, 0], steps=r0.steps, seed=[r.seed for r in requests],
+                                        **how)
             else:
                 mel = np.concatenate([np.stack([r.state.mel for r in requests])[:, None], mel], 1)
                 prev = torch.stack(prevs)
-                lat_new = editor.window(inputs, banks, mel, prev, steps=r0.steps, seed=[r.seed for r in requests])[:, :, 1:]
+                lat_new = editor.window(inputs, banks, mel, prev, steps=r0.steps, seed=[r.seed for r in requests],
+                                        **how)[:, :, 1:]
             patches = editor.decode(lat_new)
         t2 = time.perf_counter()
         x0, y0, x1, y1 = editor.patch

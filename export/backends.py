@@ -563,7 +563,7 @@ def backend_pipeline(backend: Backend) -> Any:
         BackendWhisper(backend, *_whisper_shape(backend)), crop_size=int(pc.get("crop_size", 128)),
         schedule=Schedule.from_dict(c2.get("schedule", {"prediction": "v"})),
         sampler=SamplerConfig.from_dict(c2.get("sampler", {})), latent_norm=LatentNorm(**c2.get("latent_norm", {})),
-        stage1_steps=int(c1.get("steps", 4)),
+        stage1_steps=int(c1.get("steps", 4)), residual_scale=c2.get("residual_scale"),
     )
     pipe.pack_config = dict(pc)
     pipe.backend = backend

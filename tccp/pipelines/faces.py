@@ -175,7 +175,8 @@ class MouthEditor:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def window(self, inputs: list[dict[str, np.ndarray]], banks: list[ReferenceBank], mel: np.ndarray,
-               prev: torch.Tensor | None, steps: int | None = None, seed: int | list[int] = 0) -> torch.Tensor:
+               prev: torch.Tensor | None, steps: int | None = None, seed: int | list[int] = 0,
+               sampler: str | None = None, cfg_scale: float | None = None) -> torch.Tensor:
         """Generate patch latents for B streams with n frames each (slot 0 = the
         previous frame when `prev` (B, C, h, w) is given, and then inputs[b] covers slots
         0..n-1 too). mel (B, n, 16, 80). Returns raw latents (B, C, n, h, w); with `steps`
@@ -211,12 +212,14 @@ class MouthEditor:
             value[:, :, 0] = to_x(prev.to(self.dtype), 0)
             fixed = (m.expand_as(warped), value)
         sc = self.sampler
+        name = sampler or sc.name
+        scale = sc.cfg_scale if cfg_scale is None else cfg_scale
         null = self.model.null_conditions(b, n).to(tokens.dtype)
         fn = cfg_model_fn(lambda x, t, tok, cv, fl, ex: self.model(x, t, tok, cv, fl, ex),
-                          (tokens, c_v, flags, extra), (null, c_v, flags, extra), sc.cfg_scale)
+                          (tokens, c_v, flags, extra), (null, c_v, flags, extra), scale)
         x_T = stream_noise(warped.shape, seed).to(self.device, self.dtype)
-        kwargs: dict[str, Any] = {"eta": sc.eta} if sc.name == "ddim" else {}
-        out = sample(sc.name, fn, x_T, self.schedule, steps, fixed=fixed, clip_x0=sc.clip_x0, **kwargs)
+        kwargs: dict[str, Any] = {"eta": sc.eta} if name == "ddim" else {}
+        out = sample(name, fn, x_T, self.schedule, steps, fixed=fixed, clip_x0=sc.clip_x0, **kwargs)
         if rs:
             out = warped + out / rs
             if prev is not None:
