@@ -27,8 +27,9 @@ class EngineConfig:
     an offline render should be full quality however long it takes.
     """
 
-    steps: int = 4
-    """Stage-2 sampler steps at full quality (0: the warped reference, no denoiser)."""
+    steps: int | None = None
+    """Stage-2 sampler steps at full quality (0: the warped reference, no denoiser);
+    None: the model pack's own setting (its `stage2.sampler.steps`; 0 without stage 2)."""
     sampler: str = "ddim"
     min_steps: int = 1
     """Degradation never reduces the step count below this."""
@@ -87,9 +88,10 @@ class EngineConfig:
             raise ValueError(f"landmarks must be 'generated' or 'tracked', got {self.landmarks!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps < 0 or self.min_steps < 1:
+        if (self.steps is not None and self.steps < 0) or self.min_steps < 1:
             raise ValueError("steps must be >= 0 and min_steps >= 1")
-        self.min_steps = max(1, min(self.min_steps, self.steps))  # steps 0 (warp only) keeps 1
+        if self.steps is not None:
+            self.min_steps = max(1, min(self.min_steps, self.steps))  # steps 0 (warp only) keeps 1
         if self.window < 2:
             raise ValueError("window must have at least 2 slots")
         if min(self.video_queue, self.job_queue, self.output_queue) < 1:

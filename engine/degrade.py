@@ -55,7 +55,8 @@ class DegradeController:
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
-        self.rungs = ladder(cfg.steps, cfg.min_steps, getattr(cfg, "landmarks", "generated"))
+        steps = 4 if cfg.steps is None else cfg.steps  # sessions resolve None to their pack's steps first
+        self.rungs = ladder(steps, cfg.min_steps, getattr(cfg, "landmarks", "generated"))
         self.level = 0
         self.budget = cfg.budget_s if cfg.degrade else None
         self._good = 0  # consecutive windows under recover_ratio * budget

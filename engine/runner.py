@@ -192,6 +192,12 @@ class PipelineRunner:
         return self.pipeline.template
 
     @property
+    def default_steps(self) -> int:
+        """Stage-2 steps the pack recommends (its sampler's); 0 for a warp-only pack."""
+        editor = self.pipeline.stage2
+        return int(editor.sampler.steps) if editor.model is not None else 0
+
+    @property
     def triangulation(self) -> Any:
         return self.pipeline.stage2.tri
 

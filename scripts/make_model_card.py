@@ -66,6 +66,8 @@ def main() -> int:
     from tccp.metrics.suite import format_table
 
     s1, s2 = stage1_info(args.stage1), stage2_info(args.stage2)
+    pack_cfg = json.loads((args.pack / "config.json").read_text())
+    steps = int(((pack_cfg.get("stage2") or {}).get("sampler") or {}).get("steps", 0)) if s2 else 0
     suite = json.loads(args.suite_json.read_text())
     for name, run in (("stage1", args.stage1), ("stage2", args.stage2)):
         if run is not None and (run / "loss.png").is_file():
@@ -87,11 +89,14 @@ def main() -> int:
         "lip and jaw coordinates in the head frame from Whisper tiny.en audio tokens (all layers, +-2 frames), "
         "voice activity and the person's reference lip shapes, with the source's tracked upper face as the "
         "control input (mouth mode).",
-        "- **Stage 2**: " + ("the mouth-patch MVControlNet (`mouth` config: 80 px patch of the 128 px crop, "
-                             "10 x 10 TAEF2 latents, masked source + warped reference + region mask as extra input "
-                             "channels, sketch through the control branch), DDIM 4 steps by default."
-                             if s2 else "none (warp-only pack): the best-matching reference frame of the bank, "
-                             "warped onto the target landmarks, is the new mouth."),
+        "- **Stage 2**: the best-matching reference frame of the person's bank, warped onto the target "
+        "landmarks" + (", plus a learned correction: the mouth-patch MVControlNet (`mouth` config: 80 px patch of "
+                       "the 128 px crop, 10 x 10 TAEF2 latents, masked source + warped reference + region mask as extra "
+                       "input channels, sketch through the control branch, generating the correction to the warp). "
+                       f"Default stage-2 steps: {steps}" + (" (the warp alone: the correction did not measure better "
+                                                             "than the warp, see the `denoiser` row; `--steps 4` uses it)"
+                                                             if steps == 0 else "") + "."
+                       if s2 else " (a warp-only pack)."),
         "- Compositing pastes only the lower face, at source resolution, with the reference's high frequencies.",
         "",
         "## How it was trained",
@@ -134,6 +139,10 @@ def main() -> int:
         format_table(suite, key="summary_speech", stage1=False),
         "```",
         "",
+        "Rows: tccp = the pack as shipped (landmarks from the audio); tccp_tracked = stage 2 on the clip's",
+        "tracked landmarks; warp = the warped reference alone; denoiser = the learned correction at 4 DDIM",
+        "steps; frozen = the first frame's mouth; blur = the real mouth blurred (sigma 2.5 px); real = the",
+        "codec round trip.",
         "Columns: mouth r = aperture correlation with the real mouth; PSNR mouth / sharp = PSNR and Laplacian-",
         "variance ratio in the mouth box (lips x 1.8) at source resolution; PSNR kept = the face outside the",
         "regenerated region; identity = dlib face-embedding cosine to the real frames.",

@@ -10,6 +10,8 @@ same H.264 encode:
 - `tccp_tracked`: stage 2 on the clip's tracked landmarks (stage 2's faithfulness);
 - `warp`: generated landmarks, stage 2 at 0 steps (the warped reference alone: the
   no-learning baseline the denoiser must beat);
+- `denoiser`: generated landmarks, stage 2's learned correction at 4 DDIM steps (packs
+  with a stage-2 network; `tccp` is whatever the pack's default steps are);
 - `frozen`: the first frame's lower face pasted on every frame (no motion);
 - `blur`: the real frame with the mouth region blurred (Gaussian sigma 2.5 px);
 - `real`: the clip after one encode/decode round trip (the codec's ceiling).
@@ -51,7 +53,7 @@ __all__ = [
 # (video in, mp4 out, seconds) -> the run's stats summary (any JSON-able dict)
 Generator = Callable[[Path, Path, float], dict]
 
-METHODS = ("tccp", "tccp_tracked", "warp", "frozen", "blur", "real")
+METHODS = ("tccp", "tccp_tracked", "warp", "denoiser", "frozen", "blur", "real")
 
 # column title -> (path into one clip's metrics, format); means over clips
 TABLE_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -250,7 +252,11 @@ def run_suite(
             audio = real_clip.audio[: int(round(n / fps * sr))] if real_clip.audio is not None else None
             candidates = {"tccp": gen_frames[:n]}
             if cfg.tracked and getattr(generator, "supports_landmarks", False):
-                for method, extra in (("tccp_tracked", {"landmarks": "tracked"}), ("warp", {"steps": 0})):
+                runs: list[tuple[str, dict]] = [("tccp_tracked", {"landmarks": "tracked"}), ("warp", {"steps": 0})]
+                pipe = getattr(generator, "pipeline", None)
+                if pipe is not None and pipe.stage2.model is not None:
+                    runs.append(("denoiser", {"steps": 4}))  # the learned correction, 4 DDIM steps
+                for method, extra in runs:
                     say(f"{name}: generating ({method})")
                     p = work / f"{name}.{method}.mp4"
                     generator(path, p, cfg.seconds, **extra, **kw)  # type: ignore[call-arg]
