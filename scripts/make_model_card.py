@@ -38,11 +38,11 @@ def stage1_info(run: Path) -> dict:
             "loss": rows[-1].get("loss_smooth") if rows else None, "val": val[-1] if val else None, "config": cfg}
 
 
-def stage2_info(run: Path | None) -> dict | None:
+def stage2_info(run: Path | None, upto: int | None = None) -> dict | None:
     if run is None:
         return None
     cfg = json.loads((run / "config.json").read_text())
-    rows = _rows(run / "metrics.jsonl")
+    rows = [r for r in _rows(run / "metrics.jsonl") if upto is None or r.get("step", 0) <= upto]
     train = [r for r in rows if r.get("kind") == "train"]
     val = [r for r in rows if r.get("kind") == "val"]
     secs = sum(r.get("sec_per_step", 0.0) * 10 for r in train)
@@ -65,8 +65,9 @@ def main() -> int:
 
     from tccp.metrics.suite import format_table
 
-    s1, s2 = stage1_info(args.stage1), stage2_info(args.stage2)
     pack_cfg = json.loads((args.pack / "config.json").read_text())
+    packed = ((pack_cfg.get("card") or {}).get("training") or {}).get("stage2") or {}
+    s1, s2 = stage1_info(args.stage1), stage2_info(args.stage2, packed.get("step"))
     steps = int(((pack_cfg.get("stage2") or {}).get("sampler") or {}).get("steps", 0)) if s2 else 0
     suite = json.loads(args.suite_json.read_text())
     for name, run in (("stage1", args.stage1), ("stage2", args.stage2)):
