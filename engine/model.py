@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 __all__ = ["Runner", "SharedModel", "ModelStats", "load_model", "check_mouth_scale"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tccp.data import datasets as ds
 from tccp.data import prepare as prep
@@ -128,53 +127,6 @@ def test_sketch_drawn_from_landmarks(root: Path) -> None:
     assert not np.array_equal(sk, clip.sketch(30))  # the face moved
 
 
-def test_window_dataset_items(root: Path) -> None:
-    data = ds.WindowDataset(root, window=8, split="train", deterministic=True)
-    # clip_a: 33 windows; clip_b: windows 0..4 and 13..22 (frame 12 not found); vr_face5 held out
-    assert len(data) == 33 + 5 + 10
-    assert {c.name for c in data.clips} == {"clip_a", "clip_b"}
-    item = data[0]
-    assert item["faces"].shape == (8, 3, S, S) and item["faces"].dtype == torch.float32
-    assert 0.0 <= float(item["faces"].min()) and float(item["faces"].max()) <= 1.0
-    assert item["contexts"].shape == (8, 3, S, S) and item["sketches"].shape == (8, 3, S, S)
-    assert item["mel"].shape == (8, 16, 80) and item["ref"].shape == (3, S, S)
-    assert item["landmarks"].shape == (8, len(SKETCH_INDICES), 2)
-    for i in range(len(data)):
-        ci, s = data.index.entries[i]
-        if data.clips[ci].name == "clip_b":
-            assert not (s <= 12 < s + 8), "window over an undetected frame"
-    # the reference is a face of the same clip from elsewhere in time
-    clip = data.clips[0]
-    frame_means = clip.faces.reshape(clip.n_frames, -1).mean(1) / 255
-    for i in (0, 10, 32):
-        it = data[i]
-        ref_t = int(np.argmin(np.abs(frame_means - float(it["ref"].mean()))))
-        assert abs(ref_t - it["start"]) >= 8, (ref_t, it["start"])
-    assert data[5]["clip"] == "clip_a" and data[5]["start"] == 5
-    # deterministic refs for validation-style datasets
-    assert torch.equal(data[3]["ref"], data[3]["ref"])
-
-
-def test_window_dataset_split_and_stride(root: Path) -> None:
-    val = ds.WindowDataset(root, split="val")
-    assert [c.name for c in val.clips] == ["vr_face5"] and len(val) == 13
-    every4 = ds.WindowDataset([root / "clip_a"], stride=4)
-    assert [e[1] for e in every4.index.entries] == list(range(0, 33, 4))
-    loader = torch.utils.data.DataLoader(every4, batch_size=3)
-    batch = next(iter(loader))
-    assert batch["faces"].shape == (3, 8, 3, S, S) and list(batch["start"]) == [0, 4, 8]
-
-
-def test_windows_skip_silent_audio(tmp_path: Path) -> None:
-    make_prepared(tmp_path, "padded", n=30, signal_seconds=0.8)  # audio ends at frame 20
-    make_prepared(tmp_path, "muted", n=30, signal_seconds=0.0)  # digital silence throughout
-    clip = ds.PreparedClip(tmp_path / "padded")
-    assert clip.audible.sum() == 20
-    data = ds.WindowDataset(tmp_path)
-    assert [(data.clips[c].name, s) for c, s in data.index.entries] == [("padded", s) for s in range(13)]
-    assert len(ds.WindowDataset(tmp_path, require_audio=False)) == 2 * 23
-
-
 def test_split_clips_fixed_validation() -> None:
     names = ["lp_d20", "vr_face3", "vx_vasa_17.mp4", "/d/vx_emo_yomir", "vr_face5", "vx_vasa_3"]
     train, val = ds.split_clips(names)
@@ -191,43 +143,6 @@ def test_split_clips_fixed_validation() -> None:
     real = [v for v in ds.VALIDATION_CLIPS if kinds[v].startswith("real")]
     generated = [v for v in ds.VALIDATION_CLIPS if "generated" in kinds[v]]
     assert len(real) >= 2 and len(generated) >= 2
-
-
-def test_latent_cache_resumes(tmp_path: Path) -> None:
-    from tccp.models.autoencoder import load_autoencoder
-
-    root = tmp_path / "prepared"
-    make_prepared(root, "clip_x", n=10, seed=1)
-    make_prepared(root, "vr_face5", n=9, seed=2)
-    make_prepared(root, "clip_y", n=12, seed=4)
-    ae = load_autoencoder()
-    calls: list[int] = []
-    encode = ae.encode_images
-
-    def counting(images, batch_size=64):
-        calls.append(len(images))
-        return encode(images, batch_size)
-
-    ae.encode_images = counting  # type: ignore[method-assign]
-    folders = [root / "clip_x", root / "vr_face5"]
-    out = ds.encode_dataset_latents(folders, ae, tmp_path / "lat.safetensors", progress=False)
-    assert sum(calls) == 3 * (10 + 9)
-    cache = ds.load_latent_cache(out)
-    assert set(cache) == {"clip_x", "vr_face5"}
-    faces = cache["clip_x"]["faces"]
-    assert faces.shape == (10, 32, S // 8, S // 8) and faces.dtype == torch.float16
-    # the cached latent is the encoding of the decoded face crop
-    direct = encode(ds.PreparedClip(root / "clip_x").faces[:2])
-    assert torch.allclose(faces[:2].float(), direct, atol=0.02)
-    assert not (tmp_path / "lat.safetensors.parts").exists()
-    calls.clear()
-    ds.encode_dataset_latents(root, ae, out, progress=False)
-    assert sum(calls) == 3 * 12  # only the new clip was encoded
-    lat = ds.LatentWindowDataset(out, root, split="train")
-    item = lat[0]
-    assert item["faces"].shape == (32, 8, S // 8, S // 8)  # (C, N, h, w) for the models
-    assert item["ref"].shape == (32, S // 8, S // 8) and item["mel"].shape == (8, 16, 80)
-    assert len(lat) == 3 + 5  # vr_face5 is held out
 
 
 def test_dataset_imports_no_mediapipe_or_av() -> None:

@@ -1,8 +1,9 @@
-"""What each training stage sees, and in which order (for `tccp.training.trainer`).
+"""What the stage-2 trainer sees, and in which order (for `tccp.training.trainer`).
 
-Stage 1 (`landmarks`) generates sketch latents from the head-masked context (c_v);
-stage 2 (`faces`) generates face latents from the sketches (c_v). Both take c_l =
-audio (mel windows) + identity (the face latent of another frame of the same clip).
+Stage 2 (`faces`) generates the mouth patch's correction to the warped reference,
+from the sketch (c_v), the masked source, the warped reference and the region mask
+(extra input channels) and c_l = audio (mel windows) + the reference patch tokens.
+Stage 1 trains in coordinates (`tccp.training.landmarks`).
 
 Batches are drawn by optimizer step, not by iterating a DataLoader: the indices of
 step `s` on rank `r` are a pure function of (seed, s, r), computed through
@@ -13,9 +14,7 @@ seen, without saving any loader state.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -30,8 +29,6 @@ __all__ = [
     "stage_spec",
     "collate",
     "StepSampler",
-    "cache_path",
-    "ensure_latent_cache",
     "fixed_subset",
 ]
 
@@ -137,65 +134,3 @@ def fixed_subset(n: int, k: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- latent cache
-
-
-def cache_path(data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Where the latent cache of a data folder lives: `DATA/latents/latents.safetensors`
-    (travels with the data and is shared by both stages) when DATA is writable, else
-    `OUT/cache/latents.safetensors`."""
-    data = Path(data_dir)
-    if os.access(data, os.W_OK):
-        return data / "latents" / "latents.safetensors"
-    return Path(out_dir) / "cache" / "latents.safetensors"
-
-
-def _cache_is_current(path: Path, clips: Sequence) -> bool:
-    """True if `path` holds latents of every clip with an unchanged fingerprint
-    (reads only the safetensors header)."""
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    from tccp.data.datasets import _fingerprint  # the cache's own staleness key
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-    except Exception:
-        return False
-    for clip in clips:
-        if meta.get(f"fp/{clip.name}") != _fingerprint(clip):
-            return False
-        if not all(f"{clip.name}/{k}" in keys for k in ("faces", "contexts", "sketches")):
-            return False
-    return True
-
-
-def ensure_latent_cache(
-    data_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    path: str | os.PathLike | None = None,
-    progress: bool = True,
-    max_frames: int | None = None,
-    size: int | None = None,
-) -> Path:
-    """Encode every prepared clip under `data_dir` to TAEF2 latents once (resumable per
-    clip; see `tccp.data.datasets.encode_dataset_latents`) and return the cache file."""
-    from tccp.data.datasets import PreparedClip, find_prepared
-
-    folders = find_prepared(data_dir)
-    if not folders:
-        raise TCCPError(f"{data_dir}: no prepared clips found (run `tccp prepare` first)")
-    target = Path(path) if path is not None else cache_path(data_dir, out_dir)
-    clips = [PreparedClip(f) for f in folders]
-    if _cache_is_current(target, clips):
-        return target
-    from tccp.data.datasets import encode_dataset_latents
-    from tccp.models.autoencoder import load_autoencoder
-
-    ae = load_autoencoder(device=device)
-    batch = 64 if str(device).startswith("cuda") else 16
-    return encode_dataset_latents(folders, ae, target, batch_size=batch, progress=progress,
-                                  max_frames=max_frames, size=size)

@@ -25,7 +25,6 @@ Features are 50 Hz (`FEATURE_HZ`); `frame_tokens` gathers, for each video frame,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 

@@ -21,10 +21,8 @@ moments and the step: `N` steps straight equal `N/2` + resume + `N/2`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
