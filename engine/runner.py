@@ -214,7 +214,7 @@ class PipelineRunner:
     def _stage1(self, requests: Sequence[WindowRequest], new: int) -> list[dict]:
         """Target landmarks for each request's new frames (plus the carry)."""
         from tccp.face import headframe as hf
-        from tccp.pipelines.landmarks import scale_opening
+        from tccp.face.mouth import scale_opening
 
         pipe = self.pipeline
         gen, codec = pipe.stage1, pipe.stage1.codec

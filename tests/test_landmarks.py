@@ -14,7 +14,8 @@ import torch
 from tccp.diffusion.schedule import Schedule
 from tccp.face import headframe as hf
 from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
-from tccp.pipelines.landmarks import LandmarkGenerator, apply_gate, scale_opening
+from tccp.face.mouth import scale_opening
+from tccp.pipelines.landmarks import LandmarkGenerator, apply_gate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,6 +19,7 @@ import torch
 from tccp.diffusion.samplers import sample
 from tccp.diffusion.schedule import Schedule
 from tccp.face import headframe as hf
+from tccp.face.mouth import scale_opening
 from tccp.models.landmarks import LandmarkCodec, LandmarkNet
 
 __all__ = ["References", "LandmarkGenerator", "generate_clip", "scale_opening"]
@@ -32,19 +33,6 @@ class References:
     anchor: np.ndarray  # (G, 2) head-frame anchor of the generated points
     rest: np.ndarray  # (478, 2) head-frame mesh with the mouth at rest
     pose: np.ndarray | None = None  # (4,) mean reference pose (head mode)
-
-
-def scale_opening(heads: np.ndarray, rest: np.ndarray, factor: float) -> np.ndarray:
-    """Mouth-opening control on head-frame meshes: lips and jaw move `factor` times as
-    far from the rest (closed) shape as generated, vertically (0 closes the mouth, 1
-    leaves it, 2 doubles the opening); horizontal motion (spreading, rounding) stays."""
-    if factor == 1.0:
-        return heads
-    out = np.array(heads, np.float32, copy=True)
-    idx = list(hf.MOUTH)
-    dy = out[:, idx, 1] - rest[idx, 1]
-    out[:, idx, 1] = rest[idx, 1] + factor * dy
-    return out
 
 
 class LandmarkGenerator:
