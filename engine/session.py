@@ -92,6 +92,8 @@ class Session:
     ) -> None:
         self.model = model
         self.cfg = config or EngineConfig()
+        if self.cfg.steps is None:  # the pack's own stage-2 steps
+            self.cfg = self.cfg.with_(steps=int(getattr(model.runner, "default_steps", 4)))
         self.name = name or f"session-{next(_ids)}"
         self.keep_debug = keep_debug
         self.stats = SessionStats()
