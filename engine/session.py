@@ -385,7 +385,8 @@ class Session:
         rung = self.controller.rung
         # audio older than this window's context is no longer needed (whatever happens
         # to the window, so long face-less stretches do not accumulate audio)
-        self._audio.trim_before(float(win.pts[0]) - 0.5)
+        # (live audio features look 3 s back: keep that much before the window)
+        self._audio.trim_before(float(win.pts[0]) - 3.5)
         timing = WindowTiming(window=win.index, frames=win.n, level=self.controller.level,
                               steps=rung.steps, mode=rung.mode, queue_wait=t_start - win.ready)
         reason: str | None = None
@@ -393,8 +394,7 @@ class Session:
             reason = "no_face"
         elif rung.mode == "passthrough":
             reason = "degraded"
-        elif c.live and self._job_q.qsize() > 0 and self.controller.enabled and \
-                t_start - win.arrival > (self.controller.budget or 0.0):
+        elif c.live and self.controller.enabled and self._too_late(t_start - win.arrival):
             reason = "overload"  # already late and more waiting: skip ahead
         if reason is None and self._identity_task is not None:
             await self._identity_task  # a few ms of face tracking on one image
@@ -446,6 +446,16 @@ class Session:
         timing.stage1, timing.stage2, timing.batch = res.stage1_s, res.stage2_s, res.batch
         await self._comp_q.put(_CompositeJob(win, res, rung, None, timing))
 
+    def _too_late(self, age: float) -> bool:
+        """Live: skip this window (`age` s after its last frame arrived)? The controller
+        may judge (`controller.skip(age, waiting)`, e.g. against a playout deadline);
+        by default a window over the budget is skipped when another one waits."""
+        waiting = self._job_q.qsize() > 0
+        judge = getattr(self.controller, "skip", None)
+        if callable(judge):
+            return bool(judge(age, waiting))
+        return waiting and age > (self.controller.budget or 0.0)
+
     async def _load_identity(self) -> None:
         from engine.refs import bank_from_image
 
@@ -464,27 +474,44 @@ class Session:
 
     # ------------------------------------------------------------------ composite
     def _composite_frames(self, job: _CompositeJob) -> list[OutputFrame]:
+        return [self._composite_frame(job, k) for k in range(job.win.n)]
+
+    def _composite_frame(self, job: _CompositeJob, k: int) -> OutputFrame:
         win, res = job.win, job.result
-        out: list[OutputFrame] = []
-        for k in range(win.n):
-            frame = win.frames[k]
-            if res is None or not win.found[k]:
-                reason = job.reason if res is None else "no_face"
-                out.append(OutputFrame(float(win.pts[k]), frame, False, reason, win.index))
-                continue
-            face = res.faces[k]
-            bank = self._refs.bank if self._refs is not None else None
-            img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
-                              int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
-                              self._composite)
-            of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
-            if self.keep_debug:
-                of.crop = face
-                of.box = np.asarray(win.face_boxes[k], np.float32)
-                of.sketch = res.sketches[k] if res.sketches is not None else None
-                of.targets = res.targets[k]
-            out.append(of)
-        return out
+        frame = win.frames[k]
+        if res is None or not win.found[k]:
+            reason = job.reason if res is None else "no_face"
+            return OutputFrame(float(win.pts[k]), frame, False, reason, win.index)
+        face = res.faces[k]
+        bank = self._refs.bank if self._refs is not None else None
+        img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
+                          int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
+                          self._composite, detail=getattr(self.controller, "detail", True))
+        of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
+        if self.keep_debug:
+            of.crop = face
+            of.box = np.asarray(win.face_boxes[k], np.float32)
+            of.sketch = res.sketches[k] if res.sketches is not None else None
+            of.targets = res.targets[k]
+        return of
+
+    def _composite_live(self, job: _CompositeJob, loop: asyncio.AbstractEventLoop) -> None:
+        """Compositor thread: paste the window's frames in order, each handed to the
+        event loop (`_emit`) as soon as it is done."""
+        for k in range(job.win.n):
+            of = self._composite_frame(job, k)
+            loop.call_soon_threadsafe(self._emit, of)
+
+    def _emit(self, of: OutputFrame) -> bool:
+        """Live: queue one output frame now (True); file mode: False (the caller awaits)."""
+        if of.generated:
+            self.stats.frames_generated += 1
+        else:
+            self.stats.passthrough[of.reason or "passthrough"] += 1
+        if self.cfg.live:
+            self.stats.dropped_output += self._force_put(self._out_q, of)
+            return True
+        return False
 
     async def _compose(self) -> None:
         loop = asyncio.get_running_loop()
@@ -498,17 +525,18 @@ class Session:
                     await self._out_q.put(_EOS)
                 return
             t0 = time.monotonic()
-            frames = await loop.run_in_executor(self._comp_pool, self._composite_frames, job)
-            job.timing.composite = time.monotonic() - t0
-            for of in frames:
-                if of.generated:
-                    self.stats.frames_generated += 1
-                else:
-                    self.stats.passthrough[of.reason or "passthrough"] += 1
-                if self.cfg.live:
-                    self.stats.dropped_output += self._force_put(self._out_q, of)
-                else:
-                    await self._out_q.put(of)
+            if self.cfg.live and job.result is not None:
+                # live: each frame is queued as soon as it is pasted, so the window's
+                # first frame (the one with the least time to spare) is not held back
+                # by the other six
+                await loop.run_in_executor(self._comp_pool, self._composite_live, job, loop)
+                job.timing.composite = time.monotonic() - t0
+            else:
+                frames = await loop.run_in_executor(self._comp_pool, self._composite_frames, job)
+                job.timing.composite = time.monotonic() - t0
+                for of in frames:
+                    if not self._emit(of):
+                        await self._out_q.put(of)
             job.timing.e2e = time.monotonic() - job.win.arrival
             self.stats.add_window(job.timing)
             judged = job.reason != "no_face"

@@ -45,7 +45,8 @@ import numpy as np
 from export.machine import RssSampler, machine_info
 from tccp.errors import TCCPError
 
-__all__ = ["BenchConfig", "PARTS", "parse_backend", "add_arguments", "main", "run_bench", "plot_bench"]
+__all__ = ["BenchConfig", "PARTS", "parse_backend", "add_arguments", "main", "run_bench", "plot_bench",
+           "run_live_bench"]
 
 PARTS = ("audio", "stage1", "ae_encode", "stage2", "ae_decode", "other", "composite")
 _NET_PARTS = {"stage1_condition": "stage1", "stage1_denoiser": "stage1", "ae_encoder": "ae_encode",
@@ -369,6 +370,89 @@ def _flops(pc: dict, cfg: BenchConfig, window: int) -> dict[str, Any] | None:
         return None
 
 
+# --------------------------------------------------------------------------- --live
+def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, seconds: float = 20.0,
+                   size: int = 512, device: str = "cpu", threads: int | None = None, delay_s: float | None = None,
+                   steps: int | None = None, log: Any = None) -> dict[str, Any]:
+    """`tccp bench --live`: replay a clip in real time through one live engine session
+    and its playout, in process (`streaming.live.replay`; no WebRTC, so no codec or
+    network time): the model is loaded and warmed first, as `tccp serve` does.
+
+    Reports the time to the first frame and the first generated frame sent (from the
+    first frame pushed), the generated share of the frames sent, per-frame latency
+    (arrival -> sent) percentiles, the A/V offset between the sent audio and video
+    (median audio delay minus median video delay) and the engine's own counters."""
+    import asyncio
+
+    import cv2
+
+    from engine.config import EngineConfig
+    from engine.model import SharedModel
+    from engine.runner import PipelineRunner
+    from streaming.live import TrackerPool, live_config, replay, warm_up
+    from streaming.server import set_threads
+    from tccp.media.io import read_audio, read_video, sample_paths
+
+    say = log or (lambda m: None)
+    nthreads = set_threads(threads)
+    path = Path(clip_path) if clip_path else sample_paths()[0]
+    video = read_video(path, fps=25.0, max_seconds=min(seconds, 30.0))
+    h, w = video.frames[0].shape[:2]
+    k = size / max(h, w)
+    tw, th = max(2, int(round(w * k / 2)) * 2), max(2, int(round(h * k / 2)) * 2)
+    frames = np.stack([cv2.resize(f, (tw, th), interpolation=cv2.INTER_AREA) for f in video.frames])
+    audio = read_audio(path, sr=16000, max_seconds=len(frames) / 25.0)
+    machine = machine_info(device)
+    say(f"loading {label}")
+    t0 = time.perf_counter()
+    model = SharedModel(PipelineRunner.from_pack(str(pack), device=device))
+    load_s = time.perf_counter() - t0
+    pool = TrackerPool(1)
+    try:
+        base = EngineConfig() if steps is None else EngineConfig(steps=steps)
+        cfg = live_config(model, base)
+        pool.wait_ready(60)
+        lent = pool.take()
+        say("warming up")
+        warm = warm_up(model, cfg, tracker=lent)
+        if lent is not None:
+            lent.close()
+        say(f"replaying {path.name} at {tw}x{th} for {seconds:g} s in real time")
+        result = asyncio.run(replay(model, frames, audio, cfg, seconds, delay_s=delay_s, window_s=warm.window_s,
+                                    tracker=pool.take()))
+    finally:
+        model.close()
+        pool.close()
+    return {
+        "mode": "live",
+        "model": label,
+        "random_weights": "RANDOM" in label,
+        "config": {"clip": path.name, "size": [tw, th], "seconds": seconds, "device": device,
+                   "steps": cfg.steps if cfg.steps is not None else int(getattr(model.runner, "default_steps", 4)),
+                   "threads": nthreads, "playout_delay_s": delay_s},
+        "machine": {**machine, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "load_s": round(load_s, 2),
+        "warm_up": {"seconds": round(warm.seconds, 2), "window_ms": None if warm.window_s is None
+                    else round(1000 * warm.window_s, 1), "windows": warm.windows},
+        "live": result,
+    }
+
+
+def _print_live(report: dict[str, Any]) -> None:
+    m, c, r = report["machine"], report["config"], report["live"]
+    load = m["load_average"][0] if m.get("load_average") else float("nan")
+    fmt = lambda v, spec=".0f": "-" if v is None else format(v, spec)  # noqa: E731
+    lat = r["frame_latency_ms"]
+    print(f"model {report['model']} | live replay of {c['clip']} {c['size'][0]}x{c['size'][1]} for {c['seconds']:g} s, "
+          f"{c['steps']} steps, {c['device']}, {c['threads']} thread(s) | {m['cpu']} ({m['cpus_usable']} cpus, load "
+          f"{load:.1f})")
+    print(f"  first frame {fmt(r['first_frame_ms'])} ms, first generated {fmt(r['first_generated_ms'])} ms | "
+          f"generated {100 * r['generated_share']:.0f}% of {r['frames_sent']} frames sent | latency p50 "
+          f"{fmt(lat['p50'])} p90 {fmt(lat['p90'])} p99 {fmt(lat['p99'])} ms | A/V offset "
+          f"{fmt(r['av_offset_ms'], '+.0f')} ms | playout delay {fmt(r['playout_delay_ms']['start'])} -> "
+          f"{fmt(r['playout_delay_ms']['end'])} ms | warm-up {report['warm_up']['seconds']:.1f} s")
+
+
 # --------------------------------------------------------------------------- plot
 def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Per-window latency distribution per backend, and the per-part breakdown as
@@ -451,6 +535,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: CUDA graphs (cuda only)")
     p.add_argument("--json", metavar="OUT.json", required=False, help="write the report here")
     p.add_argument("--plot", metavar="OUT.png", help="latency distribution + per-part breakdown per backend")
+    p.add_argument("--live", action="store_true",
+                   help="instead: replay --clip in real time through a live session and its playout "
+                        "(first frame, first generated frame, generated share, latency, A/V offset)")
+    p.add_argument("--seconds", type=float, default=20.0, help="--live: how long to replay (default 20)")
+    p.add_argument("--size", type=int, default=512, help="--live: longest side of the replayed video (default 512)")
+    p.add_argument("--playout-delay", type=float, default=None, metavar="S",
+                   help="--live: playout delay at the start (default: from the warm-up, as tccp serve)")
     p.add_argument("--steps-sweep", action="store_true",
                    help="instead: quality vs stage-2 steps study (export/steps_study.py)")
     p.add_argument("--prepared", metavar="DIR", default="data_prepared",
@@ -477,6 +568,8 @@ def main(args: argparse.Namespace) -> int:
         from export.steps_study import study_from_args
 
         return study_from_args(args)
+    if getattr(args, "live", False):
+        return _live_main(args, json_out, console)
     for name, v in (("--streams", args.streams), ("--windows", args.windows), ("--repeat", args.repeat),
                     ("--threads", args.threads)):
         if v is not None and v < 1:
@@ -508,6 +601,37 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot_bench(report, args.plot)
     _print(report)
+    return 0
+
+
+def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
+    import json
+    import tempfile
+
+    from export.packs import resolve_pack
+    from tccp.io_utils import atomic_path
+
+    if not 1.0 <= args.seconds <= 3600:
+        raise TCCPError(f"--seconds {args.seconds}: must be between 1 and 3600")
+    if not 64 <= args.size <= 4096:
+        raise TCCPError(f"--size {args.size}: must be between 64 and 4096")
+    if args.threads is not None and args.threads < 1:
+        raise TCCPError(f"--threads {args.threads}: must be at least 1")
+    if args.playout_delay is not None and not 0.05 <= args.playout_delay <= 10:
+        raise TCCPError(f"--playout-delay {args.playout_delay}: must be between 0.05 and 10 seconds")
+    if args.clip and not Path(args.clip).is_file():
+        raise TCCPError(f"{args.clip}: no such file")
+    if args.steps is not None and args.steps < 0:
+        raise TCCPError(f"--steps {args.steps}: must be at least 0")
+    with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
+        pack, label = resolve_pack(args.model, args.config, scratch)
+        if args.config:
+            console.print(f"[bold red]benchmarking RANDOM WEIGHTS of config {args.config!r} (speed only)[/]")
+        report = run_live_bench(pack, label, args.clip, args.seconds, args.size, args.device, args.threads,
+                                args.playout_delay, args.steps, log=lambda m: console.print(m))
+    with atomic_path(Path(args.json)) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    _print_live(report)
     return 0
 
 

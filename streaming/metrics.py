@@ -40,9 +40,31 @@ class ServerMetrics:
         self.frames_out = Counter(
             "tccp_frames_out", "Video frames sent back", ["generated"], registry=r
         )
+        self.frames_late = Counter(
+            "tccp_frames_late", "Generated frames that missed their playout slot (the original went out)",
+            registry=r,
+        )
+        self.session_errors = Counter(
+            "tccp_session_errors", "Engine sessions that failed mid-call (the call went on with its own frames)",
+            registry=r,
+        )
+        self.peer_generated = Gauge(
+            "tccp_session_generated_ratio", "Share of the frames sent to a call that were generated (per open call)",
+            ["peer"], registry=r,
+        )
+        self.peer_delay = Gauge(
+            "tccp_session_playout_delay_seconds", "Playout delay of an open call (its video and audio)",
+            ["peer"], registry=r,
+        )
+        self.warmup_seconds = Gauge(
+            "tccp_warmup_seconds", "Model warm-up at server start (wall time)", registry=r,
+        )
+        self.model_window_seconds = Gauge(
+            "tccp_model_window_seconds", "Per-window work of a warm window measured at server start", registry=r,
+        )
         self.frame_latency = Histogram(
             "tccp_frame_latency_seconds",
-            "Server latency per output frame: arrival of its input frame -> handed to the encoder",
+            "Server latency per output frame: arrival of its input frame -> handed to the encoder (the playout delay)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.window_latency = Histogram(

@@ -1,18 +1,22 @@
 """One WebRTC peer glued to one engine session.
 
-Incoming video -> 25 fps grid -> `Session.push_video`; incoming audio -> 16 kHz mono ->
-`Session.push_audio`; an outgoing video track pulls `Session.get()`. The peer also owns
-its lifetime: it closes itself (session first, then transport) when the connection
-fails or closes, when no media has arrived for `media_timeout_s` (a browser tab that
-vanished without a BYE keeps ICE "connected" for tens of seconds), or when ICE never
-connects at all. Every exit path goes through `close()`, which is idempotent and
-bounded in time, so a slot is always given back.
+Incoming video -> 25 fps grid -> `Session.push_video` and the call's `Playout`;
+incoming audio -> 16 kHz mono -> `Session.push_audio`, and 48 kHz mono -> the call's
+`AudioDelayLine`. The outgoing video track sends the playout's slots on time: the
+edited frame where the session finished it in time, the caller's own frame otherwise,
+so a call never falls silent, whatever the model does (even when the session failed).
+The outgoing audio track plays the caller's audio delayed exactly as the video
+(`streaming.playout`). The peer also owns its lifetime: it closes itself (session
+first, then transport) when the connection fails or closes, when no media has arrived
+for `media_timeout_s` (a browser tab that vanished without a BYE keeps ICE
+"connected" for tens of seconds), or when ICE never connects at all. Every exit path
+goes through `close()`, which is idempotent and bounded in time, so a slot is always
+given back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import logging
@@ -26,16 +30,21 @@ from typing import Any, Callable
 import numpy as np
 
 from streaming.metrics import ServerMetrics, WindowFeed
-from streaming.protocol import OutputFrameLike, SessionLike
-from streaming.resample import (
-    AudioTo16k, FrameGrid, PlayoutPacer, TrackClock, media_seconds, video_frame_to_rgb,
-)
+from streaming.playout import AudioDelayLine, DelayedAudioReader, Playout, Slot, auto_delay
+from streaming.protocol import SessionLike
+from streaming.resample import AudioTo16k, FrameGrid, TrackClock, audio_frame_to_mono, media_seconds, video_frame_to_rgb
 
-__all__ = ["PeerLimits", "Peer", "EditedVideoTrack"]
+__all__ = ["PeerLimits", "Peer", "EditedVideoTrack", "DelayedAudioTrack"]
 
 log = logging.getLogger("tccp.serve")
 
 VIDEO_TIME_BASE = Fraction(1, 90000)
+AUDIO_RECEIVE_LEAD_S = 0.04
+"""aiortc's receiver hands out audio ~4 packets (80 ms) after they arrive (its jitter
+buffer's prefetch) and video one frame interval (~40 ms) after, when the next frame
+starts; both tracks are anchored at the arrival of their first decoded frame, so the
+audio's clock is moved back by the difference to keep the caller's sound and picture
+on one clock (for the model's lip sync and for the audio sent back)."""
 
 
 @dataclass
@@ -53,11 +62,19 @@ class PeerLimits:
     stats_interval_s: float = 0.25
     """How often the 'stats' data channel gets a JSON update for the page."""
     audio_back: bool = True
-    """Send the browser's own audio back (undelayed) so a recording of the tab has sound."""
-    pace: bool = True
-    """Send output frames at their pts spacing (see resample.PlayoutPacer), not in bursts."""
-    out_buffer: int = 64
-    """Output frames waiting for the encoder; beyond this the oldest are dropped."""
+    """Send the browser's own audio back, delayed as the video, so sound and picture
+    stay together (and a recording of the tab has sound)."""
+    delay_s: float | None = None
+    """Playout delay at the start of a call (None: from `window_s`, see
+    `playout.auto_delay`)."""
+    window_s: float | None = None
+    """The model's per-window time measured at server start (sets the auto delay)."""
+    min_delay_s: float = 0.2
+    max_delay_s: float = 1.0
+    """The playout delay adapts within these bounds; an edited frame later than the
+    delay allows is replaced by the original."""
+    new_frames: int = 7
+    """Frames per engine window (the auto delay waits for a whole window)."""
 
 
 class _Rate:
@@ -80,35 +97,6 @@ class _Rate:
         return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
 
 
-class _Arrivals:
-    """Arrival time of each pushed grid frame, looked up by the output frame's pts.
-
-    Nearest match within half a frame, so an engine that re-grids its timestamps by a
-    rounding error still gets its latency measured. Bounded: old entries fall off.
-    """
-
-    def __init__(self, tolerance_s: float, keep: int = 512) -> None:
-        self.tol = tolerance_s
-        self.keep = keep
-        self.pts: list[float] = []
-        self.at: list[float] = []
-
-    def add(self, pts: float, arrival: float) -> None:
-        self.pts.append(pts)
-        self.at.append(arrival)
-        if len(self.pts) > 2 * self.keep:
-            del self.pts[: self.keep], self.at[: self.keep]
-
-    def find(self, pts: float) -> float | None:
-        i = bisect.bisect_left(self.pts, pts)
-        best = None
-        for j in (i - 1, i):
-            if 0 <= j < len(self.pts) and abs(self.pts[j] - pts) <= self.tol:
-                if best is None or abs(self.pts[j] - pts) < abs(self.pts[best] - pts):
-                    best = j
-        return None if best is None else self.at[best]
-
-
 def _track_classes():
     from aiortc import MediaStreamTrack
     from aiortc.mediastreams import MediaStreamError
@@ -117,7 +105,7 @@ def _track_classes():
 
 
 def EditedVideoTrack(peer: "Peer"):  # noqa: N802 - a class factory (aiortc imported lazily)
-    """The outgoing video track: each `recv()` is the session's next output frame."""
+    """The outgoing video track: each `recv()` is the playout's next slot, on time."""
     import av
 
     MediaStreamTrack, MediaStreamError = _track_classes()
@@ -132,16 +120,17 @@ def EditedVideoTrack(peer: "Peer"):  # noqa: N802 - a class factory (aiortc impo
         async def recv(self):
             if self.readyState != "live":
                 raise MediaStreamError
-            out, ready = await peer.next_ready()
-            if out is None:
+            slot = await peer.playout.next()
+            if slot is None:
                 self.stop()
                 raise MediaStreamError
-            wait = peer.pacer.delay(float(out.pts), ready) if peer.pacer is not None else 0.0
-            if wait > 0:
-                await asyncio.sleep(wait)
-            peer.record_sent(out)
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(out.frame), format="rgb24")
-            pts = int(round(float(out.pts) / VIDEO_TIME_BASE))
+            now = time.monotonic()
+            if not slot.repeat:
+                peer.record_sent(slot)
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(slot.frame), format="rgb24")
+            # timestamps follow the sending clock, as the audio track's do, so a
+            # receiver that syncs the two by their RTCP sender reports keeps them together
+            pts = int(round((now - peer.origin) / VIDEO_TIME_BASE))
             if pts <= self._last_pts:  # the encoder needs strictly increasing pts
                 pts = self._last_pts + 1
             self._last_pts = pts
@@ -150,6 +139,46 @@ def EditedVideoTrack(peer: "Peer"):  # noqa: N802 - a class factory (aiortc impo
             return vf
 
     return _EditedVideoTrack()
+
+
+def DelayedAudioTrack(peer: "Peer"):  # noqa: N802
+    """The outgoing audio track: the caller's audio, delayed as the video (20 ms frames
+    of 48 kHz mono, paced in real time, timestamps always increasing)."""
+    import av
+
+    MediaStreamTrack, MediaStreamError = _track_classes()
+    rate = peer.audio_line.sr
+
+    class _DelayedAudioTrack(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._reader = DelayedAudioReader(peer.audio_line, peer.origin, lambda: peer.playout.delay)
+            self._start: float | None = None
+            self._k = 0
+
+        async def recv(self):
+            if self.readyState != "live" or peer.closing:
+                raise MediaStreamError
+            if self._start is None:
+                self._start = time.monotonic()
+            due = self._start + self._k * self._reader.frame_s
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.2:  # the loop stalled: do not send a burst to catch up
+                self._start -= wait
+            samples, _ = self._reader.read(time.monotonic())
+            pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = self._k * self._reader.n
+            frame.time_base = Fraction(1, rate)
+            self._k += 1
+            return frame
+
+    return _DelayedAudioTrack()
 
 
 class Peer:
@@ -163,8 +192,6 @@ class Peer:
         metrics: ServerMetrics,
         on_closed: Callable[["Peer", str], None] | None = None,
     ) -> None:
-        from aiortc.contrib.media import MediaRelay
-
         self.id = uuid.uuid4().hex[:8]
         self.pc = pc
         self.session = session
@@ -176,10 +203,14 @@ class Peer:
         self.connected_at: float | None = None
         self.close_reason: str | None = None
         self.closed = asyncio.Event()
-        self._closing = False
+        self.closing = False
         self._tasks: set[asyncio.Task] = set()
-        self._relay = MediaRelay()
-        self._arrivals = _Arrivals(0.5 / limits.fps)
+        delay = limits.delay_s if limits.delay_s is not None else auto_delay(
+            limits.window_s, limits.new_frames, limits.fps, hi=min(0.9, limits.max_delay_s))
+        self.playout = Playout(self.origin, delay_s=delay, min_delay_s=limits.min_delay_s,
+                               max_delay_s=limits.max_delay_s, fps=limits.fps)
+        self.audio_line = AudioDelayLine(48000, keep_s=limits.max_delay_s + 2.0)
+        self._bind_controller()
         self._feed = WindowFeed(metrics)
         self._rate_in = _Rate()
         self._rate_out = _Rate()
@@ -187,19 +218,29 @@ class Peer:
         self._last_stats_sent = 0.0
         self._channel: Any = None
         self._size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
         self.frames_in = 0
         self.frames_out = 0
         self.audio_samples = 0
         self.has_video = False
         self.has_audio = False
-        self.pacer = PlayoutPacer() if limits.pace else None
-        self._ready: deque[tuple[OutputFrameLike | None, float]] = deque()
-        self._ready_event = asyncio.Event()
-        self.dropped_out = 0
+        self.session_error: str | None = None
+        """Set when the engine session failed: the call goes on with the caller's own frames."""
         self.outgoing = EditedVideoTrack(self)
+        self.outgoing_audio = DelayedAudioTrack(self) if limits.audio_back else None
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_state)
+
+    def _bind_controller(self) -> None:
+        """Give the session's live controller the playout's slack: a window may take
+        until its first frame's slot (delay minus the window's own span)."""
+        from streaming.live import LiveController
+
+        ctl = getattr(self.session, "controller", None)
+        if isinstance(ctl, LiveController):
+            span = (self.limits.new_frames - 1) / self.limits.fps
+            ctl.set_slack(lambda: self.playout.delay - span)
 
     # ------------------------------------------------------------------ wiring
     def start(self) -> None:
@@ -222,9 +263,8 @@ class Peer:
             self._spawn(self._consume_video(track), "video-in")
         elif track.kind == "audio" and not self.has_audio:
             self.has_audio = True
-            if self.limits.audio_back:
-                self.pc.addTrack(self._relay.subscribe(track))
-                track = self._relay.subscribe(track)
+            if self.outgoing_audio is not None:
+                self.pc.addTrack(self.outgoing_audio)
             self._spawn(self._consume_audio(track), "audio-in")
         else:
             # a second camera/mic: read and discard, or aiortc queues its frames forever
@@ -249,29 +289,41 @@ class Peer:
         clock = TrackClock(self.origin)
         grid = FrameGrid(self.limits.fps)
         counter = self.metrics.frames_in.labels("video")
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            self.last_media = now
+            slots = grid.push(clock(media_seconds(frame), now))
+            if not slots:
+                continue
+            img = self._to_rgb(frame)
+            for t in slots:
+                self.playout.add_input(t, img, now)
+                self.frames_in += 1
+                self._rate_in.tick(now)
+                counter.inc()
+                await self._push(self.session.push_video, img, t)
+
+    async def _push(self, method, data, t: float) -> None:
+        """Hand media to the session; a failed session ends the editing, not the call."""
+        if self.session_error is not None:
+            return
         try:
-            while True:
-                try:
-                    frame = await track.recv()
-                except MediaStreamError:
-                    return
-                now = time.monotonic()
-                self.last_media = now
-                slots = grid.push(clock(media_seconds(frame), now))
-                if not slots:
-                    continue
-                img = self._to_rgb(frame)
-                for t in slots:
-                    self._arrivals.add(t, now)
-                    await self.session.push_video(img, t)
-                    self.frames_in += 1
-                    self._rate_in.tick(now)
-                    counter.inc()
+            await method(data, t)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # an engine failure ends this peer, not the server
-            log.exception("peer %s: video input failed", self.id)
-            self._spawn(self.close(f"error: {exc}"), "close")
+        except Exception as exc:
+            self._session_failed(exc)
+
+    def _session_failed(self, exc: BaseException) -> None:
+        if self.session_error is None:
+            self.session_error = f"{type(exc).__name__}: {exc}"
+            log.warning("peer %s: engine session failed (%s); sending the caller's own frames", self.id,
+                        self.session_error)
+            self.metrics.session_errors.inc()
 
     @staticmethod
     async def _discard(track) -> None:
@@ -283,8 +335,11 @@ class Peer:
     def _to_rgb(self, frame) -> np.ndarray:
         """RGB at one fixed size per peer (a resolution change mid-call is scaled back)."""
         if self._size is None:
+            self.input_size = (frame.width, frame.height)
             img = video_frame_to_rgb(frame, self.limits.max_side)
             self._size = (img.shape[1], img.shape[0])
+            if self._size != self.input_size:
+                log.info("peer %s: camera sends %dx%d; scaled to %dx%d", self.id, *self.input_size, *self._size)
             return img
         w, h = self._size
         if (frame.width, frame.height) == (w, h):
@@ -297,112 +352,105 @@ class Peer:
         to16k = AudioTo16k()
         counter = self.metrics.frames_in.labels("audio")
         next_t: float | None = None
-        try:
-            while True:
-                try:
-                    frame = await track.recv()
-                except MediaStreamError:
-                    return
-                now = time.monotonic()
-                self.last_media = now
-                counter.inc()
-                t = clock(media_seconds(frame), now)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            self.last_media = now
+            counter.inc()
+            t = clock(media_seconds(frame), now) - AUDIO_RECEIVE_LEAD_S
+            try:
+                mono, rate = audio_frame_to_mono(frame)
+                if self.outgoing_audio is not None and mono.size:
+                    self.audio_line.push(mono if rate == self.audio_line.sr else
+                                         _resample(mono, rate, self.audio_line.sr), t)
                 samples = to16k(frame)
-                if samples.size == 0:
-                    continue
-                # the resampler may hold samples back; contiguous blocks keep their
-                # own running clock unless the stream jumped
-                if next_t is None or abs(t - next_t) > 0.1:
-                    next_t = t
-                await self.session.push_audio(samples, next_t)
-                next_t += samples.size / to16k.rate
-                self.audio_samples += samples.size
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("peer %s: audio input failed", self.id)
-            self._spawn(self.close(f"error: {exc}"), "close")
+            except Exception as exc:  # an undecodable frame: skip it, keep the call
+                log.info("peer %s: audio frame skipped: %r", self.id, exc)
+                continue
+            if samples.size == 0:
+                continue
+            # the resampler may hold samples back; contiguous blocks keep their
+            # own running clock unless the stream jumped
+            if next_t is None or abs(t - next_t) > 0.1:
+                next_t = t
+            await self._push(self.session.push_audio, samples, next_t)
+            next_t += samples.size / to16k.rate
+            self.audio_samples += samples.size
 
     # ------------------------------------------------------------------ media out
-    async def next_output(self) -> OutputFrameLike | None:
-        """Next edited frame for the outgoing track (None: the session is over)."""
-        if self._closing:
-            return None
-        try:
-            out = await self.session.get()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not self._closing:
-                log.warning("peer %s: session output ended: %s", self.id, exc)
-            return None
-        return out
-
     async def _read_output(self) -> None:
-        """Take frames from the session as soon as they exist, stamped with that time,
-        so the pacer knows how early each one was ready (see PlayoutPacer)."""
-        while True:
-            out = await self.next_output()
-            self._push_ready(out)
+        """Engine frames go to the playout as soon as they exist (in time: they replace
+        the originals; late: dropped and counted)."""
+        while not self.closing:
+            try:
+                out = await self.session.get()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._session_failed(exc)
+                return
             if out is None:
                 return
+            if not self.playout.add_output(out, time.monotonic()) and out.generated:
+                self.metrics.frames_late.inc()
 
-    def _push_ready(self, out: OutputFrameLike | None) -> None:
-        self._ready.append((out, time.monotonic()))
-        while len(self._ready) > self.limits.out_buffer:  # the encoder stalled: drop oldest
-            self._ready.popleft()
-            self.dropped_out += 1
-        self._ready_event.set()
-
-    async def next_ready(self) -> tuple[OutputFrameLike | None, float]:
-        """The next output frame and when it became ready ((None, t): no more)."""
-        while not self._ready:
-            self._ready_event.clear()
-            await self._ready_event.wait()
-        return self._ready.popleft()
-
-    def record_sent(self, out: OutputFrameLike) -> None:
-        """Count a frame handed to the encoder (after pacing) and measure its latency."""
+    def record_sent(self, slot: Slot) -> None:
+        """Count a frame handed to the encoder and measure its latency."""
         now = time.monotonic()
         self.frames_out += 1
         self._rate_out.tick(now)
-        self.metrics.frames_out.labels("true" if out.generated else "false").inc()
-        arrival = self._arrivals.find(float(out.pts))
-        if arrival is not None:
-            self._latency.append(now - arrival)
-            self.metrics.frame_latency.observe(now - arrival)
+        self.metrics.frames_out.labels("true" if slot.generated else "false").inc()
+        latency = now - slot.arrived
+        self._latency.append(latency)
+        self.metrics.frame_latency.observe(latency)
         if now - self._last_stats_sent >= self.limits.stats_interval_s:
             self._last_stats_sent = now
             self._feed.poll(self.session.stats)
-            self._send_stats(out, now)
+            self.metrics.peer_generated.labels(self.id).set(self.playout.generated_share)
+            self.metrics.peer_delay.labels(self.id).set(self.playout.delay)
+            self._send_stats(slot, now)
 
-    def _send_stats(self, out: OutputFrameLike, now: float) -> None:
-        ch = self._channel
-        if ch is None or ch.readyState != "open":
-            return
+    def stats(self) -> dict[str, Any]:
+        """What the page shows (also sent over the 'stats' data channel)."""
+        now = time.monotonic()
         lat = sorted(self._latency)
         windows = getattr(self.session.stats, "windows", None)
         last_window = windows[-1] if windows else None
-        msg = {
+        p = self.playout
+        return {
             "type": "stats",
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
+            "frames_generated": p.sent_generated,
+            "generated_share": round(p.generated_share, 3),
+            "late": p.late,
+            "playout_delay_ms": round(1000 * p.delay, 1),
             "fps_in": round(self._rate_in.rate(now), 2),
             "fps_out": round(self._rate_out.rate(now), 2),
             "server_latency_ms": round(1000 * lat[len(lat) // 2], 1) if lat else None,
             "window_e2e_ms": round(1000 * float(last_window.e2e), 1) if last_window else None,
             "window_steps": getattr(last_window, "steps", None),
-            "generated": bool(out.generated),
-            "reason": out.reason,
-            "pts": round(float(out.pts), 3),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "size": list(self._size) if self._size else None,
+            "engine_error": self.session_error,
         }
+
+    def _send_stats(self, slot: Slot, now: float) -> None:
+        ch = self._channel
+        if ch is None or ch.readyState != "open":
+            return
+        msg = self.stats()
+        msg.update(generated=bool(slot.generated), reason=slot.reason, pts=round(float(slot.pts), 3))
         with contextlib.suppress(Exception):
             ch.send(json.dumps(msg))
 
     # ------------------------------------------------------------------ lifetime
     async def _watchdog(self) -> None:
         lim = self.limits
-        while not self._closing:
+        while not self.closing:
             await asyncio.sleep(lim.watchdog_interval_s)
             now = time.monotonic()
             if self.connected_at is None:
@@ -416,21 +464,26 @@ class Peer:
 
     async def close(self, reason: str) -> None:
         """Tear down session and transport (idempotent, each step time-bounded)."""
-        if self._closing:
+        if self.closing:
             await self.closed.wait()
             return
-        self._closing = True
+        self.closing = True
         self.close_reason = reason
         log.info("peer %s: closing (%s)", self.id, reason)
         with contextlib.suppress(Exception):
             self._feed.poll(self.session.stats)
+        for gauge in (self.metrics.peer_generated, self.metrics.peer_delay):
+            with contextlib.suppress(Exception):
+                gauge.remove(self.id)
         me = asyncio.current_task()
         for task in list(self._tasks):
             if task is not me:
                 task.cancel()
-        with contextlib.suppress(Exception):
-            self.outgoing.stop()
-        self._push_ready(None)  # wake a waiting recv()
+        self.playout.close()  # wakes a waiting recv()
+        for track in (self.outgoing, self.outgoing_audio):
+            with contextlib.suppress(Exception):
+                if track is not None:
+                    track.stop()
         t = self.limits.close_timeout_s
         abort = getattr(self.session, "abort", None)
         try:
@@ -458,5 +511,36 @@ class Peer:
             "age_s": round(now - self.origin, 2),
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
+            "generated_share": round(self.playout.generated_share, 3),
             "fps_out": round(self._rate_out.rate(now), 2),
+            "playout": {"delay_ms": round(1000 * self.playout.delay, 1), "late": self.playout.late,
+                        "skipped": self.playout.skipped, "repeats": self.playout.repeats,
+                        "originals": dict(self.playout.reasons)},
+            "engine": _engine_info(self.session),
         }
+
+
+def _engine_info(session: Any) -> dict[str, Any]:
+    """A short view of the session's engine counters and window timings (ms, p50)."""
+    st = getattr(session, "stats", None)
+    out: dict[str, Any] = {}
+    if st is None:
+        return out
+    with contextlib.suppress(Exception):
+        out.update(windows=st.windows_total, generated=st.frames_generated, passthrough=dict(st.passthrough),
+                   dropped_input=st.dropped_input, error=st.error)
+        for name in ("queue_wait", "features", "stage2", "composite", "e2e"):
+            vals = [getattr(w, name) for w in list(st.windows)[-50:] if w.mode != "passthrough"]
+            out[f"{name}_ms"] = round(1000 * float(np.median(vals)), 1) if vals else None
+    ctl = getattr(session, "controller", None)
+    if ctl is not None:
+        out["skipped"] = getattr(ctl, "skipped", None)
+        out["detail"] = getattr(ctl, "_detail", None)
+    return out
+
+
+def _resample(x: np.ndarray, rate: int, to: int) -> np.ndarray:
+    n = int(round(x.size * to / rate))
+    if n <= 0:
+        return np.zeros(0, np.float32)
+    return np.interp(np.arange(n) * (rate / to), np.arange(x.size), x).astype(np.float32)

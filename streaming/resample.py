@@ -16,23 +16,28 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["TrackClock", "FrameGrid", "AudioTo16k", "PlayoutPacer", "video_frame_to_rgb"]
+__all__ = ["TrackClock", "FrameGrid", "AudioTo16k", "video_frame_to_rgb", "audio_frame_to_mono"]
 
 
 class TrackClock:
     """Maps one track's media timestamps onto a shared session clock (seconds).
 
     The first frame is anchored at its arrival (`now - origin`); later frames keep their
-    spacing from the stream. If the stream's time drifts more than `resync_s` away from
-    arrival time (a sender restart, a timestamp wrap, a long stall) it is re-anchored,
-    so one bad jump cannot push the track seconds away from the other one.
+    spacing from the stream. The result never goes back: a stream whose timestamps
+    restart (a looping file player, a sender restart) or go back by any amount is
+    re-anchored at once, at its arrival but after the last time given. If the stream's
+    time drifts more than `resync_s` away from arrival time (a forward jump, a wrap, a
+    long stall) it is re-anchored too, so one bad jump cannot push the track seconds
+    away from the other one.
     """
 
-    def __init__(self, origin: float, resync_s: float = 1.0, now=time.monotonic) -> None:
+    def __init__(self, origin: float, resync_s: float = 1.0, now=time.monotonic, back_tolerance_s: float = 0.002) -> None:
         self.origin = origin
         self.resync_s = resync_s
+        self.back_tolerance_s = back_tolerance_s
         self._now = now
         self._offset: float | None = None
+        self._last: float | None = None
         self.resyncs = 0
 
     def __call__(self, media_seconds: float, arrival: float | None = None) -> float:
@@ -41,10 +46,15 @@ class TrackClock:
             self._offset = arrival_s - media_seconds
         else:
             t = media_seconds + self._offset
-            if abs(t - arrival_s) > self.resync_s:
+            back = self._last is not None and t < self._last - self.back_tolerance_s
+            if back or abs(t - arrival_s) > self.resync_s:
                 self._offset = arrival_s - media_seconds
+                if self._last is not None and media_seconds + self._offset <= self._last:
+                    self._offset = self._last + 1e-3 - media_seconds
                 self.resyncs += 1
-        return media_seconds + self._offset
+        t = media_seconds + self._offset
+        self._last = t if self._last is None else max(self._last, t)
+        return t
 
 
 class FrameGrid:
@@ -114,6 +124,26 @@ class AudioTo16k:
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
+def audio_frame_to_mono(frame) -> tuple[np.ndarray, int]:
+    """`av.AudioFrame` (any sample format and layout) -> (mono float32 in [-1, 1], rate).
+
+    Channels are averaged (see AudioTo16k); the rate is kept (Opus: 48 kHz)."""
+    arr = frame.to_ndarray()
+    channels = max(1, len(frame.layout.channels))
+    if frame.format.is_planar:
+        x = arr.reshape(channels, -1).astype(np.float32).mean(axis=0)
+    else:
+        x = arr.reshape(-1, channels).astype(np.float32).mean(axis=1)
+    kind = arr.dtype
+    if kind == np.int16:
+        x /= 32768.0
+    elif kind == np.int32:
+        x /= 2147483648.0
+    elif kind == np.uint8:
+        x = (x - 128.0) / 128.0
+    return x.astype(np.float32, copy=False), int(frame.sample_rate)
+
+
 def media_seconds(frame) -> float:
     """A frame's pts in seconds (0 when the frame carries none)."""
     if frame.pts is None or frame.time_base is None:
@@ -133,53 +163,3 @@ def video_frame_to_rgb(frame, max_side: int | None = None) -> np.ndarray:
         w, h = max(2, int(round(w * s / 2)) * 2), max(2, int(round(h * s / 2)) * 2)
         return frame.to_ndarray(format="rgb24", width=w, height=h)
     return frame.to_ndarray(format="rgb24")
-
-
-class PlayoutPacer:
-    """Releases output frames at their pts spacing instead of in window-sized bursts.
-
-    The engine finishes a whole window (7 frames) at once; sent as they come, the
-    browser gets a burst every 280 ms and plays it jerkily or grows its jitter buffer.
-    Frame `pts` is released at `pts + offset`. A late frame moves the playout point
-    later at once (never show frames late twice). Every `relax_s`, if every frame had
-    been available before its release time, the offset shrinks by half the smallest
-    such margin, so a past stall does not keep latency high forever. A pts jump over
-    `max_wait_s` (a gap in the input) re-anchors instead of waiting.
-    """
-
-    def __init__(self, max_wait_s: float = 1.0, relax_s: float = 2.0, now=time.monotonic) -> None:
-        self.max_wait_s = max_wait_s
-        self.relax_s = relax_s
-        self._now = now
-        self.offset: float | None = None
-        self._margin = math.inf
-        self._since = 0.0
-
-    def delay(self, pts: float, available: float | None = None) -> float:
-        """Seconds to wait before sending the frame shown at `pts` (0: send now).
-
-        `available`: when the frame became ready (default now); frames that sat in a
-        queue tell the pacer how much earlier they could have been shown.
-        """
-        now = self._now()
-        ready = now if available is None else min(available, now)
-        if self.offset is None:
-            self.offset, self._since = ready - pts, now
-        due = pts + self.offset
-        if ready > due:  # it arrived after its slot: the playout point moves later
-            self.offset = ready - pts
-            self._margin, self._since = 0.0, now
-            due = ready
-        elif due - now > self.max_wait_s:  # a jump in pts: start over from here
-            self.offset = now - pts
-            self._margin, self._since = 0.0, now
-            return 0.0
-        # a frame that was ready but is sent late (the sender fell behind) changes nothing
-        wait = due - now
-        self._margin = min(self._margin, due - ready)
-        if now - self._since >= self.relax_s:
-            if math.isfinite(self._margin) and self._margin > 0.005:
-                self.offset -= 0.5 * self._margin
-                wait -= 0.5 * self._margin
-            self._margin, self._since = math.inf, now
-        return max(0.0, wait)

@@ -28,6 +28,7 @@ from tccp.errors import TCCPError
 __all__ = [
     "ServerConfig", "ServerState", "state_of", "create_app", "start_server", "serve",
     "add_arguments", "main", "STATIC_DIR", "limit_malloc_arenas", "freeze_startup_objects", "trim_heap",
+    "set_threads", "ModelSessions",
 ]
 
 log = logging.getLogger("tccp.serve")
@@ -56,6 +57,14 @@ class ServerConfig:
     """Folders whose avatars the page may pick (None: ./avatars, ~/.tccp/avatars)."""
     default_avatar: str | None = None
     """The avatar of sessions whose offer names none (`--avatar`), for GET /avatars."""
+    delay_s: float | None = None
+    """Playout delay of a call at its start (None: from `window_s`; see streaming/playout.py)."""
+    max_delay_s: float = 1.0
+    """The playout delay never grows past this; later edited frames are replaced by originals."""
+    window_s: float | None = None
+    """The model's per-window time measured at start-up (`streaming.live.warm_up`)."""
+    warmup_s: float | None = None
+    """How long the start-up warm-up took (shown in /healthz)."""
 
 
 @dataclass
@@ -163,16 +172,19 @@ async def _healthz(request):
     from aiohttp import web
 
     st: ServerState = state_of(request.app)
-    return web.json_response(
-        {
-            "status": "ok",
-            "sessions": st.active,
-            "max_sessions": st.config.max_sessions,
-            "sessions_kind": st.config.label,
-            "uptime_s": round(time.monotonic() - st.started, 1),
-            "memory_passes": st.memory_passes,
-        }
-    )
+    body = {
+        "status": "ok",
+        "sessions": st.active,
+        "max_sessions": st.config.max_sessions,
+        "sessions_kind": st.config.label,
+        "uptime_s": round(time.monotonic() - st.started, 1),
+        "memory_passes": st.memory_passes,
+        "warmup_s": None if st.config.warmup_s is None else round(st.config.warmup_s, 2),
+        "model_window_ms": None if st.config.window_s is None else round(1000 * st.config.window_s, 1),
+    }
+    if _token_ok(request, st.config.token):  # per-call details only for those who may see /metrics
+        body["calls"] = [p.info() for p in st.peers.values()]
+    return web.json_response(body)
 
 
 async def _metrics(request):
@@ -276,7 +288,9 @@ async def _offer(request):
         pc = RTCPeerConnection()
         limits = PeerLimits(
             media_timeout_s=cfg.media_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-            max_side=cfg.max_side, audio_back=cfg.audio_back,
+            max_side=cfg.max_side, audio_back=cfg.audio_back, delay_s=cfg.delay_s,
+            max_delay_s=cfg.max_delay_s, window_s=cfg.window_s,
+            new_frames=int(getattr(getattr(session, "cfg", None), "new_frames", 7)),
         )
         peer = Peer(pc, session, limits, st.metrics, on_closed=lambda p, why: _closed(st, p, why))
         try:
@@ -420,6 +434,10 @@ def create_app(config: ServerConfig, session_factory) -> "Any":
     app = web.Application(middlewares=[guard], client_max_size=config.max_body)
     metrics = ServerMetrics()
     metrics.sessions_max.set(config.max_sessions)
+    if config.warmup_s is not None:
+        metrics.warmup_seconds.set(config.warmup_s)
+    if config.window_s is not None:
+        metrics.model_window_seconds.set(config.window_s)
     app[_key()] = ServerState(config=config, session_factory=session_factory, metrics=metrics)
     app.router.add_get("/", _index)
     app.router.add_get("/index.html", _index)
@@ -494,6 +512,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated: lips from the audio (default); tracked: lips follow the camera")
     p.add_argument("--media-timeout", type=float, default=5.0,
                    help="close a peer after this many seconds without incoming media (default 5)")
+    p.add_argument("--playout-delay", type=float, default=None, metavar="S",
+                   help="how far the returned video and audio run behind the call at its start (default: "
+                        "from the model's speed measured at start-up; it adapts up to --max-delay)")
+    p.add_argument("--max-delay", type=float, default=1.0, metavar="S",
+                   help="the playout delay never grows past this; later edited frames are replaced by the "
+                        "caller's own (default 1.0)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch and OpenCV threads (default: half the usable cores, 1 to 4; on a 2-core "
+                        "machine 1, which is several times faster than 2 under load)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM); browsers need HTTPS off localhost")
     p.add_argument("--key", default=None, help="TLS private key (PEM) for --cert")
     p.add_argument("--passthrough", action="store_true",
@@ -522,32 +549,72 @@ class ModelSessions:
     engine Session.
 
     One SharedModel per model actually used: the default (the pack, or `--avatar`) is
-    loaded up front; an avatar an offer picks is loaded on first use (off the event
-    loop) and kept, since its fine-tuned weights are a model of their own. Sessions on
+    loaded up front and warmed (`warm()`: one short run of the bundled sample, so no
+    call pays first-call costs, and the per-window time that sets the calls' playout
+    delay); an avatar an offer picks is loaded (and warmed) on first use, off the event
+    loop, and kept, since its fine-tuned weights are a model of their own. Sessions on
     one model queue their windows on its single worker thread, which batches windows
-    of different peers that arrive together.
+    of different peers that arrive together. Face trackers come ready from a pool
+    (`streaming.live.TrackerPool`, one per session slot) and go back to it.
+    Sessions run the live policy (`streaming.live.LiveController`): a pack without a
+    stage 2 runs the warp-only rung from the first window, and no session parks in
+    pass-through.
     """
 
     def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
-                 mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None) -> None:
+                 mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None,
+                 trackers: int = 4, model: Any = None) -> None:
         from engine.config import EngineConfig
         from engine.model import load_model
+        from streaming.live import TrackerPool
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
-        self.cfg = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale)
+        self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale)
         if steps is not None:
-            self.cfg = self.cfg.with_(steps=steps, min_steps=min(self.cfg.min_steps, steps))
-        self.default = load_model(pack, device, avatar=avatar)
+            self.base = self.base.with_(steps=steps, min_steps=min(self.base.min_steps, steps))
+        self.default = model if model is not None else load_model(pack, device, avatar=avatar)
         self.default_name = None if avatar is None else Path(str(avatar)).name
         self.models: dict[str, Any] = {}
         self._lock = asyncio.Lock()
+        self.trackers = TrackerPool(trackers)
+        self.warm_s: float | None = None
+        self.window_s: float | None = None
+
+    @property
+    def cfg(self):
+        return self.config_for(self.default)
+
+    def config_for(self, model: Any):
+        from streaming.live import live_config
+
+        return live_config(model, self.base)
+
+    def warm(self, model: Any = None) -> None:
+        """Warm `model` (default: the default model) with one short live run (blocking)."""
+        from streaming.live import warm_up
+
+        model = model or self.default
+        self.trackers.wait_ready(30)
+        lent = self.trackers.take()
+        try:
+            w = warm_up(model, self.config_for(model), tracker=lent)
+        finally:
+            if lent is not None:
+                lent.close()
+        if model is self.default:
+            self.warm_s, self.window_s = w.seconds, w.window_s
 
     def _load_avatar(self, name: str):
         from engine.model import load_model
         from tccp.avatars.store import resolve_avatar
 
         folder = resolve_avatar(name, self.roots, allow_path=False)
-        return load_model(None, self.device, avatar=str(folder))
+        model = load_model(None, self.device, avatar=str(folder))
+        try:
+            self.warm(model)
+        except Exception as exc:  # noqa: BLE001 - a cold model still works
+            log.warning("avatar %s: warm-up failed: %r", name, exc)
+        return model
 
     async def model_for(self, avatar: str | None = None):
         if not avatar or avatar == self.default_name:
@@ -559,18 +626,47 @@ class ModelSessions:
             return self.models[avatar]
 
     async def __call__(self, avatar: str | None = None):
-        from engine.session import Session
+        from streaming.live import new_session
 
-        return Session(await self.model_for(avatar), self.cfg)
+        model = await self.model_for(avatar)
+        return new_session(model, self.config_for(model), tracker=self.trackers.take())
 
     def close(self) -> None:
         for m in [self.default, *self.models.values()]:
             m.close()
+        self.trackers.close()
 
 
 def model_session_factory(pack: str | None, device: str, steps: int | None = None, **kwargs: Any) -> ModelSessions:
     """Load the default model once; see `ModelSessions`."""
     return ModelSessions(pack, device, steps, **kwargs)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch (intra-op) and OpenCV threads of the server; None: half the usable cores,
+    1 to 4. Sessions already run in parallel threads (tracking, audio features,
+    compositing, the model worker), so wide intra-op pools only fight them for cores."""
+    import os
+
+    if threads is None:
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except AttributeError:
+            usable = os.cpu_count() or 1
+        threads = max(1, min(4, usable // 2))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:  # noqa: BLE001 - torch is optional for --passthrough
+        pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except Exception:  # noqa: BLE001
+        pass
+    return threads
 
 
 def main(args: argparse.Namespace) -> int:
@@ -582,16 +678,29 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
         raise TCCPError(f"--port must be 0..65535, got {args.port}")
+    for name, v in (("--playout-delay", args.playout_delay), ("--max-delay", args.max_delay)):
+        if v is not None and not 0.05 <= v <= 10:
+            raise TCCPError(f"{name} {v}: must be between 0.05 and 10 seconds")
+    if args.threads is not None and args.threads < 1:
+        raise TCCPError(f"--threads {args.threads}: must be at least 1")
     ctx = _ssl_context(args.cert, args.key)
     limit_malloc_arenas()  # before the model and any session thread exist (see trim_heap)
+    threads = set_threads(args.threads)
+    window_s = warm_s = None
     if args.passthrough:
         from streaming.passthrough import PassthroughSession
 
         factory, label = PassthroughSession, "passthrough"
     else:
         factory = model_session_factory(args.model, args.device, args.steps, avatar=args.avatar,
-                                        mouth_scale=args.mouth_scale, landmarks=args.landmarks)
+                                        mouth_scale=args.mouth_scale, landmarks=args.landmarks,
+                                        trackers=args.max_sessions)
         label = "model"
+        print(f"tccp serve: warming up the model ({threads} thread(s))...", flush=True)
+        factory.warm()
+        window_s, warm_s = factory.window_s, factory.warm_s
+        print(f"tccp serve: warm in {warm_s:.1f} s; one window of work takes "
+              + (f"{1000 * window_s:.0f} ms" if window_s else "? ms"), flush=True)
     default_avatar = None
     if args.avatar is not None:
         from tccp.avatars.store import valid_name
@@ -600,6 +709,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = ServerConfig(
         host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
         media_timeout_s=args.media_timeout, label=label, default_avatar=default_avatar,
+        delay_s=args.playout_delay if args.playout_delay is not None or not args.passthrough else 0.1,
+        max_delay_s=args.max_delay, window_s=window_s, warmup_s=warm_s,
     )
     freeze_startup_objects()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:

@@ -160,3 +160,35 @@ def test_steps_sweep_cli(cache: Path, tmp_path: Path) -> None:
     # the bench flag delegates to the study; a missing prepared root is a one-line error
     assert cli_main(["bench", "--steps-sweep", "--model", str(tiny_pack(cache)), "--prepared", str(tmp_path / "none"),
                      "--json", str(out)]) == 2
+
+
+def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """`tccp bench --live`: the bundled sample through a warmed live session and its
+    playout for 3 s (warp-only tiny pack): every number is there and consistent; user
+    errors are one line, nothing written."""
+    out = tmp_path / "live.json"
+    pack = tiny_pack(cache, stage2=False)
+    argv = ["bench", "--live", "--model", str(pack), "--seconds", "3", "--size", "192", "--threads", "1",
+            "--json", str(out)]
+    assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "live" and report["config"]["steps"] == 0 and report["config"]["size"] == [192, 192]
+    assert report["warm_up"]["windows"] >= 2 and report["warm_up"]["window_ms"] > 0
+    live = report["live"]
+    assert live["frames_in"] == 75 and 60 <= live["frames_sent"] <= 75
+    assert live["first_frame_ms"] < 200  # the caller's own first frame at once
+    assert 0.0 <= live["generated_share"] <= 1.0
+    assert live["frames_generated"] == round(live["generated_share"] * live["frames_sent"])
+    if live["frames_generated"]:
+        assert live["first_generated_ms"] >= live["playout_delay_ms"]["start"] - 50
+    lat = live["frame_latency_ms"]
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert abs(live["av_offset_ms"]) <= 30  # sound delayed exactly as picture (20 ms audio frames)
+    assert "generated" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    for extra in (["--seconds", "0"], ["--size", "8"], ["--clip", str(tmp_path / "none.mp4")],
+                  ["--playout-delay", "-1"]):
+        assert cli_main(["bench", "--live", "--model", str(pack), "--json", str(bad), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 4 and "Traceback" not in err and not bad.exists()

@@ -125,6 +125,9 @@ async def test_token_required(server):
             assert r.status == 200
         async with http.get(url + "/healthz") as r:
             assert r.status == 200  # health stays open for load balancers
+            assert "calls" not in await r.json()  # ... but per-call details need the token
+        async with http.get(url + "/healthz", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert (await r.json())["calls"] == []
     with pytest.raises(OfferRefused) as err:
         await connect(url, ClipVideoTrack(_frames()), token="wrong")
     assert err.value.status == 401
@@ -161,3 +164,80 @@ async def test_over_capacity_is_503_until_a_slot_frees(server):
             text = await r.text()
     assert 'tccp_sessions_rejected_total{reason="capacity"} 1.0' in text
     assert "tccp_sessions_started_total 2.0" in text
+
+
+# --------------------------------------------------------------------------- odd cameras
+
+
+async def test_4k_camera_is_scaled_down_and_the_page_is_told(server):
+    """A camera sending 3840x2160 (here at 2 fps: encoding 4K costs the test client
+    ~0.3 s a frame) is scaled to 1280 px on arrival; the call works, the page's stats say
+    what happened, the server stays healthy."""
+    app, url = server
+    big = np.zeros((2, 2160, 3840, 3), np.uint8)
+    big[:, :, 1920:] = 200
+    pc, rec, _ = await connect(url, ClipVideoTrack(big, fps=2.0), want_frames=4)
+    try:
+        await asyncio.wait_for(rec.done.wait(), 60)
+        assert rec.sizes == {(1280, 720)}
+        assert await _until(lambda: any(s.get("input_size") for s in rec.stats), 10)
+        last = [s for s in rec.stats if s.get("input_size")][-1]
+        assert last["input_size"] == [3840, 2160] and last["size"] == [1280, 720]
+        assert 0.0 <= last["generated_share"] <= 1.0 and last["playout_delay_ms"] > 0
+        code, health = await _get(url + "/healthz")
+        (call,) = health["calls"]
+        assert call["frames_out"] >= 1 and call["generated_share"] == 0.0 and "playout" in call
+    finally:
+        await pc.close()
+    code, health = await _get(url + "/healthz")
+    assert code == 200 and health["status"] == "ok"
+
+
+@pytest.mark.parametrize("server", [ServerConfig(media_timeout_s=2.5, delay_s=0.3)], indirect=True)
+async def test_1fps_camera_keeps_its_call_and_gets_each_frame_back(server):
+    """One frame a second is slow but alive: the watchdog (2.5 s) keeps the call and
+    the frames come back, held on screen between camera frames. (aiortc's receiver
+    hands a frame on only when the next one starts arriving, so at 1 fps the server
+    sees each frame a second late: the first comes back after ~1 s.)"""
+    app, url = server
+    frames = _frames(8)
+    video = ClipVideoTrack(frames, fps=1.0, loop=False)
+    pc, rec, _ = await connect(url, video, want_frames=5)
+    try:
+        await asyncio.wait_for(rec.done.wait(), 30)
+        assert rec.first_at - video._start < 2.0
+        assert state_of(app).active == 1
+        assert state_of(app).metrics.sessions_closed.labels("media_timeout")._value.get() == 0
+    finally:
+        await pc.close()
+
+
+def test_token_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    import streaming.server as srv
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(srv.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+
+    class Req:
+        headers = {"Authorization": "Bearer guess"}
+
+    assert not srv._token_ok(Req(), TOKEN) and calls == [(b"guess", TOKEN.encode())]
+
+
+async def _until(predicate, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return predicate()
+
+
+async def _get(url: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:
+            return r.status, await r.json()

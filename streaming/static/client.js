@@ -172,6 +172,11 @@ async function updateStats() {
     "sent       " + fmt(outbound && outbound.framesPerSecond, "fps"),
     "server out " + fmt(server.fps_out, "fps"),
     "server     " + fmt(server.server_latency_ms, "ms") + "  (window " + fmt(server.window_e2e_ms, "ms") + ")",
+    "generated  " + (server.generated_share == null ? "–" : Math.round(100 * server.generated_share) + " %") +
+      " of frames sent  (playout delay " + fmt(server.playout_delay_ms, "ms") + ")",
+    server.input_size && server.size && server.input_size.join("x") !== server.size.join("x")
+      ? "camera " + server.input_size.join("x") + " scaled to " + server.size.join("x") : "",
+    server.engine_error ? "model stopped (" + server.engine_error + "): showing your own video" : "",
     "rtt        " + fmt(rttMs, "ms") + "  jitter buf " + fmt(jitterMs, "ms"),
     "end-to-end ≈ " + fmt(e2e, "ms"),
     server.generated === false && server.reason ? "passing through: " + server.reason : "",
@@ -183,6 +188,7 @@ async function updateStats() {
       framesReceived: got, width: w, height: h, fps: fps,
       e2eEstimateMs: e2e, serverLatencyMs: server.server_latency_ms ?? null, rttMs: rttMs,
       serverFramesOut: server.frames_out ?? null,
+      generatedShare: server.generated_share ?? null,
     };
     fetch("test-report", { method: "POST", headers: authHeaders(), body: JSON.stringify(body) })
       .then(() => setStatus("reported " + got + " frames"))
