@@ -544,3 +544,32 @@ def _resample(x: np.ndarray, rate: int, to: int) -> np.ndarray:
     if n <= 0:
         return np.zeros(0, np.float32)
     return np.interp(np.arange(n) * (rate / to), np.arange(x.size), x).astype(np.float32)
+
+
+UDP_BUFFER_BYTES = 4 << 20
+"""Receive buffer asked for each of a call's UDP sockets. The kernel default (~208 KB)
+holds a fraction of a second of a call's media: a server whose event loop is late by a
+few hundred milliseconds under load (four calls on two cores) drops datagrams, and
+aiortc then waits for a keyframe on each lost picture (measured: all four calls'
+video stalled 5-8 s). The kernel caps the value at `net.core.rmem_max`."""
+
+
+def widen_udp_buffers(pc: Any, nbytes: int = UDP_BUFFER_BYTES) -> int:
+    """Ask for `nbytes` of receive buffer on every UDP socket of a peer connection's ICE
+    transports (call after `setLocalDescription`, when the sockets exist). Returns how
+    many sockets were widened; 0 when aiortc's internals differ (nothing else changes)."""
+    import socket
+
+    done = 0
+    try:
+        for transceiver in pc.getTransceivers():
+            dtls = transceiver.receiver.transport or transceiver.sender.transport
+            conn = dtls.transport._connection
+            for proto in list(getattr(conn, "_protocols", [])):
+                sock = proto.transport.get_extra_info("socket") if proto.transport else None
+                if sock is not None and sock.type == socket.SOCK_DGRAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
+                    done += 1
+    except (AttributeError, OSError):
+        return done
+    return done

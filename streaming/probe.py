@@ -499,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    report = asyncio.run(_main(args))
+    from streaming.eventloop import run as run_loop
+
+    report = run_loop(_main(args))
     s = report["summary"]
     print(f"summary: {s['calls_with_video_within_1s']}/{s['calls']} calls with video within 1 s, "
           f"{s['silent_calls']} silent, generated share {100 * s['generated_share']:.0f}%", flush=True)

@@ -240,7 +240,7 @@ async def _offer(request):
     from aiohttp import web
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from streaming.peer import Peer, PeerLimits
+    from streaming.peer import Peer, PeerLimits, widen_udp_buffers
 
     st: ServerState = state_of(request.app)
     cfg: ServerConfig = st.config
@@ -297,6 +297,7 @@ async def _offer(request):
             await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="offer"))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
+            widen_udp_buffers(pc)
         except Exception as exc:
             st.metrics.sessions_rejected.labels("bad_request").inc()
             await peer.close("bad_offer")  # stops whatever the offer already started
@@ -717,7 +718,9 @@ def main(args: argparse.Namespace) -> int:
         print("warning: listening beyond localhost without --token: anyone who can reach "
               "the port can use the model", flush=True)
     try:
-        asyncio.run(serve(cfg, factory, ctx))
+        from streaming.eventloop import run as run_loop
+
+        run_loop(serve(cfg, factory, ctx))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a server is meant to stop
     return 0
