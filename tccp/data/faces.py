@@ -35,11 +35,12 @@ from tccp.face.geometry import MASK_GREY
 from tccp.face.regions import patch_box, region_mask
 from tccp.face.sketch import SKETCH_INDICES, draw_sketch
 
-__all__ = ["MASK_DILATE", "MASK_FEATHER", "BANK_SIZE", "mouth_inputs", "choose_reference", "encode_mouth_cache",
+__all__ = ["MASK_DILATE", "MASK_FEATHER", "MASK_INSIDE", "BANK_SIZE", "mouth_inputs", "choose_reference", "encode_mouth_cache",
            "MouthWindowDataset", "patch_mask"]
 
 MASK_DILATE = 0.06  # fraction of the face height: room for the source's own mouth edge
 MASK_FEATHER = 0.02
+MASK_INSIDE = 0.01  # ... kept within the face oval grown by this (regions.region_mask says why)
 BANK_SIZE = 8
 MIN_GAP = 12
 _KINDS = ("faces", "masked", "warped", "sketches")
@@ -48,7 +49,7 @@ _KINDS = ("faces", "masked", "warped", "sketches")
 def patch_mask(meshes, size: int) -> np.ndarray:
     """Region mask (union over `meshes`) cut to the patch, (ph, pw) float32."""
     x0, y0, x1, y1 = patch_box(size)
-    m = region_mask(meshes, (size, size), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER)
+    m = region_mask(meshes, (size, size), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE)
     return m[y0:y1, x0:x1]
 
 
@@ -73,7 +74,7 @@ def mouth_inputs(face: np.ndarray, mesh: np.ndarray, ref_face: np.ndarray, ref_m
     size = face.shape[0]
     x0, y0, x1, y1 = patch_box(size)
     m = region_mask(masks_from if masks_from is not None else mesh, (size, size), "mouth",
-                    dilate=MASK_DILATE, feather=MASK_FEATHER)
+                    dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE)
     masked = face.astype(np.float32) * (1 - m[..., None]) + MASK_GREY * m[..., None]
     warped = warp_image(ref_face, tri, ref_mesh, mesh)
     sk = draw_sketch(mesh, size)

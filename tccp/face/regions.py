@@ -56,12 +56,16 @@ def _face_height(mesh: np.ndarray) -> float:
 
 
 def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: tuple[float, float] = (0.0, 0.0),
-                dilate: float = 0.04, feather: float = 0.0) -> np.ndarray:
+                dilate: float = 0.04, feather: float = 0.0, inside_face: float | None = None) -> np.ndarray:
     """Union of the region's masks for each full-mesh landmark set in `meshes` (one
     (478, 2) array or a list), on a grid of `shape` whose pixel (0, 0) sits at `offset`.
 
     `dilate` and `feather` are fractions of the face height (forehead-chin); the mask is
-    dilated first, then blurred, so a feathered edge stays outside the hard region."""
+    dilated first, then blurred, so a feathered edge stays outside the hard region.
+    `inside_face` (mouth region; a fraction of the face height): keep the mask within
+    the face ovals of `meshes` grown by that much. The dilation and feather otherwise
+    reach past the jaw's edge onto background, ears and earrings, which the warped
+    reference shows where *its* head was (ghosted earrings, smeared collars)."""
     if isinstance(meshes, np.ndarray) and meshes.ndim == 2:
         meshes = [meshes]
     h, w = shape
@@ -99,7 +103,29 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
             out = cv2.dilate(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2))
         out = cv2.GaussianBlur(out, (0, 0), sigma)
         out = np.maximum(out, mask.astype(np.float32))
+    if inside_face is not None and region == "mouth" and height > 0:
+        out = out * _face_clip(meshes, (h, w), offset, inside_face * height, max(sigma, 0.5), shift)
     return out
+
+
+def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -> np.ndarray:
+    """Union of the meshes' face ovals grown by `margin` px, softened by `sigma`: what
+    lies beyond the face's own edge (background, ears, earrings, hair) is never edited."""
+    from tccp.face.geometry import OVAL_INDICES
+
+    h, w = shape
+    m = np.zeros((h, w), np.uint8)
+    for mesh in meshes:
+        mesh = np.asarray(mesh, np.float64)
+        if not np.isfinite(mesh).all():
+            continue
+        hull = cv2.convexHull(np.round((mesh[OVAL_INDICES] - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift))
+                              .astype(np.int32))
+        cv2.fillConvexPoly(m, hull, 1, cv2.LINE_8, shift)
+    r = int(round(margin))
+    if r > 0:
+        m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    return np.clip(cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma), 0.0, 1.0) * (m > 0)
 
 
 def mask_box(mask: np.ndarray, pad: int = 2) -> tuple[int, int, int, int] | None:

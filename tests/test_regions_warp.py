@@ -1,0 +1,99 @@
+"""Issue #12's geometry tests: the mouth region covers what it claims on a real face, the
+warp maps reference landmarks onto target landmarks, and pasting the edit changes
+nothing outside the region."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from tccp.data.faces import MASK_DILATE, MASK_FEATHER, MASK_INSIDE
+from tccp.face.geometry import OVAL_INDICES
+from tccp.face.headframe import LIPS
+from tccp.face.regions import region_mask
+from tccp.face.warp import triangulate, warp_image, warp_points
+
+
+@pytest.fixture(scope="module")
+def face():
+    """(frame, 478 x 2 landmarks in px) of the bundled sample's first frame."""
+    from tccp.media.io import read_video, sample_paths
+    from tccp.metrics.evaluate import track_frames
+
+    frame = read_video(sample_paths()[0], max_frames=1).frames[0]
+    t = track_frames(frame[None])
+    assert t.found[0]
+    return frame, np.asarray(t.landmarks[0], np.float64)
+
+
+def _at(mask: np.ndarray, p) -> float:
+    return float(mask[int(round(p[1])), int(round(p[0]))])
+
+
+def test_mouth_region_covers_the_lower_face_and_nothing_above_or_beyond(face):
+    frame, mesh = face
+    h, w = frame.shape[:2]
+    m = region_mask(mesh, (h, w), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE)
+    assert all(_at(m, mesh[i]) > 0.99 for i in LIPS)  # the lips, all of them
+    assert _at(m, mesh[152]) > 0.3  # down to the chin (its tip is the mask's soft edge)
+    for i in (6, 197, 33, 133, 263, 362, 10, 168):  # nose bridge, eyes, forehead: kept
+        assert _at(m, mesh[i]) < 1e-3, i
+    # nothing beyond the face's edge: outside the oval grown by 3% of the face height
+    height = np.linalg.norm(mesh[10] - mesh[152])
+    oval = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(oval, cv2.convexHull(np.round(mesh[OVAL_INDICES]).astype(np.int32)), 1)
+    grown = cv2.dilate(oval, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(0.03 * height) + 1,) * 2))
+    assert m[grown == 0].max() == 0.0
+    # without the clip the dilation does reach past the jaw (what the clip is for)
+    loose = region_mask(mesh, (h, w), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER)
+    assert loose[grown == 0].max() > 0.1
+
+
+def test_warp_puts_reference_landmarks_on_the_target_within_a_pixel(face):
+    _, src = face
+    rng = np.random.default_rng(0)
+    # target: the face turned, scaled and its jaw dropped (a non-rigid change)
+    a = np.array([[1.05, 0.08], [-0.06, 0.97]])
+    dst = (src - src.mean(0)) @ a.T + src.mean(0) + [7.3, -4.6]
+    below = src[:, 1] > src[13, 1]
+    dst[below, 1] += 9.0 * (src[below, 1] - src[13, 1]) / (src[152, 1] - src[13, 1])
+    index = sorted(set(LIPS) | set(OVAL_INDICES) | {1, 4, 33, 263, 152, 13, 14})
+    tri = triangulate(src, index)
+    pts = warp_points(tri, src, dst, src[index])
+    assert np.abs(pts - dst[index]).max() < 1e-3  # exact at every vertex
+    # in pixels: dots drawn at reference landmarks land on the target's after warping
+    size = 640
+    picks = rng.choice(LIPS, 6, replace=False)
+    for i in picks:
+        img = np.zeros((size, size), np.float32)
+        yy, xx = np.mgrid[0:size, 0:size]
+        img = np.exp(-(((xx + 0.5 - src[i, 0]) ** 2 + (yy + 0.5 - src[i, 1]) ** 2) / (2 * 1.5 ** 2))).astype(np.float32)
+        out = warp_image(img, tri, src, dst)
+        ys, xs = np.nonzero(out > 0.05)
+        wts = out[ys, xs]
+        c = np.array([(xs * wts).sum(), (ys * wts).sum()]) / wts.sum() + 0.5
+        assert np.linalg.norm(c - dst[i]) < 1.0, (i, c, dst[i])
+
+
+def test_pasting_the_edit_changes_nothing_outside_the_region(face):
+    from engine.composite import CompositeSettings, crop_box, paste_mouth
+
+    frame, mesh = face
+    lo, hi = mesh.min(0), mesh.max(0)
+    c, side = (lo + hi) / 2, float((hi - lo).max()) * 1.6
+    box = (c[0] - side / 2, c[1] - side / 2, c[0] + side / 2, c[1] + side / 2)
+    size = 128
+    crop_mesh = (mesh - [box[0], box[1]]) * (size / side)
+    mask = region_mask(crop_mesh, (size, size), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER,
+                       inside_face=MASK_INSIDE)
+    edited = np.full((size, size, 3), 255, np.uint8) - crop_box(frame, box, size)  # very different
+    out = paste_mouth(frame, edited, box, mask, settings=CompositeSettings(colour_match=False))
+    h, w = frame.shape[:2]
+    full = region_mask(mesh, (h, w), "mouth", dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE)
+    # the mask lives on the 128 px grid: allow 1.5 of its pixels (in source px) around it
+    r = int(np.ceil(1.5 * side / size))
+    near = cv2.dilate((full > 0).astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+    diff = np.abs(out.astype(int) - frame.astype(int)).max(-1)
+    assert diff[~near].max() == 0
+    assert diff[full > 0.99].mean() > 40  # and the region itself was edited
