@@ -280,3 +280,17 @@ def test_paste_mouth_takes_float_masks_that_round_above_one():
     out = paste_mouth(frame, crop, (20.0, 20.0, 180.0, 180.0), mask, settings=CompositeSettings(colour_match=False))
     assert out[150, 100].tolist() == [200, 200, 200]
     assert out[40, 40].tolist() == [100, 100, 100]  # outside the mask: the frame
+
+
+def test_bad_reference_images_are_one_line_errors():
+    """`--identity` images: grayscale, tiny and face-less pictures are named, not traced."""
+    from engine.refs import bank_from_image
+    from tccp.errors import TCCPError
+
+    template = np.zeros((478, 2), np.float32)
+    with pytest.raises(TCCPError, match=r"^me.png: not a colour image$"):
+        bank_from_image(np.zeros((200, 200), np.uint8), template, name="me.png")
+    with pytest.raises(TCCPError, match=r"^me.png: too small \(40x30 px; at least 64 px\)$"):
+        bank_from_image(np.zeros((30, 40, 3), np.uint8), template, name="me.png")
+    with pytest.raises(TCCPError, match=r"^me.png: no face found$"):
+        bank_from_image(np.full((128, 128, 3), 127, np.uint8), template, name="me.png")
