@@ -174,6 +174,22 @@ def test_stage1_trains_resumes_and_exports(data_dir, tmp_path):
     assert codec.template.shape == (478, 2)
 
 
+def test_stage1_cosine_schedule_ends_at_zero(data_dir, tmp_path):
+    import json
+
+    from tccp.errors import TCCPError
+    from tccp.training.landmarks import LandmarkTrainConfig, train_landmarks
+
+    cfg = LandmarkTrainConfig(data=str(data_dir), out=str(tmp_path / "s1"), steps=100, batch=2, width=32, depth=1,
+                              eval_every=0, warmup=1, lr=1e-3, lr_schedule="cosine", cache=str(tmp_path / "wcache"))
+    train_landmarks(cfg, log=_quiet)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines())}
+    assert abs(lrs[50] - 0.5e-3) < 0.05e-3 and lrs[100] < 1e-5
+    with pytest.raises(TCCPError, match="--lr-schedule linear"):
+        train_landmarks(LandmarkTrainConfig(data=str(data_dir), out=str(tmp_path / "s1b"), steps=1, batch=2, width=32,
+                                            depth=1, lr_schedule="linear", cache=str(tmp_path / "wcache")), log=_quiet)
+
+
 def test_overfit_reduces_the_loss(data_dir, tmp_path):
     from tccp.training.trainer import Trainer, _Objective
 

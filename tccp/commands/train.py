@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
             raise TCCPError("--stage landmarks: give --minutes or --steps")
         res = train_landmarks(LandmarkTrainConfig(
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
-            seed=args.seed, init=args.init, cache=args.cache, threads=args.threads))
+            seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule))
         print(res["run"])
         return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ class LandmarkTrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup: int = 200
+    lr_schedule: str = "constant"
+    """"cosine": the learning rate falls to 0 over this run's --steps (or --minutes): a
+    chunk that continues a pack ends settled (measured in docs/lipsync.md)."""
     ema: float = 0.999
     cond_dropout: float = 0.05
     width: int = 128
@@ -147,6 +151,8 @@ def _loss(net: LandmarkNet, batch: dict, schedule: Schedule, cfg: LandmarkTrainC
 def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise TCCPError(f"--lr-schedule {cfg.lr_schedule}: choose constant or cosine")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     folders = _folders(cfg.data)
@@ -210,6 +216,8 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
     if budget_s is None and end_step is None:
         raise TCCPError("give --minutes or --steps")
     start, smooth, last_ck = time.time(), None, step
+    first_step = step
+    last_eval: tuple[int, dict] = (-1, {})
 
     def save() -> Path:
         return save_checkpoint(out, step, net.state_dict(), ema.state_dict(), run_config,
@@ -222,6 +230,10 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
         if budget_s is not None and time.time() - start >= budget_s:
             break
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        if cfg.lr_schedule == "cosine":
+            done = max((step - first_step) / max(1, end_step - first_step) if end_step is not None else 0.0,
+                       (time.time() - start) / budget_s if budget_s is not None else 0.0)
+            lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = _loss(net, data.sample(cfg.batch), schedule, cfg, gen)
@@ -241,9 +253,11 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
             save()
             last_ck = step
         if cfg.eval_every and step % cfg.eval_every == 0 and val_clips:
-            _eval_and_log(net, ema, codec, val_clips, out, step, log)
+            last_eval = (step, _eval_and_log(net, ema, codec, val_clips, out, step, log))
     save()
-    res = _eval_and_log(net, ema, codec, val_clips, out, step, log) if val_clips else {}
+    if val_clips and last_eval[0] != step:
+        last_eval = (step, _eval_and_log(net, ema, codec, val_clips, out, step, log))
+    res = last_eval[1]
     plot_loss((r for r in _read(out / "metrics.jsonl")), out / "loss.png", title=f"stage 1 ({model_cfg.objective})")
     return {"step": step, "run": str(out), "val": res}
 
