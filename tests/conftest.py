@@ -249,3 +249,19 @@ def small_clip(tmp_path: Path) -> Path:
 @pytest.fixture
 def silent_clip(tmp_path: Path) -> Path:
     return make_clip(tmp_path / "silent.mp4", audio=False)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def drop_transport(pc) -> None:
+    """Make an aiortc client vanish: close its UDP sockets; no DTLS close_notify, no BYE."""
+    for transceiver in pc.getTransceivers():
+        ice = transceiver.sender.transport.transport
+        for proto in list(ice._connection._protocols):
+            proto.transport.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import drop_transport, rss_mb, shared_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -55,21 +55,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def _drop_transport(pc) -> None:
-    """Make the client vanish: close its UDP sockets; no DTLS close_notify, no BYE."""
-    for transceiver in pc.getTransceivers():
-        ice = transceiver.sender.transport.transport
-        for proto in list(ice._connection._protocols):
-            proto.transport.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +106,7 @@ def test_server_rss_is_flat_over_20_rounds_of_abandoned_sessions(clip):
                     await asyncio.sleep(0.1)
                 assert await metric("tccp_frames_out_total") - before >= 2 * CLIENTS, "no frames came back"
                 for pc in pcs:
-                    _drop_transport(pc)
+                    drop_transport(pc)
                 end = time.monotonic() + 30
                 while await active() and time.monotonic() < end:
                     await asyncio.sleep(0.1)
@@ -135,7 +120,7 @@ def test_server_rss_is_flat_over_20_rounds_of_abandoned_sessions(clip):
                 end = time.monotonic() + 10
                 while (await health())["memory_passes"] == passes and time.monotonic() < end:
                     await asyncio.sleep(0.1)
-                rss.append(_rss_mb(proc.pid))
+                rss.append(rss_mb(proc.pid))
 
     try:
         line = proc.stdout.readline()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import drop_transport, rss_mb, shared_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -63,21 +63,6 @@ async def main():
 from streaming.eventloop import run
 run(main())
 """
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def _drop_transport(pc) -> None:
-    """Make the client vanish: close its UDP sockets; no DTLS close_notify, no BYE."""
-    for transceiver in pc.getTransceivers():
-        ice = transceiver.sender.transport.transport
-        for proto in list(ice._connection._protocols):
-            proto.transport.close()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +160,7 @@ def test_four_calls_held_under_load(clip):
             assert reason.startswith(f"server is full: {CALLS} of {CALLS} sessions") and "\n" not in reason
             end = t_start + SECONDS
             while time.monotonic() < end:
-                rss.append((time.monotonic() - t_start, _rss_mb(proc.pid)))
+                rss.append((time.monotonic() - t_start, rss_mb(proc.pid)))
                 await asyncio.sleep(1.0)
             h = await health()
             report["shares"] = [c["generated_share"] for c in h["calls"]]
@@ -191,7 +176,7 @@ def test_four_calls_held_under_load(clip):
                 assert len(watch.arrivals) >= 6 * SECONDS  # >= 24% of 25 fps, repeats included
             # one caller vanishes: its slot is free within the watchdog time
             gone, _ = calls.pop()
-            _drop_transport(gone)
+            drop_transport(gone)
             t0 = time.monotonic()
             while (await health())["sessions"] > CALLS - 1 and time.monotonic() - t0 < MEDIA_TIMEOUT_S + 10:
                 await asyncio.sleep(0.1)
