@@ -10,7 +10,8 @@ The server runs in a subprocess, so its RSS is its own, with what `tccp serve` r
 `ModelSessions` on the bundled pack (loaded and warmed at start, a pool of ready
 face trackers), real engine sessions, the live playout. Loopback only, bounded loops.
 
-Duration: `TCCP_LOAD_SECONDS` (default 20 in the suite; the issue's 60 s run:
+Duration: `TCCP_LOAD_SECONDS` (default 40 in the suite: past the ~30 s at which ICE
+consent expired on asyncio's loop, docs/streaming.md; the issue's 60 s run:
 `TCCP_LOAD_SECONDS=60 .venv/bin/python -m pytest -q tests/test_webrtc_load.py`).
 """
 
@@ -32,7 +33,7 @@ from conftest import drop_transport, rss_mb, shared_file
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
-SECONDS = float(os.environ.get("TCCP_LOAD_SECONDS", "20"))
+SECONDS = float(os.environ.get("TCCP_LOAD_SECONDS", "40"))
 CALLS, FLAT_MB, MEDIA_TIMEOUT_S = 4, 50.0, 2.0
 SIZE = 256
 
@@ -162,8 +163,10 @@ def test_four_calls_held_under_load(clip):
             while time.monotonic() < end:
                 rss.append((time.monotonic() - t_start, rss_mb(proc.pid)))
                 await asyncio.sleep(1.0)
+            t_end = time.monotonic()
             h = await health()
             report["shares"] = [c["generated_share"] for c in h["calls"]]
+            assert len(h["calls"]) == CALLS, f"the server dropped a call: {h['calls']}"
             # every call received video all along (after its first second)
             for pc, watch in calls:
                 assert watch.arrivals, "a caller never received video"
@@ -173,6 +176,7 @@ def test_four_calls_held_under_load(clip):
                 report.setdefault("worst", []).append(watch.worst_gap(t_start))
                 report.setdefault("frames", []).append(len(watch.arrivals))
                 assert watch.gaps_since(first) < 1.0, f"a caller's video stalled: {report}"
+                assert t_end - watch.arrivals[-1] < 1.0, f"a caller's video stopped: {report}"
                 assert len(watch.arrivals) >= 6 * SECONDS  # >= 24% of 25 fps, repeats included
             # one caller vanishes: its slot is free within the watchdog time
             gone, _ = calls.pop()
