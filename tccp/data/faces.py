@@ -127,8 +127,9 @@ def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, templa
     meta: dict[str, str] = {"format": "tccp-mouth-latents", "version": "1"}
     clips = [PreparedClip(f) for f in folders]
     for i, clip in enumerate(clips):
-        fp = hashlib.sha1(json.dumps([clip.meta.get("source"), clip.meta.get("created"), max_frames,
-                                      MASK_DILATE, BANK_SIZE]).encode()).hexdigest()[:16]
+        key = [clip.meta.get("source"), clip.meta.get("created"), max_frames, MASK_DILATE, BANK_SIZE]
+        key += [MASK_FEATHER, MASK_INSIDE] if MASK_INSIDE else []  # the mask the inputs were made with
+        fp = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
         part = parts / f"{clip.name}.safetensors"
         tensors = None
         if part.is_file():
