@@ -51,6 +51,7 @@ class ModelState:
     source_mesh: np.ndarray  # (478, 2) its tracked landmarks
     gate: float = 1.0  # voice-activity gate level
     quiet: int = 0  # frames in a row without speech so far
+    ref: int = -1  # the bank reference its mouth came from
 
 
 @dataclass
@@ -292,7 +293,7 @@ class PipelineRunner:
                 crops = np.concatenate([r.state.crop[None], crops])
                 srcs = np.concatenate([r.state.source_mesh[None], srcs])
                 tg = np.concatenate([r.state.mesh[None], tg])
-            inputs.append(editor.inputs(crops, tg, srcs, bank))
+            inputs.append(editor.inputs(crops, tg, srcs, bank, prev_ref=-1 if r.state is None else r.state.ref))
             banks.append(bank)
         mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
         k0 = 0 if r0.restart else 1
@@ -341,7 +342,7 @@ class PipelineRunner:
                 cv=None if o.get("cv") is None else o["cv"][last].copy(),
                 mel=np.asarray(r.mel[last], np.float32).copy(),
                 mesh=targets[i][last].copy(), crop=r.crops[last].copy(), source_mesh=r.meshes[last].copy(),
-                gate=float(o["gate"]), quiet=int(o.get("quiet", 0)),
+                gate=float(o["gate"]), quiet=int(o.get("quiet", 0)), ref=int(d["ref"][k0 + last]),
             )
             results.append(WindowResult(
                 faces=faces[:n], masks=masks[:n], targets=targets[i][:n], ref_index=d["ref"][k0:k0 + n],

@@ -97,3 +97,18 @@ def test_pasting_the_edit_changes_nothing_outside_the_region(face):
     diff = np.abs(out.astype(int) - frame.astype(int)).max(-1)
     assert diff[~near].max() == 0
     assert diff[full > 0.99].mean() > 40  # and the region itself was edited
+
+
+def test_reference_choice_keeps_the_reference_in_use_between_near_ties():
+    from tccp.face import headframe as hf
+    from tccp.pipelines.faces import ReferenceBank
+
+    lips = list(hf.LIPS)
+    shapes = np.stack([np.full(len(lips) * 2, v, np.float32) for v in (0.0, 1.0, 10.0)])
+    bank = ReferenceBank(np.zeros((3, 8, 8, 3), np.uint8), np.zeros((3, 478, 2), np.float32), shapes)
+    targets = np.zeros((5, 478, 2), np.float32)
+    for k, v in enumerate((0.45, 0.55, 0.45, 0.58, 9.0)):  # near ties between 0 and 1, then far
+        targets[k, lips] = v
+    assert bank.choose(targets).tolist() == [0, 1, 0, 1, 2]  # per frame: flickers
+    assert bank.choose(targets, prev=0, stick=0.5).tolist() == [0, 0, 0, 0, 2]  # kept, then switched
+    assert bank.choose(targets, prev=1, stick=0.5).tolist() == [1, 1, 1, 1, 2]  # carried from the last window
