@@ -1,9 +1,9 @@
 """A session's reference bank: frames of the person to warp the mouth from.
 
 Stage 2 in mouth mode starts from a real picture of the person's mouth in the shape
-it has to show. The bank holds up to `size` frames whose lip shapes are as different
-as possible (farthest-point sampling in the head frame, the most closed mouth first),
-each as a model-size crop with its landmarks plus a sharper crop of the same box at
+it has to show. The bank holds up to `size` frames that span the person's mouth
+openings with typical shapes (a rest shape, then one representative per aperture
+range: `select_references`), each as a model-size crop with its landmarks plus a sharper crop of the same box at
 the source resolution (for detail transfer when pasting).
 
 Files pre-scan the context video (`scan_video`: frames spread over the clip, so the
@@ -22,8 +22,9 @@ from tccp.face import geometry as fg
 from tccp.face import headframe as hf
 from tccp.pipelines.faces import ReferenceBank
 
-__all__ = ["BankBuilder", "scan_video", "HIRES_MAX"]
+__all__ = ["BankBuilder", "scan_video", "select_references", "HIRES_MAX"]
 
+SELECTION = "typical"  # how a bank is chosen from many frames (select_references)
 HIRES_MAX = 512  # side of the source-resolution crops kept for detail transfer
 
 
@@ -33,7 +34,8 @@ def hires_size(box) -> int:
 
 
 class BankBuilder:
-    """Incremental farthest-point bank (see module docstring)."""
+    """Incremental bank for live sessions: a frame is added while the bank is not full
+    and its lips differ from every reference by `min_distance` (head frame units)."""
 
     def __init__(self, template: np.ndarray, size: int = 8, crop: int = 128, min_distance: float = 0.02) -> None:
         self.template = template
@@ -77,27 +79,78 @@ class BankBuilder:
         self.bank.version = version
 
     @classmethod
-    def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128) -> "BankBuilder":
-        """Farthest-point selection over many candidate frames at once (most closed first)."""
+    def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128,
+                    selection: str | None = None) -> "BankBuilder":
+        """A bank from many candidate frames at once (`select_references`)."""
         b = cls(template, size, crop, min_distance=0.0)
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         shapes = heads[:, list(hf.LIPS)].reshape(len(heads), -1)
-        order = [int(np.argmin(hf.aperture(heads)))]
-        d = np.linalg.norm(shapes - shapes[order[0]], axis=1)
-        while len(order) < min(size, len(shapes)):
-            j = int(np.argmax(d))
-            if d[j] <= 1e-9:
-                break
-            order.append(j)
-            d = np.minimum(d, np.linalg.norm(shapes - shapes[j], axis=1))
-        for j in order:
+        crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
+        for j in select_references(heads, size, selection, sharpness=np.array([_sharpness(c) for c in crops])):
             b.crops.append(fg.crop(frames[j], boxes[j], crop))
             b.meshes.append(meshes[j].astype(np.float32))
             b.hires.append(fg.crop(frames[j], boxes[j], hires_size(boxes[j])))
             b.shapes.append(shapes[j])
         b._rebuild()
         return b
+
+
+def _sharpness(crop: np.ndarray) -> float:
+    """Variance of the Laplacian of a face crop's lower half (grey): motion-blurred
+    frames make blurred mouths, whatever their shape."""
+    g = crop[crop.shape[0] // 2 :].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    lap = g[1:-1, 1:-1] * 4 - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(lap.var())
+
+
+def select_references(heads: np.ndarray, size: int, selection: str | None = None,
+                      sharpness: np.ndarray | None = None) -> list[int]:
+    """Indices of up to `size` reference frames among (N, 478, 2) head-frame meshes.
+
+    "typical" (the default): the most closed 5 % of the frames (the rest shape) and
+    the others sorted by mouth aperture and cut into `size - 1` equal bins, each group
+    represented by its medoid (the frame nearest its mean lip shape), most closed first. Why: a frame is matched to the reference with the
+    nearest lip shape, and the targets stage 1 generates are average shapes; the
+    farthest-point alternative ("extremes") fills the bank with outliers (pressed,
+    twisted or mistracked lips) that then stand in for a neutral closed mouth (the
+    twisted lower lip of the earlier demo preview). With `sharpness` (per frame), each
+    bin takes the sharpest of its frames nearer than the median to its mean shape
+    (a medoid can be a motion-blurred frame).
+    "extremes": farthest-point sampling from the most closed mouth."""
+    selection = selection or SELECTION
+    n = len(heads)
+    if n == 0:
+        return []
+    shapes = heads[:, list(hf.LIPS)].reshape(n, -1)
+    if selection == "typical":
+        order = np.argsort(hf.aperture(heads), kind="stable")
+        closed = order[: max(1, int(np.ceil(0.05 * n)))]  # the rest shape: the most closed few
+        bins = [closed] + list(np.array_split(order[len(closed) :], max(0, min(size, n) - 1)))
+        picks: list[int] = []
+        for part in bins:
+            if len(part) == 0:
+                continue
+            dist = np.linalg.norm(shapes[part] - shapes[part].mean(0), axis=1)
+            if sharpness is None:
+                j = int(part[np.argmin(dist)])
+            else:
+                near = part[dist <= np.median(dist)]
+                j = int(near[np.argmax(sharpness[near])])
+            if not picks or min(np.linalg.norm(shapes[picks] - shapes[j], axis=1)) > 1e-9:
+                picks.append(j)
+        return picks
+    if selection != "extremes":
+        raise ValueError(f"reference selection {selection!r} (choose typical or extremes)")
+    picks = [int(np.argmin(hf.aperture(heads)))]
+    d = np.linalg.norm(shapes - shapes[picks[0]], axis=1)
+    while len(picks) < min(size, n):
+        j = int(np.argmax(d))
+        if d[j] <= 1e-9:
+            break
+        picks.append(j)
+        d = np.minimum(d, np.linalg.norm(shapes - shapes[j], axis=1))
+    return picks
 
 
 def scan_video(video: str | Path, template: np.ndarray, size: int = 8, crop: int = 128, samples: int = 48,

@@ -5,9 +5,9 @@ Steps (all under a work folder; the avatar folder appears only when complete):
 1. **Split** each video into a training head and a held-out tail (`tail`, 15 % by
    default, at least 16 frames), re-encoded at 25 fps with the audio cut to match.
 2. **Reference bank**: `samples` frames spread over the training heads are tracked
-   one by one and `engine.refs.BankBuilder.from_frames` keeps `refs` of them whose lip
-   shapes are as different as possible (farthest-point sampling in the head frame of
-   the base pack's template, the most closed mouth first), each as a crop at the
+   one by one and `engine.refs.BankBuilder.from_frames` keeps `refs` of them that span
+   the person's mouth openings with typical lip shapes (`engine.refs.select_references`,
+   head frame of the base pack's template, the most closed mouth first), each as a crop at the
    pack's size, its landmarks and the same box at the source resolution.
 3. **Fine-tune** (unless `minutes` or `steps` is 0, or the base pack is warp-only and
    no budget was asked for): the training heads are prepared as training data
@@ -389,8 +389,8 @@ def card_markdown(meta: dict) -> str:
         "## Reference bank",
         "",
         f"{len(meta['refs'])} frames chosen from {meta.get('bank_candidates', '?')} tracked frames spread over the "
-        "training footage, by farthest-point",
-        "sampling over their lip shapes (head frame, most closed mouth first). Stage 2 starts, per",
+        "training footage: a rest shape and one typical",
+        "lip shape per range of mouth opening (head frame, most closed mouth first). Stage 2 starts, per",
         "frame, from the reference whose lips are closest to the target's, warped onto the target",
         "landmarks; the paste-back adds that reference's source-resolution detail.",
         "",
