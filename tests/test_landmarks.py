@@ -135,6 +135,26 @@ def test_overfits_one_batch(objective):
     assert last < 0.1 * first
 
 
+def test_motion_loss_and_audio_mask_options():
+    """The training options of docs/lipsync.md ("Where stage 1 stands"): the motion term
+    adds the squared error of frame-to-frame steps; a mask of 1 blanks every audio token."""
+    from tccp.training.landmarks import LandmarkTrainConfig, _loss
+
+    net, _ = _net(seed=3)
+    net.eval()
+    d = _inputs(net, b=2, seed=5)
+    batch = {"x": d["x"], "audio": d["audio"], "vad": d["vad"], "refs": d["refs"], "cv": d["cv"],
+             "flags": torch.tensor([[1.0] + [0.0] * 7] * 2)}
+    sched, g = Schedule(prediction="v"), lambda: torch.Generator().manual_seed(0)
+    plain = float(_loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0), g()))
+    moved = float(_loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0, motion_weight=1.0), g()))
+    assert moved > plain * 1.05
+    other = dict(batch, audio=torch.randn_like(batch["audio"]))
+    masked = [float(_loss(net, b, sched, LandmarkTrainConfig(cond_dropout=0.0, audio_mask=1.0), g())) for b in (batch, other)]
+    assert masked[0] == pytest.approx(masked[1], rel=1e-6)
+    assert float(_loss(net, other, sched, LandmarkTrainConfig(cond_dropout=0.0), g())) != pytest.approx(plain, rel=1e-6)
+
+
 def test_silence_rests_the_mouth_on_a_trained_tiny_model():
     """A tiny model trained for a few seconds on synthetic data where speech (vad 1,
     audio tokens with energy) opens the mouth by a random amount and silence (vad 0,

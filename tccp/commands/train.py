@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (paper: 2e-4)")
     o.add_argument("--warmup", type=int, default=100, metavar="STEPS", help="linear lr warm-up steps (default 100)")
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    o.add_argument("--motion-weight", type=float, default=0.0, metavar="W",
+                   help="stage 1 (regression): weight of a loss on frame-to-frame motion (default 0)")
+    o.add_argument("--audio-mask", type=float, default=0.0, metavar="P",
+                   help="stage 1: blank each audio token with probability P in training (default 0)")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
     o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
@@ -109,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
             raise TCCPError("--stage landmarks: give --minutes or --steps")
         res = train_landmarks(LandmarkTrainConfig(
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
-            seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule))
+            seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
+            motion_weight=args.motion_weight, audio_mask=args.audio_mask))
         print(res["run"])
         return 0
 

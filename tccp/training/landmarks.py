@@ -64,6 +64,13 @@ class LandmarkTrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 1500
     scale: float = 0.05
+    motion_weight: float = 0.0
+    """Weight of a loss on frame-to-frame differences (regression only): the aperture
+    correlation the issue targets rewards following the motion, which a per-frame squared
+    error alone lets the network damp."""
+    audio_mask: float = 0.0
+    """Probability of blanking each audio token in training (a SpecAugment-like time mask
+    on the Whisper features; a regulariser for the 50 clips we have)."""
     data_cfg: dict = field(default_factory=dict)
 
 
@@ -132,7 +139,11 @@ def _loss(net: LandmarkNet, batch: dict, schedule: Schedule, cfg: LandmarkTrainC
     x, flags = batch["x"], batch["flags"]
     b = x.shape[0]
     drop = torch.rand(b, generator=gen) < cfg.cond_dropout
-    ctx = net.condition_tokens(batch["audio"], batch["vad"], batch["refs"], drop_audio=drop)
+    audio = batch["audio"]
+    if cfg.audio_mask > 0:
+        keep = torch.rand(audio.shape[:3], generator=gen) >= cfg.audio_mask
+        audio = audio * keep[..., None]
+    ctx = net.condition_tokens(audio, batch["vad"], batch["refs"], drop_audio=drop)
     m = flags[..., None]
     if net.cfg.objective == "regress":
         t = torch.full((b,), schedule.num_steps - 1, dtype=torch.long)
@@ -145,7 +156,13 @@ def _loss(net: LandmarkNet, batch: dict, schedule: Schedule, cfg: LandmarkTrainC
         target = schedule.target(x, noise, t)
     out = net(xin, t, ctx, batch["cv"], flags)
     w = 1.0 - m
-    return (((out - target) ** 2) * w).sum() / (w.sum() * x.shape[-1])
+    loss = (((out - target) ** 2) * w).sum() / (w.sum() * x.shape[-1])
+    if cfg.motion_weight > 0 and net.cfg.objective == "regress":
+        pred = torch.where(m.bool(), x, out)  # the clean slot is given, its successor's step is learned
+        dv = (pred[:, 1:] - pred[:, :-1]) - (x[:, 1:] - x[:, :-1])
+        wv = w[:, 1:]
+        loss = loss + cfg.motion_weight * ((dv ** 2) * wv).sum() / (wv.sum() * x.shape[-1]).clamp_min(1.0)
+    return loss
 
 
 def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
