@@ -193,6 +193,15 @@ class PipelineRunner:
         return self.pipeline.template
 
     @property
+    def articulation(self) -> float:
+        """The pack's gain on the generated lip opening (`stage1.articulation` in its
+        config, 1 when absent): a regressor damps uncertain motion, the gain gives the
+        generated mouth the real one's range (docs/lipsync.md, "Amplitude"). Users'
+        `--mouth-scale` multiplies it; tracked landmarks are not scaled by it."""
+        config = getattr(self.pipeline, "pack_config", None) or {}
+        return float((config.get("stage1") or {}).get("articulation", 1.0))
+
+    @property
     def default_steps(self) -> int:
         """Stage-2 steps the pack recommends (its sampler's); 0 for a warp-only pack."""
         editor = self.pipeline.stage2
@@ -263,8 +272,9 @@ class PipelineRunner:
             quiet = 0 if r.state is None else r.state.quiet
             if r.gate:
                 gen_heads, level, quiet = _gate(gen_heads, ref.rest, vad[i], level, quiet)
-            if r.mouth_scale != 1.0:
-                gen_heads = scale_opening(gen_heads, ref.rest, r.mouth_scale)
+            gain = r.mouth_scale * self.articulation
+            if gain != 1.0:
+                gen_heads = scale_opening(gen_heads, ref.rest, gain)
             outs.append({"heads": gen_heads, "pose": pose, "x": x[i], "gate": level, "quiet": quiet, "cv": cv[i],
                          "tokens": tokens[i], "vad": vad[i]})
         return outs

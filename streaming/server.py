@@ -508,7 +508,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avatar", default=None, metavar="NAME_OR_DIR",
                    help="default avatar of sessions (the page can pick another installed one)")
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
-                   help="lip opening factor: 0 closed, 1 as predicted, >1 exaggerated")
+                   help="lip opening factor: 0 closed, 1 as the pack renders it, >1 exaggerated")
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: lips from the audio (default); tracked: lips follow the camera")
     p.add_argument("--media-timeout", type=float, default=5.0,

@@ -66,6 +66,7 @@ def save_pack(
     dtype: torch.dtype = torch.float16,
     extra_files: dict[str, Path] | None = None,
     residual_scale: float | None = None,
+    articulation: float = 1.0,
 ) -> Path:
     """Write a pack folder atomically; returns its path."""
     from safetensors.torch import save_file
@@ -79,7 +80,10 @@ def save_pack(
         "region": "mouth",
         "crop_size": int(crop_size),
         "stage1": {"kind": "landmarks", "model": stage1.cfg.to_dict(), "scale": codec.scale, "steps": int(stage1_steps),
-                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": 2}},
+                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": 2},
+                   # gain on the generated lip opening (scale_opening) that undoes the
+                   # network's measured damping; users' --mouth-scale multiplies it
+                   "articulation": float(articulation)},
         "stage2": None if stage2 is None else {
             "kind": "faces", "model": stage2.cfg.to_dict(), "schedule": (schedule or Schedule(prediction="v")).to_dict(),
             "sampler": (sampler or SamplerConfig()).to_dict(),

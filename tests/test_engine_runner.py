@@ -126,3 +126,25 @@ def test_mouth_scale_acts_on_the_coordinates(runner, clip):
         aps[scale] = float(hf.aperture(res.targets).mean())
     assert aps[0.0] < aps[1.0] < aps[2.0]
     assert aps[2.0] > 1.5 * aps[1.0] - 0.01
+
+
+def test_pack_articulation_scales_generated_lips_only(runner, clip):
+    """`stage1.articulation` of a pack's config multiplies --mouth-scale on generated
+    lips (the bundled pack's 1.25 undoes stage 1's damping) and leaves tracked ones."""
+    pipe = runner.pipeline
+    saved = getattr(pipe, "pack_config", None)
+    try:
+        pipe.pack_config = {"stage1": {"articulation": 2.0}}
+        assert runner.articulation == 2.0
+        gain2 = runner.run_batch([_req(runner, clip, steps=0)])[0].targets
+        tracked2 = runner.run_batch([_req(runner, clip, mode="tracked", steps=0)])[0].targets
+        pipe.pack_config = {"stage1": {}}
+        assert runner.articulation == 1.0
+        scale2 = runner.run_batch([_req(runner, clip, steps=0, mouth_scale=2.0)])[0].targets
+        plain = runner.run_batch([_req(runner, clip, steps=0)])[0].targets
+        tracked1 = runner.run_batch([_req(runner, clip, mode="tracked", steps=0)])[0].targets
+    finally:
+        pipe.pack_config = saved
+    np.testing.assert_allclose(gain2, scale2, atol=1e-4)
+    assert np.abs(gain2 - plain).max() > 0.05
+    np.testing.assert_allclose(tracked2, tracked1, atol=1e-6)

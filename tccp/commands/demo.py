@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--avatar", metavar="NAME_OR_DIR", help="speak as this avatar (tccp avatar create)")
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
-                   help="lip opening factor: 0 closed, 1 as predicted, >1 exaggerated")
+                   help="lip opening factor: 0 closed, 1 as the pack renders it, >1 exaggerated")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S")
     p.add_argument("--preview-frames", type=int, default=4)
     p.add_argument("--quiet", action="store_true")

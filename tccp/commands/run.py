@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avatar", metavar="NAME_OR_DIR", help="an avatar pack (tccp avatar create): its fine-tuned "
                    "model and reference images; NAME is looked up in ./avatars and ~/.tccp/avatars")
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
-                   help="scale the lip opening: 0 closed, 1 as predicted (default), >1 exaggerated (max 4)")
+                   help="scale the lip opening: 0 closed, 1 as the pack renders it (default), >1 exaggerated "
+                        "(max 4; multiplies the pack's articulation gain, 1.25 for the bundled pack)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="only the first S seconds of the driving audio")
     p.add_argument("--seed", type=int, default=0)

@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--stage1", metavar="RUN_OR_CKPT", help="stage-1 (landmarks) run or checkpoint")
     e.add_argument("--stage2", metavar="RUN_OR_CKPT", help="stage-2 (faces) run or checkpoint; omit for a warp-only pack")
     e.add_argument("--name", default=None, help="model card name for the pack")
+    e.add_argument("--articulation", type=float, default=None, metavar="G",
+                   help="gain on the generated lip opening stored in the pack (default: --stage1 pack's own, "
+                        "1 for a run; the bundled pack: 1.25, docs/lipsync.md)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         from tccp.training.trainer import export_pack
 
         card = {"name": args.name} if args.name else {}
-        path = export_pack(args.stage1, args.stage2, args.export_pack, card)
+        path = export_pack(args.stage1, args.stage2, args.export_pack, card, articulation=args.articulation)
         print(path)
         return 0
     missing = [f"--{k}" for k in ("stage", "data", "out") if not getattr(args, k)]

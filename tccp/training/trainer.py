@@ -741,13 +741,15 @@ def export_pack(
     card_info: dict | None = None,
     stage1_steps: int | None = None,
     sampler: Any = None,
+    articulation: float | None = None,
 ) -> Path:
     """Model pack for the engine: fp16 EMA weights of stage 1 (a coordinate run of
     `tccp.training.landmarks`) and stage 2 (a run of this trainer; None: a warp-only
     pack), written through `tccp.pack`. `stage1_ckpt` may also be a model pack: its
     stage 1 (weights, template, sampler steps) is carried over as it is, e.g. an
     avatar's base pack under a stage 2 fine-tuned on the person. `stage1_steps` None:
-    the pack's own (4 for a run); `sampler` (`tccp.pipeline.SamplerConfig`) None: the
+    the pack's own (4 for a run); `articulation` (gain on the generated lip opening)
+    None: the pack's own (1 for a run); `sampler` (`tccp.pipeline.SamplerConfig`) None: the
     default sampler settings."""
     from tccp import pack as pack_mod
     from tccp.diffusion.schedule import Schedule
@@ -763,6 +765,7 @@ def export_pack(
         c1 = pack_mod.read_pack_config(p1)
         net, codec = pack_mod.load_stage1(p1)
         stage1_steps = int(c1["stage1"].get("steps", 4)) if stage1_steps is None else stage1_steps
+        articulation = float(c1["stage1"].get("articulation", 1.0)) if articulation is None else articulation
         size = int(c1.get("crop_size") or 128)
         carried = ((c1.get("card") or {}).get("training") or {}).get("stage1") or {}
         info["training"]["stage1"] = {**carried, "pack": str(p1)}
@@ -793,4 +796,5 @@ def export_pack(
                                       "val_clips": ck["config"].get("val_clips"), "checkpoint": str(ck["path"])}
     return pack_mod.save_pack(out_dir, net, codec, model2, schedule=schedule, sampler=sampler, latent_norm=norm,
                               crop_size=size, stage1_steps=stage1_steps, card=info, dtype=torch.float16,
-                              residual_scale=(residual or {}).get("scale"))
+                              residual_scale=(residual or {}).get("scale"),
+                              articulation=1.0 if articulation is None else float(articulation))
