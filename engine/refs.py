@@ -3,13 +3,14 @@
 Stage 2 in mouth mode starts from a real picture of the person's mouth in the shape
 it has to show. The bank holds up to `size` frames that span the person's mouth
 openings with typical shapes (a rest shape, then one representative per aperture
-range: `select_references`), each as a model-size crop with its landmarks plus a sharper crop of the same box at
-the source resolution (for detail transfer when pasting).
+range: `select_references`), each as a model-size crop with its landmarks plus a
+sharper crop of the same box at the source resolution (for detail transfer when
+pasting).
 
 Files pre-scan the context video (`scan_video`: frames spread over the clip, so the
-bank covers the shapes the person makes); live sessions start from their first
-frames and keep adding frames whose lips differ from everything in the bank, until
-it is full. An avatar brings its own bank.
+bank covers the shapes the person makes); live sessions pool candidates from their
+first ~10 s and re-choose the bank as the pool grows (`BankBuilder`). An avatar
+brings its own bank.
 """
 
 from __future__ import annotations
@@ -34,65 +35,92 @@ def hires_size(box) -> int:
 
 
 class BankBuilder:
-    """Incremental bank for live sessions: a frame is added while the bank is not full
-    and its lips differ from every reference by `min_distance` (head frame units)."""
+    """A bank that grows with a live session: the first `size` offered frames, then
+    every `every`-th, join a pool of up to `pool` candidates (with the session offering every other tracked
+    frame, 40 x 3 spans ~10 s), and the bank is re-chosen from the pool by
+    `select_references` whenever the pool has grown by a quarter (every frame while it
+    is smaller than the bank). A call thus edits from its first frame and ends up with
+    the same kind of bank as a file's pre-scan, instead of keeping whatever distinct
+    shapes its first second showed (outliers included). When the pool is complete the
+    frames not chosen are dropped."""
 
-    def __init__(self, template: np.ndarray, size: int = 8, crop: int = 128, min_distance: float = 0.02) -> None:
+    def __init__(self, template: np.ndarray, size: int = 8, crop: int = 128, pool: int = 40, every: int = 3) -> None:
         self.template = template
         self.size = size
         self.crop = crop
-        self.min_distance = min_distance
+        self.pool = max(int(pool), 1)
+        self.every = max(int(every), 1)
+        self.offered = 0
         self.crops: list[np.ndarray] = []
         self.meshes: list[np.ndarray] = []
         self.hires: list[np.ndarray] = []
-        self.shapes: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
+        self.sharp: list[float] = []
+        self.picks: list[int] = []
+        self._built = 0
         self.bank: ReferenceBank | None = None
 
     @property
     def full(self) -> bool:
-        return len(self.crops) >= self.size
-
-    def _shape(self, mesh: np.ndarray) -> np.ndarray:
-        heads, _ = hf.to_head(mesh[None], self.template)
-        return heads[0, list(hf.LIPS)].reshape(-1)
+        return len(self.crops) >= self.pool
 
     def offer(self, frame: np.ndarray, landmarks_px: np.ndarray, box) -> bool:
-        """Consider one tracked frame (source px landmarks, face box); True if added."""
+        """Consider one tracked frame (source px landmarks, face box); True if the bank
+        changed."""
         if self.full:
             return False
-        mesh = fg.to_crop_coords(landmarks_px, box, self.crop)
-        shape = self._shape(mesh)
-        if self.shapes:
-            d = min(float(np.linalg.norm(shape - s)) / np.sqrt(len(shape) / 2) for s in self.shapes)
-            if d < self.min_distance:
+        if len(self.crops) >= self.size:  # the first `size` offers are all taken (a call's first window
+            self.offered += 1             # fixes stage 1's reference shapes from them)
+            if self.offered % self.every:
                 return False
-        self.crops.append(fg.crop(frame, box, self.crop))
+        mesh = fg.to_crop_coords(landmarks_px, box, self.crop)
+        heads, _ = hf.to_head(mesh[None], self.template)
+        crop = fg.crop(frame, box, self.crop)
+        self.crops.append(crop)
         self.meshes.append(mesh.astype(np.float32))
         self.hires.append(fg.crop(frame, box, hires_size(box)))
-        self.shapes.append(shape)
-        self._rebuild()
-        return True
+        self.heads.append(heads[0])
+        self.sharp.append(_sharpness(crop))
+        n = len(self.crops)
+        if n <= self.size or n >= 1.25 * self._built or self.full:
+            self._rebuild()
+            return True
+        return False
 
     def _rebuild(self) -> None:
+        picks = select_references(np.stack(self.heads), self.size, sharpness=np.asarray(self.sharp))
+        self._built = len(self.crops)
+        if self.bank is not None and picks == self.picks:
+            return
+        self.picks = picks
         version = 0 if self.bank is None else self.bank.version + 1
-        self.bank = ReferenceBank(np.stack(self.crops), np.stack(self.meshes), np.stack(self.shapes), list(self.hires))
+        lips = list(hf.LIPS)
+        self.bank = ReferenceBank(np.stack([self.crops[j] for j in picks]), np.stack([self.meshes[j] for j in picks]),
+                                  np.stack([self.heads[j][lips].reshape(-1) for j in picks]),
+                                  [self.hires[j] for j in picks], ids=list(picks))
         self.bank.version = version
+        if self.full:  # the pool is complete: keep only what the bank uses
+            for name in ("crops", "hires"):
+                items = getattr(self, name)
+                for j in range(len(items)):
+                    if j not in picks:
+                        items[j] = items[picks[0]]
 
     @classmethod
     def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128,
                     selection: str | None = None) -> "BankBuilder":
         """A bank from many candidate frames at once (`select_references`)."""
-        b = cls(template, size, crop, min_distance=0.0)
+        b = cls(template, size, crop)
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
-        shapes = heads[:, list(hf.LIPS)].reshape(len(heads), -1)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
-        for j in select_references(heads, size, selection, sharpness=np.array([_sharpness(c) for c in crops])):
-            b.crops.append(fg.crop(frames[j], boxes[j], crop))
-            b.meshes.append(meshes[j].astype(np.float32))
-            b.hires.append(fg.crop(frames[j], boxes[j], hires_size(boxes[j])))
-            b.shapes.append(shapes[j])
-        b._rebuild()
+        picks = select_references(heads, size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
+        lips = list(hf.LIPS)
+        b.bank = ReferenceBank(np.stack([crops[j] for j in picks]), meshes[picks].astype(np.float32),
+                               np.stack([heads[j][lips].reshape(-1) for j in picks]),
+                               [fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks])
+        b.bank.version = 0
+        b.picks = list(range(len(picks)))
         return b
 
 
@@ -126,7 +154,9 @@ def select_references(heads: np.ndarray, size: int, selection: str | None = None
     if selection == "typical":
         order = np.argsort(hf.aperture(heads), kind="stable")
         closed = order[: max(1, int(np.ceil(0.05 * n)))]  # the rest shape: the most closed few
-        bins = [closed] + list(np.array_split(order[len(closed) :], max(0, min(size, n) - 1)))
+        others = order[len(closed) :]
+        k = min(size, n) - 1
+        bins = [closed] + (list(np.array_split(others, k)) if k > 0 and len(others) else [])
         picks: list[int] = []
         for part in bins:
             if len(part) == 0:
@@ -194,6 +224,5 @@ def bank_from_image(image: np.ndarray, template: np.ndarray, crop: int = 128, na
         obs = tr.update(img)
     if obs is None:
         raise TCCPError(f"{name}: no face found")
-    b = BankBuilder(template, 1, crop, min_distance=0.0)
-    b.offer(img, obs.landmarks, obs.face_box)
+    b = BankBuilder.from_frames([img], obs.landmarks[None], np.asarray(obs.face_box)[None], template, 1, crop)
     return b.bank

@@ -51,7 +51,7 @@ class ModelState:
     source_mesh: np.ndarray  # (478, 2) its tracked landmarks
     gate: float = 1.0  # voice-activity gate level
     quiet: int = 0  # frames in a row without speech so far
-    ref: int = -1  # the bank reference its mouth came from
+    ref: int = -1  # the id (`ReferenceBank.ref_id`) of the bank reference its mouth came from
 
 
 @dataclass
@@ -101,6 +101,7 @@ class WindowResult:
     stage2_s: float = 0.0
     batch: int = 1
     sketches: np.ndarray | None = field(default=None, repr=False)
+    bank: Any = field(default=None, repr=False)  # the bank `ref_index` points into (a live bank may be re-chosen meanwhile)
 
 
 def pad_frames(x: np.ndarray, n: int) -> np.ndarray:
@@ -303,7 +304,7 @@ class PipelineRunner:
                 crops = np.concatenate([r.state.crop[None], crops])
                 srcs = np.concatenate([r.state.source_mesh[None], srcs])
                 tg = np.concatenate([r.state.mesh[None], tg])
-            inputs.append(editor.inputs(crops, tg, srcs, bank, prev_ref=-1 if r.state is None else r.state.ref))
+            inputs.append(editor.inputs(crops, tg, srcs, bank, prev_ref=-1 if r.state is None else bank.index_of(r.state.ref)))
             banks.append(bank)
         mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
         k0 = 0 if r0.restart else 1
@@ -352,12 +353,12 @@ class PipelineRunner:
                 cv=None if o.get("cv") is None else o["cv"][last].copy(),
                 mel=np.asarray(r.mel[last], np.float32).copy(),
                 mesh=targets[i][last].copy(), crop=r.crops[last].copy(), source_mesh=r.meshes[last].copy(),
-                gate=float(o["gate"]), quiet=int(o.get("quiet", 0)), ref=int(d["ref"][k0 + last]),
+                gate=float(o["gate"]), quiet=int(o.get("quiet", 0)), ref=banks[i].ref_id(int(d["ref"][k0 + last])),
             )
             results.append(WindowResult(
                 faces=faces[:n], masks=masks[:n], targets=targets[i][:n], ref_index=d["ref"][k0:k0 + n],
                 state=state, stage1_s=t1 - t0, stage2_s=t2 - t1, batch=len(requests),
-                sketches=d["sketches"][k0:k0 + n],
+                sketches=d["sketches"][k0:k0 + n], bank=banks[i],
             ))
         return results
 

@@ -483,7 +483,7 @@ class Session:
             reason = job.reason if res is None else "no_face"
             return OutputFrame(float(win.pts[k]), frame, False, reason, win.index)
         face = res.faces[k]
-        bank = self._refs.bank if self._refs is not None else None
+        bank = res.bank if res.bank is not None else (self._refs.bank if self._refs is not None else None)
         img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
                           int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
                           self._composite, detail=getattr(self.controller, "detail", True))

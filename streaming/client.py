@@ -12,7 +12,7 @@ import fractions
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,8 +34,15 @@ def _base_track():
     return MediaStreamTrack
 
 
-def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True):  # noqa: N802
-    """Video track that plays `(N, H, W, 3)` uint8 RGB frames in real time."""
+def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True, *,  # noqa: N802
+                   image: Callable[[int], np.ndarray] | None = None, restart_pts: bool = False,
+                   on_send: Callable[[], None] | None = None):
+    """Video track that plays `(N, H, W, 3)` uint8 RGB frames in real time.
+
+    For measuring peers (`streaming.probe`): `image(i)` makes the i-th sent picture
+    (default: the clip's frame), `restart_pts` restarts the timestamps with each loop
+    of the clip (a camera whose clock jumps back), `on_send()` is called as each frame
+    leaves."""
     import av
     from aiortc.mediastreams import MediaStreamError
 
@@ -61,17 +68,22 @@ def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True):  #
             wait = self._start + i / fps - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            vf = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")
-            vf.pts = int(round(i * 90000 / fps))
+            vf = av.VideoFrame.from_ndarray(frames[i % len(frames)] if image is None else image(i), format="rgb24")
+            vf.pts = int(round(((i % len(frames)) if restart_pts else i) * 90000 / fps))
             vf.time_base = fractions.Fraction(1, 90000)
+            if on_send is not None:
+                on_send()
             self.sent += 1
             return vf
 
     return _ClipVideoTrack()
 
 
-def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptime: float = 0.02):  # noqa: N802
-    """Audio track that plays mono float32 `samples` at `sr` in 20 ms s16 frames."""
+def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptime: float = 0.02, *,  # noqa: N802
+                   restart_pts: bool = False, on_start: Callable[[float], None] | None = None):
+    """Audio track that plays mono float32 `samples` at `sr` in 20 ms s16 frames
+    (`restart_pts`: timestamps restart with each loop; `on_start(t0)`: the monotonic
+    time the first frame was asked for, the track's time origin)."""
     import av
     from aiortc.mediastreams import MediaStreamError
 
@@ -92,6 +104,8 @@ def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptim
                 raise MediaStreamError
             if self._start is None:
                 self._start = time.monotonic()
+                if on_start is not None:
+                    on_start(self._start)
             n0 = self.sent * block
             if n0 >= pcm.size and not loop:
                 self.stop()
@@ -103,7 +117,7 @@ def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptim
             chunk = pcm[idx] if idx is not None else np.zeros(block, np.int16)
             af = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
             af.sample_rate = sr
-            af.pts = n0
+            af.pts = (n0 % max(1, pcm.size)) if restart_pts else n0
             af.time_base = fractions.Fraction(1, sr)
             self.sent += 1
             return af

@@ -284,11 +284,10 @@ class Peer:
             await self.close(f"connection_{state}")
 
     # ------------------------------------------------------------------ media in
-    async def _consume_video(self, track) -> None:
+    async def _received(self, track):
+        """The frames of `track` until it ends, each with its arrival time (which also
+        marks the peer as alive for the idle watchdog)."""
         _, MediaStreamError = _track_classes()
-        clock = TrackClock(self.origin)
-        grid = FrameGrid(self.limits.fps)
-        counter = self.metrics.frames_in.labels("video")
         while True:
             try:
                 frame = await track.recv()
@@ -296,6 +295,13 @@ class Peer:
                 return
             now = time.monotonic()
             self.last_media = now
+            yield frame, now
+
+    async def _consume_video(self, track) -> None:
+        clock = TrackClock(self.origin)
+        grid = FrameGrid(self.limits.fps)
+        counter = self.metrics.frames_in.labels("video")
+        async for frame, now in self._received(track):
             slots = grid.push(clock(media_seconds(frame), now))
             if not slots:
                 continue
@@ -347,18 +353,11 @@ class Peer:
         return frame.to_ndarray(format="rgb24", width=w, height=h)
 
     async def _consume_audio(self, track) -> None:
-        _, MediaStreamError = _track_classes()
         clock = TrackClock(self.origin)
         to16k = AudioTo16k()
         counter = self.metrics.frames_in.labels("audio")
         next_t: float | None = None
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
-            self.last_media = now
+        async for frame, now in self._received(track):
             counter.inc()
             t = clock(media_seconds(frame), now) - AUDIO_RECEIVE_LEAD_S
             try:

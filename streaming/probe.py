@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import json
 import sys
 import time
@@ -159,68 +158,18 @@ def _restartable_vp8() -> None:
 
 
 def _tracks(clip: ProbeClip, restart: bool, log: dict):
-    import av
-    from aiortc import MediaStreamTrack
-    from aiortc.mediastreams import MediaStreamError
+    """The probe's camera and microphone: the clip's frames stamped with their index,
+    its audio, paced as `streaming.client`'s clip tracks; sending times logged."""
+    from streaming.client import ClipAudioTrack, ClipVideoTrack
 
     if restart:
         _restartable_vp8()
     n = len(clip.frames)
-    pcm = (np.clip(clip.audio, -1, 1) * 32767).astype(np.int16)
-    block = AUDIO_SR // 50
-
-    class Video(MediaStreamTrack):
-        kind = "video"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.i = 0
-            self.t0: float | None = None
-
-        async def recv(self):
-            if self.readyState != "live":
-                raise MediaStreamError
-            if self.t0 is None:
-                self.t0 = time.monotonic()
-            i = self.i
-            wait = self.t0 + i / 25.0 - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            frame = av.VideoFrame.from_ndarray(stamp(clip.frames[i % n], i), format="rgb24")
-            k = (i % n) if restart else i
-            frame.pts = int(k * 3600)
-            frame.time_base = fractions.Fraction(1, 90000)
-            log["video_sent"].append(time.monotonic())
-            self.i += 1
-            return frame
-
-    class Audio(MediaStreamTrack):
-        kind = "audio"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.k = 0
-            self.t0: float | None = None
-
-        async def recv(self):
-            if self.readyState != "live":
-                raise MediaStreamError
-            if self.t0 is None:
-                self.t0 = time.monotonic()
-                log["audio_t0"] = self.t0
-            m0 = self.k * block
-            wait = self.t0 + m0 / AUDIO_SR - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            idx = np.arange(m0, m0 + block) % max(1, pcm.size)
-            frame = av.AudioFrame.from_ndarray(pcm[idx].reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = AUDIO_SR
-            frame.pts = (m0 % max(1, pcm.size)) if restart else m0
-            frame.time_base = fractions.Fraction(1, AUDIO_SR)
-            self.k += 1
-            return frame
-
-    return Video(), Audio()
+    video = ClipVideoTrack(clip.frames, 25.0, loop=True, image=lambda i: stamp(clip.frames[i % n], i),
+                           restart_pts=restart, on_send=lambda: log["video_sent"].append(time.monotonic()))
+    audio = ClipAudioTrack(clip.audio, AUDIO_SR, loop=True, restart_pts=restart,
+                           on_start=lambda t0: log.__setitem__("audio_t0", t0))
+    return video, audio
 
 
 # --------------------------------------------------------------------------- a call

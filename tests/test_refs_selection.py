@@ -51,3 +51,33 @@ def test_small_and_bad_inputs() -> None:
     assert select_references(heads[:0], 8, "typical") == []
     with pytest.raises(ValueError):
         select_references(heads, 8, "nearest")
+
+
+def test_live_builder_pools_and_rechooses() -> None:
+    """`BankBuilder` (live): a bank from the first offer, re-chosen as the pool grows,
+    the typical choice over the whole pool at the end; versions bump on change only."""
+    from engine.refs import BankBuilder
+    from tccp.face import geometry as fg
+
+    heads, odd = _heads(150, seed=1)
+    # put the meshes in a 256 px frame: scale the head frame into pixels
+    lms = (heads * 30 + 128).astype(np.float32)
+    frames = np.random.default_rng(0).integers(0, 255, (len(heads), 256, 256, 3), np.uint8)
+    box = np.array([40, 40, 216, 216], np.float32)
+    template = heads.mean(0)
+    b = BankBuilder(template, size=8, crop=64, pool=40, every=3)
+    versions = []
+    for k in range(len(heads)):
+        b.offer(frames[k], lms[k], box)
+        if b.bank is not None:
+            versions.append(b.bank.version)
+    assert versions[0] == 0 and b.full and len(b.bank) == 8
+    assert versions == sorted(versions) and versions[-1] < 40  # rebuilt as the pool grew, not per frame
+    assert not b.offer(frames[0], lms[0], box)  # complete: nothing more joins
+    # the final bank is the typical choice over the pool (frames 0..7, then every 3rd offer)
+    pool_idx = list(range(8)) + list(range(8, 150))[2::3]
+    pool_idx = pool_idx[:40]
+    meshes = np.stack([fg.to_crop_coords(lms[k], box, 64) for k in pool_idx])
+    ph, _ = hf.to_head(meshes, template)
+    want = select_references(ph, 8, "typical", sharpness=np.array(b.sharp))
+    np.testing.assert_allclose(b.bank.meshes, meshes[want], atol=1e-5)

@@ -87,6 +87,17 @@ class ReferenceBank:
     hires: list = field(default_factory=list)
     latents: Any = None
     version: int = 0  # bumped when references are added (re-encode)
+    ids: list | None = None  # a stable id per reference (a live bank re-chosen from a pool: the pool index)
+
+    def ref_id(self, index: int) -> int:
+        """The stable id of reference `index` (the index itself for a fixed bank)."""
+        return int(self.ids[index]) if self.ids is not None and 0 <= index < len(self.ids) else int(index)
+
+    def index_of(self, ref_id: int) -> int:
+        """The index of the reference with id `ref_id` in this bank, -1 if it left it."""
+        if self.ids is None:
+            return int(ref_id) if 0 <= ref_id < len(self.crops) else -1
+        return self.ids.index(ref_id) if ref_id in self.ids else -1
 
     def __len__(self) -> int:
         return len(self.crops)
