@@ -89,7 +89,9 @@ def main() -> int:
         f"objective `{m1['objective']}`, width {m1['width']}, depth {m1['depth']}): "
         "lip and jaw coordinates in the head frame from Whisper tiny.en audio tokens (all layers, +-2 frames), "
         "voice activity and the person's reference lip shapes, with the source's tracked upper face as the "
-        "control input (mouth mode).",
+        "control input (mouth mode). Articulation gain on the generated lip opening: "
+        f"{float((pack_cfg.get('stage1') or {}).get('articulation', 1.0)):g} (undoes the regressor's damping; "
+        "docs/lipsync.md, \"Amplitude\"; `--mouth-scale` multiplies it).",
         "- **Stage 2**: the best-matching reference frame of the person's bank, warped onto the target "
         "landmarks" + (", plus a learned correction: the mouth-patch MVControlNet (`mouth` config: 80 px patch of "
                        "the 128 px crop, 10 x 10 TAEF2 latents, masked source + warped reference + region mask as extra "
@@ -98,6 +100,7 @@ def main() -> int:
                                                              "than the warp, see the `denoiser` row; `--steps 4` uses it)"
                                                              if steps == 0 else "") + "."
                        if s2 else " (a warp-only pack)."),
+        "- Reference bank: 8 typical lip shapes from closed to open (`engine.refs.select_references`).",
         "- Compositing pastes only the lower face, at source resolution, with the reference's high frequencies.",
         "",
         "## How it was trained",
