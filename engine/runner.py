@@ -216,7 +216,9 @@ class PipelineRunner:
         """A session's audio-condition maker (`engine.features.AudioFeatures`)."""
         from engine.features import AudioFeatures
 
-        return AudioFeatures(self.pipeline.whisper, live=live, fps=fps)
+        from tccp.models.landmarks import audio_radius
+
+        return AudioFeatures(self.pipeline.whisper, live=live, fps=fps, radius=audio_radius(self.pipeline.stage1.net.cfg))
 
     def batch_key(self, r: WindowRequest) -> tuple:
         return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]))

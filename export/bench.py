@@ -184,7 +184,10 @@ class _Subject:
         _sync(dev)
         t0 = time.perf_counter()
         n = sl.stop - sl.start
-        tokens = [live_tokens(self.pipe.whisper, clip, sl.start, n) for _ in range(cfg.streams)]
+        from tccp.models.landmarks import audio_radius
+
+        radius = audio_radius(self.pipe.stage1.net.cfg)
+        tokens = [live_tokens(self.pipe.whisper, clip, sl.start, n, radius=radius) for _ in range(cfg.streams)]
         _sync(dev)
         t1 = time.perf_counter()
         reqs = [window_request(clip, sl, self.refs[k], None if states is None else states[k], tokens=tokens[k],

@@ -625,7 +625,9 @@ def parity_inputs(pipeline: Any, clip: Any, steps: int = 2, max_cases: int = 3) 
     if clip.n < 4 * new:
         raise TCCPError(f"{clip.name}: parity needs at least {4 * new} frames, the clip has {clip.n}")
     runner = PipelineRunner(pipeline, size=clip.size)
-    tokens = clip.tokens(pipeline.whisper)
+    from tccp.models.landmarks import audio_radius
+
+    tokens = clip.tokens(pipeline.whisper, radius=audio_radius(pipeline.stage1.net.cfg))
     bank = clip.bank(pipeline.template)
     refs = [SessionRefs(bank), SessionRefs(bank)]
     sr = clip.sr

@@ -60,15 +60,16 @@ class RealClip:
     def n(self) -> int:
         return int(self.crops.shape[0])
 
-    def tokens(self, whisper: Any) -> np.ndarray:
+    def tokens(self, whisper: Any, radius: int = 2) -> np.ndarray:
         """(T, La, F) Whisper tokens of every frame (full-context features, as a file
-        session computes them), cached per encoder object."""
-        key = id(whisper)
+        session computes them; +-`radius` frames, the network's `audio_radius`), cached
+        per encoder object."""
+        key = (id(whisper), int(radius))
         if key not in self._tokens:
             from tccp.media.whisper import frame_tokens, full_features
 
             feats = full_features(whisper, self.audio)
-            self._tokens[key] = frame_tokens(feats, 0, self.n, fps=self.fps).astype(np.float32)
+            self._tokens[key] = frame_tokens(feats, 0, self.n, fps=self.fps, radius=radius).astype(np.float32)
         return self._tokens[key]
 
     def bank(self, template: np.ndarray, size: int = 4) -> Any:
@@ -151,7 +152,7 @@ def sample_clip(frames: int = 48, size: int = 128, cache: str | os.PathLike | No
     return load_real_clip(video, frames=frames, size=size, cache=cache)
 
 
-def live_tokens(whisper: Any, clip: RealClip, start: int, n: int, context_s: float = 3.0) -> np.ndarray:
+def live_tokens(whisper: Any, clip: RealClip, start: int, n: int, context_s: float = 3.0, radius: int = 2) -> np.ndarray:
     """Tokens of frames start .. start+n-1 as a live session computes them: Whisper on
     the last `context_s` seconds of audio ending at the window's last frame (unpadded,
     `engine.features.full_features_unpadded`). The per-window audio cost of the engine."""
@@ -166,7 +167,7 @@ def live_tokens(whisper: Any, clip: RealClip, start: int, n: int, context_s: flo
         begin = end - 640
     feats = full_features_unpadded(whisper, seg)
     first = int(round(start - begin / clip.sr * clip.fps))
-    return frame_tokens(feats, first, n, fps=clip.fps).astype(np.float32)
+    return frame_tokens(feats, first, n, fps=clip.fps, radius=radius).astype(np.float32)
 
 
 def window_request(clip: RealClip, sl: slice, refs: Any, state: Any = None, *, tokens: np.ndarray,

@@ -30,7 +30,7 @@ from tccp.diffusion.schedule import Schedule
 from tccp.errors import TCCPError
 from tccp.io_utils import read_descriptor
 from tccp.models.config import MVConfig
-from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig, audio_radius
 from tccp.models.mvcontrolnet import MVControlNet
 from tccp.pipeline import EditPipeline, LatentNorm, SamplerConfig
 
@@ -80,7 +80,7 @@ def save_pack(
         "region": "mouth",
         "crop_size": int(crop_size),
         "stage1": {"kind": "landmarks", "model": stage1.cfg.to_dict(), "scale": codec.scale, "steps": int(stage1_steps),
-                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": 2},
+                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": audio_radius(stage1.cfg)},
                    # gain on the generated lip opening (scale_opening) that undoes the
                    # network's measured damping; users' --mouth-scale multiplies it
                    "articulation": float(articulation)},

@@ -148,3 +148,32 @@ def test_pack_articulation_scales_generated_lips_only(runner, clip):
     np.testing.assert_allclose(gain2, scale2, atol=1e-4)
     assert np.abs(gain2 - plain).max() > 0.05
     np.testing.assert_allclose(tracked2, tracked1, atol=1e-6)
+
+
+def test_audio_window_follows_the_stage1_network(runner, clip):
+    """A stage 1 trained with a wider audio window (+-4 frames, 18 tokens) gets that
+    window from the engine's feature maker and runs through the runner."""
+    from engine.align import AudioBuffer
+    from tccp.media import io as media
+    from tccp.models.landmarks import LandmarkNet, audio_radius, audio_tokens_for
+
+    stage1 = runner.pipeline.stage1
+    old = stage1.net
+    cfg = type(old.cfg).from_dict({**old.cfg.to_dict(), "audio_tokens": audio_tokens_for(4)})
+    torch.manual_seed(0)
+    stage1.net = LandmarkNet(cfg).eval()
+    try:
+        assert audio_radius(stage1.net.cfg) == 4
+        feats = runner.audio_features(live=False)
+        video, _ = media.sample_paths()
+        c = media.load_clip(video, max_frames=8)
+        buf = AudioBuffer(c.sr)
+        buf.push(c.audio, 0.0)
+        tok, vad = feats.for_frames(buf, np.arange(7) / 25.0)
+        assert tok.shape[:2] == (7, 18)
+        req = _req(runner, clip, steps=0)
+        req.tokens = tok
+        res = runner.run_batch([req])[0]
+        assert res.targets.shape == (7, 478, 2) and np.isfinite(res.targets).all()
+    finally:
+        stage1.net = old

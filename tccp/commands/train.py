@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     o.add_argument("--motion-weight", type=float, default=0.0, metavar="W",
                    help="stage 1 (regression): weight of a loss on frame-to-frame motion (default 0)")
+    o.add_argument("--audio-radius", type=int, default=2, metavar="R",
+                   help="stage 1 (new run): each frame sees +-R video frames of Whisper features (default 2; "
+                        "the bundled pack: see its config's stage1.audio.radius)")
     o.add_argument("--audio-mask", type=float, default=0.0, metavar="P",
                    help="stage 1: blank each audio token with probability P in training (default 0)")
     o.add_argument("--weight-decay", type=float, default=0.01)
@@ -117,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
         res = train_landmarks(LandmarkTrainConfig(
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
-            motion_weight=args.motion_weight, audio_mask=args.audio_mask))
+            motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius))
         print(res["run"])
         return 0
 

@@ -52,6 +52,7 @@ class LandmarkDataConfig:
     jitter: float = 0.01  # whole-window similarity jitter (scale, angle rad, offset)
     frame_noise: float = 0.003  # per-frame tracking noise, head-frame units
     slot0_noise: float = 0.002  # head-frame units: the clean slot is generated, not tracked, at inference
+    radius: int = 2  # audio tokens: +-radius video frames of features per frame (the network's audio_radius)
     # feature variant mix (sums to 1)
     mix: dict = field(default_factory=lambda: {"full": 0.5, "stream0": 0.1, "stream2": 0.1, "noisy": 0.1,
                                                "silenced": 0.2})
@@ -242,7 +243,8 @@ class LandmarkWindows:
                 flags[0] = 1.0
                 x[0] += rng.normal(0, cfg.slot0_noise / codec.scale, x.shape[1])
             out["x"].append(x)
-            out["audio"].append(frame_tokens(clip.features[kind], i0, n, fps=25.0).astype(np.float32))
+            out["audio"].append(frame_tokens(clip.features[kind], i0, n, fps=25.0,
+                                                 radius=self.cfg.radius).astype(np.float32))
             out["vad"].append(clip.vad[kind][i0 : i0 + n])
             out["refs"].append(codec.refs(refs))
             out["cv"].append(codec.control(win))

@@ -367,7 +367,10 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     heads, _ = hf.to_head(lm.astype(np.float32), template)
     bank_heads, _ = hf.to_head(bank.meshes, template)
     refs = gen.references(bank_heads[reference_frames(bank_heads, 4)])
-    tokens = frame_tokens(full_features(pipe.whisper, audio), 0, n, fps=fps).astype(np.float32)
+    from tccp.models.landmarks import audio_radius
+
+    tokens = frame_tokens(full_features(pipe.whisper, audio), 0, n, fps=fps,
+                          radius=audio_radius(gen.net.cfg)).astype(np.float32)
     vad = frame_voice_activity(audio, n, fps, sr)
     out = generate_clip(gen, tokens, vad, heads, refs)
     row = {"tccp": stage1_metrics(out, heads, vad)}

@@ -38,7 +38,19 @@ from torch import nn
 
 from tccp.errors import TCCPError
 
-__all__ = ["LandmarkNetConfig", "LandmarkNet", "LandmarkCodec", "timestep_embedding"]
+__all__ = ["LandmarkNetConfig", "LandmarkNet", "LandmarkCodec", "timestep_embedding", "audio_radius", "audio_tokens_for"]
+
+
+def audio_tokens_for(radius: int, fps: float = 25.0) -> int:
+    """Audio tokens per video frame when each frame sees +-`radius` video frames of
+    50 Hz Whisper features (`tccp.media.whisper.frame_tokens`)."""
+    return int(round((2 * int(radius) + 1) * 50.0 / fps))
+
+
+def audio_radius(cfg: "LandmarkNetConfig") -> int:
+    """The +-video-frame audio window a network was trained with (from its token count
+    at 25 fps: 10 tokens = +-2 frames, the bundled pack's; 18 = +-4)."""
+    return max(0, (int(cfg.audio_tokens) * 25 // 50 - 1) // 2)
 
 
 @dataclass

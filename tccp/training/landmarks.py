@@ -30,7 +30,7 @@ from tccp.data.landmarks import LandmarkDataConfig, LandmarkWindows, load_landma
 from tccp.diffusion.schedule import Schedule
 from tccp.errors import TCCPError
 from tccp.face import headframe as hf
-from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig, audio_radius, audio_tokens_for
 from tccp.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tccp.training.ema import EMA
 from tccp.training.log import MetricsLog, plot_loss
@@ -68,6 +68,9 @@ class LandmarkTrainConfig:
     """Weight of a loss on frame-to-frame differences (regression only): the aperture
     correlation the issue targets rewards following the motion, which a per-frame squared
     error alone lets the network damp."""
+    audio_radius: int = 2
+    """Audio window: each frame sees +-this many video frames of Whisper features (a new
+    run only; a resumed run keeps its network's). 4 measured better than 2 (docs/lipsync.md)."""
     audio_mask: float = 0.0
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
@@ -118,7 +121,7 @@ def validate(net: LandmarkNet, codec: LandmarkCodec, clips, steps: int = 4, kind
     rows = []
     for c in clips:
         refs = gen.references(c.heads[reference_frames(c.heads, 4)])
-        tokens = frame_tokens(c.features[kind], 0, c.n).astype(np.float32)
+        tokens = frame_tokens(c.features[kind], 0, c.n, radius=audio_radius(net.cfg)).astype(np.float32)
         out = generate_clip(gen, tokens, c.vad[kind], c.heads, refs, gate=gate)
         m = stage1_metrics(out, c.heads, c.vad[kind])
         anchor_mesh = np.array(c.heads[0], copy=True)
@@ -197,7 +200,7 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
         codec = LandmarkCodec(template, cfg.mode, cfg.scale)
         model_cfg = LandmarkNetConfig(mode=cfg.mode, gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
                                       width=cfg.width, depth=cfg.depth, control_depth=min(2, cfg.depth),
-                                      objective=cfg.objective)
+                                      objective=cfg.objective, audio_tokens=audio_tokens_for(cfg.audio_radius))
     codec = LandmarkCodec(template, model_cfg.mode, cfg.scale)
     cache = cfg.cache or str(Path(cfg.data) / ".cache-whisper")
     t0 = time.time()
@@ -219,7 +222,8 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
         if resumed["optim"] is not None:
             opt.load_state_dict(resumed["optim"])
         step = int(resumed["state"]["step"])
-    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**cfg.data_cfg), seed=cfg.seed + step)
+    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg)}),
+                           seed=cfg.seed + step)
     schedule = Schedule(prediction="v")
     gen = torch.Generator().manual_seed(cfg.seed + step)
     metrics = MetricsLog(out / "metrics.jsonl")
