@@ -120,7 +120,7 @@ class BankBuilder:
                                np.stack([heads[j][lips].reshape(-1) for j in picks]),
                                [fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks])
         b.bank.version = 0
-        b.picks = list(range(len(picks)))
+        b.picks = list(picks)  # the chosen frames' indices among the candidates
         return b
 
 

@@ -189,13 +189,10 @@ def build_bank(cands: _Candidates, template: np.ndarray, size: int, k: int) -> t
     """`BankBuilder.from_frames` over the candidates -> (ReferenceBank, candidate index
     of each reference)."""
     from engine.refs import BankBuilder
-    from tccp.face import geometry as fg
 
     lms, boxes = np.stack(cands.landmarks), np.stack(cands.boxes)
     builder = BankBuilder.from_frames(cands.frames, lms, boxes, template, size=k, crop=size)
-    meshes = np.stack([fg.to_crop_coords(lm, bx, size) for lm, bx in zip(lms, boxes)]).astype(np.float32)
-    picked = [int(np.argmin(np.abs(meshes - m[None]).reshape(len(meshes), -1).max(1))) for m in builder.meshes]
-    return builder.bank, picked
+    return builder.bank, [int(j) for j in builder.picks]
 
 
 # --------------------------------------------------------------------------- helpers
