@@ -28,72 +28,15 @@ class OfferRefused(Exception):
         self.body = body
 
 
-def _base_track():
+def _paced_track(kind: str, at_s: Callable[[int], float], ended: Callable[[int], bool], make: Callable[[int], Any],
+                 on_start: Callable[[float], None] | None = None):
+    """An aiortc track whose `recv` returns item i = `make(i)` (i = 0, 1, ...) at
+    `at_s(i)` seconds after the first request (real-time pacing), and ends when
+    `ended(i)`; `on_start(t0)` gets the monotonic time of the first request."""
     from aiortc import MediaStreamTrack
-
-    return MediaStreamTrack
-
-
-def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True, *,  # noqa: N802
-                   image: Callable[[int], np.ndarray] | None = None, restart_pts: bool = False,
-                   on_send: Callable[[], None] | None = None):
-    """Video track that plays `(N, H, W, 3)` uint8 RGB frames in real time.
-
-    For measuring peers (`streaming.probe`): `image(i)` makes the i-th sent picture
-    (default: the clip's frame), `restart_pts` restarts the timestamps with each loop
-    of the clip (a camera whose clock jumps back), `on_send()` is called as each frame
-    leaves."""
-    import av
     from aiortc.mediastreams import MediaStreamError
 
-    base = _base_track()
-
-    class _ClipVideoTrack(base):
-        kind = "video"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.sent = 0
-            self._start: float | None = None
-
-        async def recv(self):
-            if self.readyState != "live":
-                raise MediaStreamError
-            if self._start is None:
-                self._start = time.monotonic()
-            i = self.sent
-            if i >= len(frames) and not loop:
-                self.stop()
-                raise MediaStreamError
-            wait = self._start + i / fps - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            vf = av.VideoFrame.from_ndarray(frames[i % len(frames)] if image is None else image(i), format="rgb24")
-            vf.pts = int(round(((i % len(frames)) if restart_pts else i) * 90000 / fps))
-            vf.time_base = fractions.Fraction(1, 90000)
-            if on_send is not None:
-                on_send()
-            self.sent += 1
-            return vf
-
-    return _ClipVideoTrack()
-
-
-def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptime: float = 0.02, *,  # noqa: N802
-                   restart_pts: bool = False, on_start: Callable[[float], None] | None = None):
-    """Audio track that plays mono float32 `samples` at `sr` in 20 ms s16 frames
-    (`restart_pts`: timestamps restart with each loop; `on_start(t0)`: the monotonic
-    time the first frame was asked for, the track's time origin)."""
-    import av
-    from aiortc.mediastreams import MediaStreamError
-
-    base = _base_track()
-    pcm = (np.clip(np.asarray(samples, np.float32), -1, 1) * 32767).astype(np.int16)
-    block = int(sr * ptime)
-
-    class _ClipAudioTrack(base):
-        kind = "audio"
-
+    class _PacedTrack(MediaStreamTrack):
         def __init__(self) -> None:
             super().__init__()
             self.sent = 0
@@ -106,23 +49,66 @@ def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptim
                 self._start = time.monotonic()
                 if on_start is not None:
                     on_start(self._start)
-            n0 = self.sent * block
-            if n0 >= pcm.size and not loop:
+            i = self.sent
+            if ended(i):
                 self.stop()
                 raise MediaStreamError
-            wait = self._start + n0 / sr - time.monotonic()
+            wait = self._start + at_s(i) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            idx = (np.arange(n0, n0 + block) % max(1, pcm.size)) if pcm.size else None
-            chunk = pcm[idx] if idx is not None else np.zeros(block, np.int16)
-            af = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-            af.sample_rate = sr
-            af.pts = (n0 % max(1, pcm.size)) if restart_pts else n0
-            af.time_base = fractions.Fraction(1, sr)
+            frame = make(i)
             self.sent += 1
-            return af
+            return frame
 
-    return _ClipAudioTrack()
+    _PacedTrack.kind = kind
+    return _PacedTrack()
+
+
+def ClipVideoTrack(frames: np.ndarray, fps: float = 25.0, loop: bool = True, *,  # noqa: N802
+                   image: Callable[[int], np.ndarray] | None = None, restart_pts: bool = False,
+                   on_send: Callable[[], None] | None = None):
+    """Video track that plays `(N, H, W, 3)` uint8 RGB frames in real time.
+
+    For measuring peers (`streaming.probe`): `image(i)` makes the i-th sent picture
+    (default: the clip's frame), `restart_pts` restarts the timestamps with each loop
+    of the clip (a camera whose clock jumps back), `on_send()` is called as each frame
+    leaves."""
+    import av
+
+    n = len(frames)
+
+    def make(i: int):
+        vf = av.VideoFrame.from_ndarray(frames[i % n] if image is None else image(i), format="rgb24")
+        vf.pts = int(round(((i % n) if restart_pts else i) * 90000 / fps))
+        vf.time_base = fractions.Fraction(1, 90000)
+        if on_send is not None:
+            on_send()
+        return vf
+
+    return _paced_track("video", lambda i: i / fps, lambda i: i >= n and not loop, make)
+
+
+def ClipAudioTrack(samples: np.ndarray, sr: int = 48000, loop: bool = True, ptime: float = 0.02, *,  # noqa: N802
+                   restart_pts: bool = False, on_start: Callable[[float], None] | None = None):
+    """Audio track that plays mono float32 `samples` at `sr` in 20 ms s16 frames
+    (`restart_pts`: timestamps restart with each loop; `on_start(t0)`: the monotonic
+    time the first frame was asked for, the track's time origin)."""
+    import av
+
+    pcm = (np.clip(np.asarray(samples, np.float32), -1, 1) * 32767).astype(np.int16)
+    block = int(sr * ptime)
+
+    def make(i: int):
+        n0 = i * block
+        chunk = pcm[np.arange(n0, n0 + block) % pcm.size] if pcm.size else np.zeros(block, np.int16)
+        af = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        af.sample_rate = sr
+        af.pts = (n0 % max(1, pcm.size)) if restart_pts else n0
+        af.time_base = fractions.Fraction(1, sr)
+        return af
+
+    return _paced_track("audio", lambda i: i * block / sr, lambda i: i * block >= pcm.size and not loop, make,
+                        on_start)
 
 
 @dataclass

@@ -265,3 +265,16 @@ def drop_transport(pc) -> None:
         ice = transceiver.sender.transport.transport
         for proto in list(ice._connection._protocols):
             proto.transport.close()
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The export tests' shared cache folder (tiny packs, real clip, ONNX exports),
+    reused across modules and runs (`test_export.shared_cache`), with the environment
+    pointing the engine's export cache at it for the module."""
+    from test_export import cached_env, shared_cache
+
+    path = shared_cache(tmp_path_factory)
+    mp = cached_env(path)
+    yield path
+    mp.undo()

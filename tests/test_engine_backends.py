@@ -9,26 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_export import cached_env, real_clip, shared_cache, tiny_pack
+from test_export import real_clip, tiny_pack
 
 from tccp.errors import TCCPError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    path = shared_cache(tmp_path_factory)
-    mp = cached_env(path)
-    yield path
-    mp.undo()
+def cache(export_cache: Path) -> Path:
+    return export_cache
 
 
 def test_unknown_backend_is_a_one_line_error():

@@ -85,22 +85,12 @@ def cached_env(cache: Path):
     return mp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two shared, busy cores spend most of their time waiting
-    for each other (10x slower here); results do not depend on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    path = shared_cache(tmp_path_factory)
-    mp = cached_env(path)
-    yield path
-    mp.undo()
+def cache(export_cache: Path) -> Path:
+    return export_cache
 
 
 @pytest.fixture(scope="module")
