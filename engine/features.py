@@ -30,7 +30,9 @@ class AudioFeatures:
         self._t0 = 0.0
 
     def _empty(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        span = int(round((2 * self.radius + 1) * 50 / self.fps))
+        from tccp.media.whisper import tokens_per_frame
+
+        span = tokens_per_frame(self.radius, self.fps)
         return (np.zeros((n, span, (self.encoder.n_layers + 1) * self.encoder.width), np.float32),
                 np.zeros(n, np.float32))
 

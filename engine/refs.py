@@ -42,7 +42,7 @@ class BankBuilder:
     is smaller than the bank). A call thus edits from its first frame and ends up with
     the same kind of bank as a file's pre-scan, instead of keeping whatever distinct
     shapes its first second showed (outliers included). When the pool is complete the
-    frames not chosen are dropped."""
+    builder lets its images go (the bank holds the chosen ones)."""
 
     def __init__(self, template: np.ndarray, size: int = 8, crop: int = 128, pool: int = 40, every: int = 3) -> None:
         self.template = template
@@ -58,11 +58,12 @@ class BankBuilder:
         self.sharp: list[float] = []
         self.picks: list[int] = []
         self._built = 0
+        self.complete = False  # the pool is full and the final bank chosen
         self.bank: ReferenceBank | None = None
 
     @property
     def full(self) -> bool:
-        return len(self.crops) >= self.pool
+        return self.complete
 
     def offer(self, frame: np.ndarray, landmarks_px: np.ndarray, box) -> bool:
         """Consider one tracked frame (source px landmarks, face box); True if the bank
@@ -82,29 +83,27 @@ class BankBuilder:
         self.heads.append(heads[0])
         self.sharp.append(_sharpness(crop))
         n = len(self.crops)
-        if n <= self.size or n >= 1.25 * self._built or self.full:
-            self._rebuild()
-            return True
-        return False
+        last = n >= self.pool
+        changed = False
+        if n <= self.size or n >= 1.25 * self._built or last:
+            changed = self._rebuild()
+        if last:
+            self.complete = True
+            self.crops, self.hires = [], []  # the bank keeps its own copies of the chosen images
+        return changed
 
-    def _rebuild(self) -> None:
+    def _rebuild(self) -> bool:
+        """Re-choose the bank from the pool; True if the choice changed."""
         picks = select_references(np.stack(self.heads), self.size, sharpness=np.asarray(self.sharp))
         self._built = len(self.crops)
         if self.bank is not None and picks == self.picks:
-            return
+            return False
         self.picks = picks
         version = 0 if self.bank is None else self.bank.version + 1
-        lips = list(hf.LIPS)
-        self.bank = ReferenceBank(np.stack([self.crops[j] for j in picks]), np.stack([self.meshes[j] for j in picks]),
-                                  np.stack([self.heads[j][lips].reshape(-1) for j in picks]),
-                                  [self.hires[j] for j in picks], ids=list(picks))
+        self.bank = _bank(picks, self.crops, self.meshes, self.heads, self.hires)
+        self.bank.ids = list(picks)
         self.bank.version = version
-        if self.full:  # the pool is complete: keep only what the bank uses
-            for name in ("crops", "hires"):
-                items = getattr(self, name)
-                for j in range(len(items)):
-                    if j not in picks:
-                        items[j] = items[picks[0]]
+        return True
 
     @classmethod
     def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128,
@@ -115,13 +114,16 @@ class BankBuilder:
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
         picks = select_references(heads, size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
-        lips = list(hf.LIPS)
-        b.bank = ReferenceBank(np.stack([crops[j] for j in picks]), meshes[picks].astype(np.float32),
-                               np.stack([heads[j][lips].reshape(-1) for j in picks]),
-                               [fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks])
-        b.bank.version = 0
+        hires = {j: fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks}
+        b.bank = _bank(picks, crops, meshes, heads, hires)
         b.picks = list(picks)  # the chosen frames' indices among the candidates
         return b
+
+
+def _bank(picks: list[int], crops, meshes, heads, hires) -> ReferenceBank:
+    """The `ReferenceBank` of the chosen candidates (`picks` index every argument)."""
+    return ReferenceBank(np.stack([crops[j] for j in picks]), np.stack([meshes[j] for j in picks]).astype(np.float32),
+                         np.stack([heads[j][list(hf.LIPS)].reshape(-1) for j in picks]), [hires[j] for j in picks])
 
 
 def _sharpness(crop: np.ndarray) -> float:

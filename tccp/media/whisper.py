@@ -46,6 +46,7 @@ __all__ = [
     "StreamingWhisper",
     "stream_features",
     "frame_tokens",
+    "tokens_per_frame",
 ]
 
 SAMPLE_RATE = 16000
@@ -269,6 +270,12 @@ def stream_features(encoder: WhisperEncoder, audio: np.ndarray, hop_frames: int 
     return sw.get(0, n_features(len(audio)))
 
 
+def tokens_per_frame(radius: int = 2, fps: float = 25.0) -> int:
+    """Feature frames per video frame when each frame sees +-`radius` video frames
+    (10 at 25 fps and radius 2)."""
+    return int(round((2 * int(radius) + 1) * FEATURE_HZ / fps))
+
+
 def frame_tokens(features: np.ndarray, start: int, n: int, fps: float = 25.0, radius: int = 2) -> np.ndarray:
     """Audio tokens of video frames [start, start + n): (n, 2*(2r+1), layers*width).
 
@@ -276,7 +283,7 @@ def frame_tokens(features: np.ndarray, start: int, n: int, fps: float = 25.0, ra
     padded); each token concatenates every layer."""
     per = FEATURE_HZ / fps
     centre = np.round((np.arange(start, start + n) + 0.5) * per).astype(int)
-    span = int(round((2 * radius + 1) * per))
+    span = tokens_per_frame(radius, fps)
     idx = centre[:, None] - span // 2 + np.arange(span)[None]
     idx = np.clip(idx, 0, max(len(features) - 1, 0))
     x = features[idx]

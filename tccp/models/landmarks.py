@@ -43,8 +43,10 @@ __all__ = ["LandmarkNetConfig", "LandmarkNet", "LandmarkCodec", "timestep_embedd
 
 def audio_tokens_for(radius: int, fps: float = 25.0) -> int:
     """Audio tokens per video frame when each frame sees +-`radius` video frames of
-    50 Hz Whisper features (`tccp.media.whisper.frame_tokens`)."""
-    return int(round((2 * int(radius) + 1) * 50.0 / fps))
+    Whisper features (`tccp.media.whisper.tokens_per_frame`)."""
+    from tccp.media.whisper import tokens_per_frame
+
+    return tokens_per_frame(radius, fps)
 
 
 def audio_radius(cfg: "LandmarkNetConfig") -> int:

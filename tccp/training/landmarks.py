@@ -70,7 +70,8 @@ class LandmarkTrainConfig:
     error alone lets the network damp."""
     audio_radius: int = 2
     """Audio window: each frame sees +-this many video frames of Whisper features (a new
-    run only; a resumed run keeps its network's). 4 measured better than 2 (docs/lipsync.md)."""
+    run only; a resumed run keeps its network's). +-4 measured 0.587 vs 0.583 for +-2, within
+    the noise (docs/lipsync.md)."""
     audio_mask: float = 0.0
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
