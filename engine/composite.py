@@ -199,6 +199,7 @@ def paste_mouth(
     tri=None,
     settings: CompositeSettings = CompositeSettings(),
     detail: bool = True,
+    align: bool = False,
 ) -> np.ndarray:
     """Paste an edited crop (the source crop with its regenerated mouth patch) into the
     frame at the source resolution, under the region `mask` (crop px, float).
@@ -207,7 +208,8 @@ def paste_mouth(
     beside the sharp source. So the crop is upsampled to the box's size and the
     reference's own high frequencies are added back: the bank keeps each reference at
     the source resolution, which is warped onto the target landmarks there (`targets`,
-    crop px) and high-pass filtered (itself minus its 128 px version). Colour is
+    crop px) and high-pass filtered (itself minus its 128 px version); `align` (the
+    head region) moves the reference by its skull points first (`warp_map(align=True)`). Colour is
     matched at the crop's scale on a ring just inside the region's edge (where edited
     and original pixels meet), and the edge is the mask's own feather.
     """
@@ -233,7 +235,7 @@ def paste_mouth(
         rs = ref.shape[0]
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         mx, my, _ = warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
-                             (y1 - y0, x1 - x0), (float(x0), float(y0)))
+                             (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align)
         high = _high_pass(bank, ref_index, size)
         up[y0:y1, x0:x1] += cv2.remap(high, mx, my, settings.resample, borderMode=cv2.BORDER_CONSTANT)
     edited = np.clip(up + 0.5, 0, 255).astype(np.uint8)

@@ -71,6 +71,10 @@ class EngineConfig:
     pipeline). 'tracked': stage 1 is skipped and stage 2 is driven by the tracked
     landmarks of the input (the upper bound of the model card, and a choice for
     footage whose own head motion should be kept)."""
+    region: str = "mouth"
+    """What is edited: 'mouth' (the lower face; the rest of the source is kept: dubbing,
+    live calls) or 'head' (the whole head from the references, with stage 1's head mode
+    generating expression and pose: avatar replacement, TCCP's setting; warp only)."""
     mouth_scale: float = 1.0
     """Mouth-opening factor on stage 1's coordinates (0 closed, 1 as generated, 2 double)."""
     gate: bool = True
@@ -86,6 +90,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.landmarks not in ("generated", "tracked"):
             raise ValueError(f"landmarks must be 'generated' or 'tracked', got {self.landmarks!r}")
+        if self.region not in ("mouth", "head"):
+            raise ValueError(f"region must be 'mouth' or 'head', got {self.region!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if (self.steps is not None and self.steps < 0) or self.min_steps < 1:

@@ -80,6 +80,8 @@ class WindowRequest:
     seed: int = 0
     mouth_scale: float = 1.0
     gate: bool = True
+    region: str = "mouth"  # 'head': stage 1's head mode and the whole-head warp
+    contexts: np.ndarray | None = None  # (n, CONTEXT_DIM) head-masked context tokens (head region)
 
     @property
     def n(self) -> int:
@@ -212,6 +214,15 @@ class PipelineRunner:
     def triangulation(self) -> Any:
         return self.pipeline.stage2.tri
 
+    @property
+    def head_warper(self) -> Any:
+        """Head region's stage 2 (`tccp.pipelines.heads.HeadWarper`), made on first use."""
+        if getattr(self, "_head_warper", None) is None:
+            from tccp.pipelines.heads import HeadWarper
+
+            self._head_warper = HeadWarper(self.template, self.size)
+        return self._head_warper
+
     def audio_features(self, live: bool, fps: float = 25.0) -> Any:
         """A session's audio-condition maker (`engine.features.AudioFeatures`)."""
         from engine.features import AudioFeatures
@@ -221,7 +232,7 @@ class PipelineRunner:
         return AudioFeatures(self.pipeline.whisper, live=live, fps=fps, radius=audio_radius(self.pipeline.stage1.net.cfg))
 
     def batch_key(self, r: WindowRequest) -> tuple:
-        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]))
+        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]), r.region)
 
     # ------------------------------------------------------------------ stage 1
     def _stage1(self, requests: Sequence[WindowRequest], new: int) -> list[dict]:
@@ -230,7 +241,16 @@ class PipelineRunner:
         from tccp.face.mouth import scale_opening
 
         pipe = self.pipeline
-        gen, codec = pipe.stage1, pipe.stage1.codec
+        head = requests[0].region == "head"
+        gen = pipe.stage1
+        if head and requests[0].mode != "tracked":
+            gen = getattr(pipe, "stage1_head", None)
+            if gen is None:
+                from tccp.errors import TCCPError
+
+                raise TCCPError("--region head: this model pack has no head-mode stage 1 (export one with "
+                                "--stage1-head, or use --landmarks tracked)")
+        codec = gen.codec
         template = codec.template
         outs = []
         per_req = []
@@ -239,10 +259,13 @@ class PipelineRunner:
             heads, pose = hf.to_head(meshes, template)
             if r.refs.stage1 is None:
                 bank = r.refs.bank
-                bheads, _ = hf.to_head(bank.meshes, template)
+                bheads, bpose = hf.to_head(bank.meshes, template)
                 from tccp.data.landmarks import reference_frames
 
-                r.refs.stage1 = gen.references(bheads[reference_frames(bheads, 4)])
+                idx = reference_frames(bheads, 4)
+                params = bpose.params()
+                params[:, 2:] /= self.size  # head mode's pose unit: the crop
+                r.refs.stage1 = gen.references(bheads[idx], params[idx] if codec.mode == "head" else None)
             per_req.append((meshes, heads, pose))
         if requests[0].mode == "tracked":
             for r, (meshes, heads, pose) in zip(requests, per_req):
@@ -253,7 +276,10 @@ class PipelineRunner:
         restart = requests[0].restart
         tokens = np.stack([pad_frames(r.tokens, new) for r in requests]).astype(np.float32)
         vad = np.stack([pad_frames(r.vad, new) for r in requests]).astype(np.float32)
-        cv = np.stack([codec.control(h) for _, h, _ in per_req])
+        if codec.mode == "head":
+            cv = np.stack([pad_frames(np.asarray(r.contexts, np.float32), new) for r in requests])
+        else:
+            cv = np.stack([codec.control(h) for _, h, _ in per_req])
         refs = [r.refs.stage1 for r in requests]
         if restart:
             first = gen.window(tokens[:, :1], vad[:, :1], cv[:, :1], refs, None, seed=[r.seed for r in requests])
@@ -270,7 +296,11 @@ class PipelineRunner:
             x = gen.window(tok, vv, cc, refs, prev, seed=[r.seed for r in requests])[:, 1:]
         for i, (r, (meshes, heads, pose)) in enumerate(zip(requests, per_req)):
             ref = r.refs.stage1
-            gen_heads, _ = codec.decode(x[i], ref.anchor, heads, ref.pose)
+            gen_heads, gen_pose = codec.decode(x[i], ref.anchor, heads, ref.pose)
+            if gen_pose is not None:  # head mode: the generated pose places the head
+                gen_pose = np.array(gen_pose, np.float64)
+                gen_pose[:, 2:] *= self.size
+                pose = hf.Pose.from_params(gen_pose)
             level = 0.0 if r.state is None else r.state.gate  # a stream starts at rest
             quiet = 0 if r.state is None else r.state.quiet
             if r.gate:
@@ -298,6 +328,7 @@ class PipelineRunner:
         t1 = time.perf_counter()
         # stage 2 inputs for every frame of the window (slot 0 = the carried frame)
         inputs, banks = [], []
+        head = r0.region == "head"
         for r, tg in zip(requests, targets):
             bank = self.references if self.references is not None else r.refs.bank
             crops = pad_frames(r.crops, new)
@@ -306,14 +337,18 @@ class PipelineRunner:
                 crops = np.concatenate([r.state.crop[None], crops])
                 srcs = np.concatenate([r.state.source_mesh[None], srcs])
                 tg = np.concatenate([r.state.mesh[None], tg])
-            inputs.append(editor.inputs(crops, tg, srcs, bank, prev_ref=-1 if r.state is None else bank.index_of(r.state.ref)))
+            prev_ref = -1 if r.state is None else bank.index_of(r.state.ref)
+            inputs.append(self.head_warper.inputs(crops, tg, srcs, bank, prev_ref) if head else
+                          editor.inputs(crops, tg, srcs, bank, prev_ref=prev_ref))
             banks.append(bank)
         mel = np.stack([pad_frames(r.mel, new) for r in requests]).astype(np.float32)
         k0 = 0 if r0.restart else 1
         warp_only = r0.steps <= 0 or editor.model is None
         how = {"sampler": SAMPLER_NAMES.get(r0.sampler, r0.sampler), "cfg_scale": float(r0.guidance)}
         lat_new = None
-        if warp_only:
+        if head:  # the whole head is the warped reference (no head-mode denoiser: tccp.pipelines.heads)
+            patches = None
+        elif warp_only:
             # the warped reference is the patch: no autoencoder, no denoiser
             patches = np.stack([d["warped"][k0:] for d in inputs])
         else:
@@ -341,7 +376,9 @@ class PipelineRunner:
             n = r.n
             faces = pad_frames(r.crops, new).copy()
             masks = np.zeros(faces.shape[:3], np.float32)
-            for k in range(new):
+            if head:
+                faces, masks = d["faces"][k0:], d["mask"][k0:]
+            for k in range(new if not head else 0):
                 m = d["mask"][k0 + k][..., None]
                 region = faces[k, y0:y1, x0:x1].astype(np.float32)
                 faces[k, y0:y1, x0:x1] = np.clip(region * (1 - m) + patches[i, k] * m + 0.5, 0, 255).astype(np.uint8)

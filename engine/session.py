@@ -440,6 +440,8 @@ class Session:
             seed=c.seed + win.index,
             mouth_scale=c.mouth_scale,
             gate=c.gate,
+            region=c.region,
+            contexts=None if c.region != "head" else await loop.run_in_executor(None, _context_tokens, win, self.model.size),
         )
         res: WindowResult = await self.model.submit(req)
         self._state = res.state
@@ -486,7 +488,8 @@ class Session:
         bank = res.bank if res.bank is not None else (self._refs.bank if self._refs is not None else None)
         img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
                           int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
-                          self._composite, detail=getattr(self.controller, "detail", True))
+                          self._composite, detail=getattr(self.controller, "detail", True),
+                          align=self.cfg.region == "head")
         of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
         if self.keep_debug:
             of.crop = face
@@ -551,3 +554,13 @@ class Session:
                 )
                 if change is not None:
                     self.stats.add_degradation(change)
+
+
+def _context_tokens(win: PreparedWindow, size: int) -> np.ndarray:
+    """Head region: the window's head-masked context crops pooled to stage 1's c_v
+    (`tccp.face.context`), made exactly as `tccp prepare` made the training data."""
+    from tccp.face.context import context_tokens, masked_context
+
+    boxes = win.extra["context_boxes"]
+    return context_tokens(np.stack([masked_context(win.frames[k], win.landmarks[k], boxes[k], size)
+                                    for k in range(win.n)]))

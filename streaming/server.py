@@ -511,6 +511,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lip opening factor: 0 closed, 1 as the pack renders it, >1 exaggerated")
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: lips from the audio (default); tracked: lips follow the camera")
+    p.add_argument("--region", choices=("mouth", "head"), default="mouth",
+                   help="mouth: edit the lower face (default); head: the whole head from the references "
+                        "(avatar replacement; needs a pack with a head-mode stage 1 unless --landmarks tracked)")
     p.add_argument("--media-timeout", type=float, default=5.0,
                    help="close a peer after this many seconds without incoming media (default 5)")
     p.add_argument("--playout-delay", type=float, default=None, metavar="S",
@@ -564,16 +567,19 @@ class ModelSessions:
 
     def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
                  mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None,
-                 trackers: int = 4, model: Any = None) -> None:
+                 trackers: int = 4, model: Any = None, region: str = "mouth") -> None:
         from engine.config import EngineConfig
         from engine.model import load_model
         from streaming.live import TrackerPool
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
-        self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale)
+        self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale, region=region)
         if steps is not None:
             self.base = self.base.with_(steps=steps, min_steps=min(self.base.min_steps, steps))
         self.default = model if model is not None else load_model(pack, device, avatar=avatar)
+        from engine.model import check_region
+
+        check_region(self.default, region, landmarks)
         self.default_name = None if avatar is None else Path(str(avatar)).name
         self.models: dict[str, Any] = {}
         self._lock = asyncio.Lock()
@@ -694,7 +700,7 @@ def main(args: argparse.Namespace) -> int:
         factory, label = PassthroughSession, "passthrough"
     else:
         factory = model_session_factory(args.model, args.device, args.steps, avatar=args.avatar,
-                                        mouth_scale=args.mouth_scale, landmarks=args.landmarks,
+                                        mouth_scale=args.mouth_scale, landmarks=args.landmarks, region=args.region,
                                         trackers=args.max_sessions)
         label = "model"
         print(f"tccp serve: warming up the model ({threads} thread(s))...", flush=True)

@@ -10,6 +10,10 @@
                               autoencoder ("taef2"); card (how it was trained)
     <pack>/stage1.safetensors landmark network + its head-frame template (fp16)
     <pack>/stage2.safetensors mouth-patch MVControlNet (fp16)
+    <pack>/stage1_head.safetensors  optional: head mode's landmark network (every
+                              sketch point + the head pose from audio and the
+                              head-masked context; config "stage1_head"), for
+                              `--region head`
 
 Version 1 packs (stage 1 generating sketch latents, stage 2 regenerating the whole
 head at 64 px) are refused with one line naming the version. Packs are written
@@ -67,6 +71,7 @@ def save_pack(
     extra_files: dict[str, Path] | None = None,
     residual_scale: float | None = None,
     articulation: float = 1.0,
+    stage1_head: tuple[LandmarkNet, LandmarkCodec] | None = None,
 ) -> Path:
     """Write a pack folder atomically; returns its path."""
     from safetensors.torch import save_file
@@ -91,6 +96,10 @@ def save_pack(
             # the network generates face - warped reference (x this scale); None: the face
             "residual_scale": residual_scale,
         },
+        "stage1_head": None if stage1_head is None else {
+            "kind": "landmarks", "model": stage1_head[0].cfg.to_dict(), "scale": stage1_head[1].scale,
+            "steps": int(stage1_steps),
+            "audio": {"encoder": "whisper", "name": "tiny.en", "radius": audio_radius(stage1_head[0].cfg)}},
         "autoencoder": "taef2",
         "dtype": dtype_name,
         "card": card or {},
@@ -103,6 +112,10 @@ def save_pack(
         if stage2 is not None:
             s2 = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stage2.state_dict().items()}
             save_file(s2, str(tmp / "stage2.safetensors"), metadata={"format": PACK_FORMAT, "stage": "stage2"})
+        if stage1_head is not None:
+            sh = {k: v.detach().to("cpu", dtype).contiguous() for k, v in stage1_head[0].state_dict().items()}
+            sh["template"] = torch.from_numpy(np.ascontiguousarray(stage1_head[1].template, np.float32))
+            save_file(sh, str(tmp / "stage1_head.safetensors"), metadata={"format": PACK_FORMAT, "stage": "stage1_head"})
         for name, src in (extra_files or {}).items():
             (tmp / name).write_bytes(Path(src).read_bytes())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -142,23 +155,30 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
         raise TCCPError(f"{file}: corrupt weights file ({first})") from None
 
 
-def load_stage1(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LandmarkNet, LandmarkCodec]:
+def load_stage1(path: str | os.PathLike, device: str | torch.device = "cpu", key: str = "stage1"
+                ) -> tuple[LandmarkNet, LandmarkCodec]:
+    """A pack's landmark network and codec: `key` "stage1" (mouth mode) or "stage1_head"
+    (head mode; a `TCCPError` when the pack has none)."""
     folder = Path(path)
     config = read_pack_config(folder)
-    c1 = config["stage1"]
+    c1 = config.get(key)
+    if not isinstance(c1, dict):
+        raise TCCPError(f"{folder}: this pack has no head-mode stage 1 (no '{key}' in its config); "
+                        f"--region head needs a pack exported with --stage1-head")
     try:
         cfg = LandmarkNetConfig.from_dict(c1["model"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise TCCPError(f"{folder / 'config.json'}: stage1: bad model config ({exc})") from None
-    state = _load_file(folder / "stage1.safetensors")
+        raise TCCPError(f"{folder / 'config.json'}: {key}: bad model config ({exc})") from None
+    file = folder / f"{key}.safetensors"
+    state = _load_file(file)
     template = state.pop("template", None)
     if template is None:
-        raise TCCPError(f"{folder / 'stage1.safetensors'}: no head-frame template")
+        raise TCCPError(f"{file}: no head-frame template")
     net = LandmarkNet(cfg)
     try:
         net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise TCCPError(f"{folder / 'stage1.safetensors'}: weights do not match the config "
+        raise TCCPError(f"{file}: weights do not match the config "
                         f"({str(exc).splitlines()[0]})") from None
     codec = LandmarkCodec(template.float().numpy(), cfg.mode, float(c1.get("scale", 0.05)))
     return net.requires_grad_(False).to(device).eval(), codec
@@ -220,4 +240,10 @@ def load_pack(
                               stage1_steps=int(config["stage1"].get("steps", 4)),
                               residual_scale=c2.get("residual_scale"))
     pipe.pack_config = config
+    if isinstance(config.get("stage1_head"), dict):
+        from tccp.pipelines.landmarks import LandmarkGenerator
+
+        hnet, hcodec = load_stage1(folder, device, key="stage1_head")
+        pipe.stage1_head = LandmarkGenerator(hnet, hcodec, Schedule(prediction="v"),
+                                             steps=int(config["stage1_head"].get("steps", 4)))
     return pipe

@@ -33,6 +33,9 @@ class EditPipeline:
     crop_size: int = 128
     region: str = "mouth"
     pack_config: dict = field(default_factory=dict)
+    stage1_head: LandmarkGenerator | None = None
+    """Head mode's stage 1 (every sketch point + the head pose; `--region head`), when
+    the pack has one."""
 
     @property
     def template(self) -> np.ndarray:
@@ -54,6 +57,8 @@ class EditPipeline:
 
     def to(self, device: str | torch.device) -> "EditPipeline":
         self.stage1.net.to(device)
+        if self.stage1_head is not None:
+            self.stage1_head.net.to(device)
         if self.stage2.model is not None:
             self.stage2.model.to(device)
         if self.stage2.autoencoder is not None:

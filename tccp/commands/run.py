@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: stage 1 predicts landmarks from context+audio (default); "
                         "tracked: stage 2 follows the input's own tracked landmarks")
+    p.add_argument("--region", choices=("mouth", "head"), default="mouth",
+                   help="mouth: edit the lower face, keep the rest of the source (default; dubbing, calls); head: the "
+                        "whole head from the references, expression and pose from stage 1's head mode (avatar "
+                        "replacement, the paper's setting; warp only, measured in docs/faces.md)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="inference backend (default torch; onnxruntime/tensorrt export the pack on first use)")
@@ -146,7 +150,7 @@ def print_warnings(caught: list) -> None:
 def main(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.filerun import run_file
-    from engine.model import check_mouth_scale, load_model
+    from engine.model import check_mouth_scale, check_region, load_model
     from tccp.errors import TCCPError
     from tccp.io_utils import guard_output
 
@@ -168,10 +172,16 @@ def main(args: argparse.Namespace) -> int:
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     guard_output(args.out, inputs=(args.video, args.audio, args.identity))
-    cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale)
+    cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
+                       region=args.region)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
+    try:
+        check_region(model, args.region, args.landmarks)
+    except TCCPError:
+        model.close()
+        raise
     caught: list = []
     try:
         with quiet_native_stderr() as caught, make_progress("generating", quiet=args.quiet) as bar:
@@ -207,7 +217,7 @@ def main_live(args: argparse.Namespace) -> int:
     import asyncio
 
     from engine.config import EngineConfig
-    from engine.model import load_model
+    from engine.model import check_region, load_model
     from streaming.mic import FileAudioSource, MicSource, run_live
     from tccp.errors import TCCPError
 
@@ -227,7 +237,7 @@ def main_live(args: argparse.Namespace) -> int:
         guard_output(out, inputs=(None if _camera_spec(video) else video, args.audio, args.identity))
     audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
     cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks,
-                       mouth_scale=args.mouth_scale)
+                       mouth_scale=args.mouth_scale, region=args.region)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     if args.identity is not None:
@@ -236,6 +246,11 @@ def main_live(args: argparse.Namespace) -> int:
         cfg = cfg.with_(identity=load_image(args.identity))
     source = int(video) if video.strip().isdigit() else video
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
+    try:
+        check_region(model, args.region, args.landmarks)
+    except TCCPError:
+        model.close()
+        raise
     caught: list = []
     try:
         with quiet_native_stderr() as caught:

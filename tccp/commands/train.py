@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", help="folder of prepared clips (tccp prepare)")
     g.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
     g.add_argument("--config", default="mouth", help="stage-2 model config: tiny, mouth, small or paper (default mouth)")
+    g.add_argument("--mode", choices=("mouth", "head"), default="mouth",
+                   help="stage 1 (new run): mouth = lips and jaw on the source's pose prior (default); head = every "
+                        "sketch point and the head pose, conditioned on the head-masked context (the paper's setting)")
     g.add_argument("--objective", choices=("regress", "v"), default="regress",
                    help="stage 1: deterministic regression head (default) or v-prediction diffusion")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (stage 2: total, default 5000; stage 1: "
@@ -72,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("export a model pack (no training)")
     e.add_argument("--export-pack", metavar="PACK_DIR", help="write the engine's model pack from two runs")
     e.add_argument("--stage1", metavar="RUN_OR_CKPT", help="stage-1 (landmarks) run or checkpoint")
+    e.add_argument("--stage1-head", metavar="RUN_OR_PACK", help="head-mode stage-1 run (or pack) for --region head; "
+                   "default: carried over from a --stage1 pack")
     e.add_argument("--stage2", metavar="RUN_OR_CKPT", help="stage-2 (faces) run or checkpoint; omit for a warp-only pack")
     e.add_argument("--name", default=None, help="model card name for the pack")
     e.add_argument("--articulation", type=float, default=None, metavar="G",
@@ -87,11 +92,13 @@ def main(args: argparse.Namespace) -> int:
     if args.export_pack:
         if not args.stage1:
             raise TCCPError("--export-pack needs --stage1 RUN (and --stage2 RUN, or none for a warp-only pack)")
-        guard_output(args.export_pack, folder=True, kind="train", inputs=(args.stage1, args.stage2), flag=None)
+        guard_output(args.export_pack, folder=True, kind="train", inputs=(args.stage1, args.stage2, args.stage1_head),
+                     flag=None)
         from tccp.training.trainer import export_pack
 
         card = {"name": args.name} if args.name else {}
-        path = export_pack(args.stage1, args.stage2, args.export_pack, card, articulation=args.articulation)
+        path = export_pack(args.stage1, args.stage2, args.export_pack, card, articulation=args.articulation,
+                           stage1_head=args.stage1_head)
         print(path)
         return 0
     missing = [f"--{k}" for k in ("stage", "data", "out") if not getattr(args, k)]
@@ -120,7 +127,8 @@ def main(args: argparse.Namespace) -> int:
         res = train_landmarks(LandmarkTrainConfig(
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
-            motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius))
+            motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
+            mode=args.mode))
         print(res["run"])
         return 0
 

@@ -35,10 +35,11 @@ import torch
 
 from tccp.data.datasets import PreparedClip
 from tccp.face import headframe as hf
+from tccp.face.context import mirror_tokens
 from tccp.models.landmarks import LandmarkCodec
 
 __all__ = ["FEATURE_KINDS", "LandmarkDataConfig", "LandmarkClip", "load_landmark_clips", "clip_features",
-           "LandmarkWindows", "rest_shape", "reference_frames"]
+           "LandmarkWindows", "rest_shape", "reference_frames", "mirror_pose"]
 
 FEATURE_KINDS = ("full", "stream0", "stream2", "noisy", "silenced")
 
@@ -67,6 +68,7 @@ class LandmarkClip:
     features: dict  # kind -> (T50, layers, width) float16
     rest: np.ndarray  # (478, 2) head-frame mesh with the mouth at rest (closed)
     silent: np.ndarray  # (N,) bool: frames silenced in the `silenced` variant
+    context: np.ndarray | None = None  # (N, CONTEXT_DIM) head-masked context tokens (head mode's c_v)
 
     @property
     def n(self) -> int:
@@ -160,8 +162,10 @@ def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.Pa
 
 def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarray, encoder=None,
                         kinds: Sequence[str] = FEATURE_KINDS, cache_dir: str | os.PathLike | None = None,
-                        only_lipsync: bool = True, progress=None) -> list[LandmarkClip]:
-    """Prepared clip folders -> `LandmarkClip`s (features computed or read from cache)."""
+                        only_lipsync: bool = True, progress=None, context: bool = False) -> list[LandmarkClip]:
+    """Prepared clip folders -> `LandmarkClip`s (features computed or read from cache);
+    `context`: also the head-masked context tokens (head mode, `tccp.face.context`)."""
+    from tccp.face.context import context_tokens
     from tccp.media.whisper import load_whisper
 
     encoder = encoder or load_whisper()
@@ -180,10 +184,20 @@ def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarr
                 silent = s[: clip.n_frames]
         params = pose.params()
         params[:, 2:] /= clip.size
-        out.append(LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent))
+        ctx = context_tokens(clip.contexts) if context else None
+        out.append(LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent, ctx))
         if progress is not None:
             progress(i + 1, len(folders))
     return out
+
+
+def mirror_pose(params: np.ndarray) -> np.ndarray:
+    """Pose params (log scale, angle, origin x, y in crop units) of the horizontally
+    mirrored crop: the angle changes sign, the origin's x goes to 1 - x."""
+    p = np.array(params, np.float32, copy=True)
+    p[..., 1] = -p[..., 1]
+    p[..., 2] = 1.0 - p[..., 2]
+    return p
 
 
 class LandmarkWindows:
@@ -194,6 +208,8 @@ class LandmarkWindows:
         from tccp.face.sketch import SKETCH_INDICES
 
         self.clips = [c for c in clips if c.n >= (cfg or LandmarkDataConfig()).window]
+        if codec.mode == "head" and any(c.context is None for c in self.clips):
+            raise ValueError("head mode needs the clips' context tokens (load_landmark_clips(context=True))")
         if not self.clips:
             raise ValueError("no lip-sync clip long enough for one window")
         self.codec = codec
@@ -231,13 +247,19 @@ class LandmarkWindows:
             heads = clip.heads[i0 : i0 + n].copy()
             if kind == "silenced":
                 sil = clip.silent[i0 : i0 + n]
-                heads[sil] = np.where(np.isin(np.arange(hf.N_MESH), codec.gen_index)[:, None], clip.rest, heads[sil])
+                heads[sil] = np.where(np.isin(np.arange(hf.N_MESH), hf.MOUTH)[:, None], clip.rest, heads[sil])
             ref_idx = rng.choice(clip.n, cfg.refs, replace=clip.n < cfg.refs)
             both = self._augment(np.concatenate([heads, clip.heads[ref_idx]]), rng, mirror)
             win, refs = both[:n], both[n:]
             anchor = codec.anchor(refs)
-            pose = clip.pose[i0 : i0 + n]
-            x = codec.encode(win, anchor, pose, clip.pose[ref_idx].mean(0))
+            pose, ref_pose = clip.pose[i0 : i0 + n], clip.pose[ref_idx]
+            if codec.mode == "head":
+                cv = clip.context[i0 : i0 + n]
+                if mirror:
+                    pose, ref_pose, cv = mirror_pose(pose), mirror_pose(ref_pose), mirror_tokens(cv)
+            else:
+                cv = codec.control(win)
+            x = codec.encode(win, anchor, pose, ref_pose.mean(0))
             flags = np.zeros(n, np.float32)
             if rng.random() >= cfg.p_first:
                 flags[0] = 1.0
@@ -247,6 +269,6 @@ class LandmarkWindows:
                                                  radius=self.cfg.radius).astype(np.float32))
             out["vad"].append(clip.vad[kind][i0 : i0 + n])
             out["refs"].append(codec.refs(refs))
-            out["cv"].append(codec.control(win))
+            out["cv"].append(cv)
             out["flags"].append(flags)
         return {k: torch.from_numpy(np.stack(v)) for k, v in out.items()}

@@ -179,6 +179,7 @@ def _counted(frames, progress: Progress | None, phase: str):
 def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progress | None) -> dict:
     """Track, crop, mask and write every file of one clip into `tmp` (meta.json last)."""
     from tccp import face
+    from tccp.face.context import masked_context
     from tccp.face.track import FaceTrackerConfig
     from tccp.media import io as media
     from tccp.media.audio import log_mel
@@ -200,12 +201,8 @@ def _write_clip(clip: Path, tmp: Path, data, cfg: PrepareConfig, progress: Progr
     ) as cw:
         for i, frame in enumerate(_counted(data.frames, progress, "crop")):
             fw.write(face.crop(frame, track.face_boxes[i], size))
-            ctx = face.crop(frame, track.context_boxes[i], size)
-            mask = face.head_mask(
-                track.landmarks[i], track.context_boxes[i], size,
-                dilate=cfg.mask_dilate, forehead=cfg.mask_forehead,
-            )
-            cw.write(face.mask_context(ctx, mask))
+            cw.write(masked_context(frame, track.landmarks[i], track.context_boxes[i], size,
+                                    dilate=cfg.mask_dilate, forehead=cfg.mask_forehead))
 
     write_track(
         tmp, lm_crop[:, sub], sub, track.face_boxes, track.context_boxes, track.found, track.interpolated

@@ -57,13 +57,26 @@ def _with_anchors(tri: Triangulation, mesh: np.ndarray, ref_shape: np.ndarray | 
 
 
 def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, shape: tuple[int, int],
-             offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             offset: tuple[float, float] = (0.0, 0.0), align: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward map for an output of `shape` (h, w) whose pixel (0, 0) sits at `offset`
     in dst coordinates: (map_x, map_y) in src coordinates (continuous px, cv2.remap's
     pixel-centre convention applied) and the `inside` mask (h, w) bool.
 
     Anchors are placed around the *target* shape and map onto themselves, so the warp
-    fades to identity away from the face."""
+    fades to identity away from the face. That suits a mouth edit, where source and
+    target heads stand where the reference's did; `align` (head mode, where the whole
+    head moves) first moves the source by the similarity that best fits its skull
+    points (`tccp.face.headframe.STABLE`) onto the target's, so hair, ears and the
+    background around the head follow the head instead of staying behind."""
+    if align:
+        from tccp.face.headframe import STABLE, apply_similarity, similarity
+
+        idx = list(STABLE)
+        a, b = similarity(np.asarray(src_mesh, np.float64)[idx], np.asarray(dst_mesh, np.float64)[idx])
+        mx, my, inside = warp_map(tri, apply_similarity(a, b, src_mesh), dst_mesh, shape, offset)
+        z = ((mx.astype(np.float64) + 0.5) + 1j * (my.astype(np.float64) + 0.5) - b) / a
+        return (z.real - 0.5).astype(np.float32), (z.imag - 0.5).astype(np.float32), inside
     src = _with_anchors(tri, src_mesh, dst_mesh)
     dst = _with_anchors(tri, dst_mesh, dst_mesh)
     src[-tri.n_anchor :] = dst[-tri.n_anchor :]
@@ -94,11 +107,12 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
 
 def warp_image(image: np.ndarray, tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray,
                shape: tuple[int, int] | None = None, offset: tuple[float, float] = (0.0, 0.0),
-               src_offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+               src_offset: tuple[float, float] = (0.0, 0.0), align: bool = False) -> np.ndarray:
     """Warp `image` (whose pixel (0, 0) sits at `src_offset` in src coordinates) so that
-    src_mesh lands on dst_mesh; output `shape` (default: image's) at `offset`."""
+    src_mesh lands on dst_mesh; output `shape` (default: image's) at `offset`; `align`
+    as in `warp_map`."""
     shape = shape or image.shape[:2]
-    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset)
+    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset, align=align)
     return cv2.remap(image, mx - src_offset[0], my - src_offset[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 

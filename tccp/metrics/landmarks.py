@@ -13,6 +13,12 @@ truth. Reported per clip, on head-frame meshes (scale-free: unit = eye-corner di
 Baselines measured on the same clips: "mean lips" (the references' mean mouth held
 still) and "energy" (the rest mouth opened in proportion to the audio's RMS energy, with
 the gain fitted on the clip itself, i.e. the best any energy mapping can do).
+
+Head mode (`head_metrics`) adds the whole sketch and the pose: `sketch_lmd` over every
+sketch point; the pose's RMS errors (in-plane angle in degrees, head position in
+crop fractions, log scale) and `pose_motion_ratio` (std of the generated angle / the
+real one: 0 is a frozen head), each against "hold" (the references' mean shape and
+pose held still, what a frozen head scores).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 from tccp.face import headframe as hf
 from tccp.metrics.lipsync import best_lag, pearson
 
-__all__ = ["silent_frames", "stage1_metrics", "energy_baseline", "mean_lips_baseline"]
+__all__ = ["silent_frames", "stage1_metrics", "energy_baseline", "mean_lips_baseline", "head_metrics"]
 
 
 def silent_frames(vad: np.ndarray, threshold: float = 0.2, min_run: int = 5) -> np.ndarray:
@@ -89,4 +95,31 @@ def energy_baseline(real: np.ndarray, rest: np.ndarray, energy: np.ndarray) -> n
     idx = list(hf.MOUTH)
     out[:, idx] = rest[idx]
     out[:, lower, 1] += (gain * e)[:, None]
+    return out
+
+
+def head_metrics(gen: np.ndarray, gen_pose: np.ndarray, real: np.ndarray, real_pose: np.ndarray,
+                 anchor_mesh: np.ndarray, ref_pose: np.ndarray) -> dict:
+    """Head mode: gen/real (N, 478, 2) head-frame meshes, (N, 4) pose params (log
+    scale, angle, origin x, y in crop units), anchor_mesh (478, 2) and ref_pose (4,) the
+    references' mean -> whole-sketch and pose measures with the "hold" baseline."""
+    from tccp.face.sketch import SKETCH_INDICES
+
+    idx = list(SKETCH_INDICES)
+    gp, rp = np.asarray(gen_pose, np.float64), np.asarray(real_pose, np.float64)
+    hold = np.broadcast_to(np.asarray(ref_pose, np.float64), rp.shape)
+
+    def pose_err(p: np.ndarray) -> dict:
+        d = p - rp
+        return {"angle_deg": float(np.degrees(np.sqrt((d[:, 1] ** 2).mean()))),
+                "origin": float(np.sqrt((d[:, 2:] ** 2).sum(1).mean())),
+                "log_scale": float(np.sqrt((d[:, 0] ** 2).mean()))}
+
+    out = {"sketch_lmd": float(np.linalg.norm(gen[:, idx] - real[:, idx], axis=-1).mean()),
+           "baseline_hold_sketch_lmd": float(np.linalg.norm(anchor_mesh[idx][None] - real[:, idx], axis=-1).mean())}
+    for k, v in pose_err(gp).items():
+        out[f"pose_{k}"] = v
+    for k, v in pose_err(hold).items():
+        out[f"baseline_hold_pose_{k}"] = v
+    out["pose_motion_ratio"] = float(gp[:, 1].std() / max(rp[:, 1].std(), 1e-9))
     return out

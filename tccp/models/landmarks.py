@@ -232,7 +232,10 @@ class LandmarkCodec:
 
     @property
     def cv_dim(self) -> int:
-        return 2 * len(self.cv_index)
+        """Mouth mode: the rest points (pose prior); head mode: the context tokens."""
+        from tccp.face.context import CONTEXT_DIM
+
+        return 2 * len(self.cv_index) if self.mode == "mouth" else CONTEXT_DIM
 
     def anchor(self, ref_heads: np.ndarray) -> np.ndarray:
         """(K, 478, 2) reference head-frame meshes -> (G, 2) anchor shape."""
@@ -244,7 +247,10 @@ class LandmarkCodec:
         return r.reshape(len(ref_heads), -1).astype(np.float32)
 
     def control(self, heads: np.ndarray) -> np.ndarray:
-        """(N, 478, 2) head-frame meshes -> (N, cv_dim) (mouth mode's pose prior)."""
+        """(N, 478, 2) head-frame meshes -> (N, cv_dim) (mouth mode's pose prior; head
+        mode's c_v is the context, `tccp.face.context.context_tokens`)."""
+        if self.mode != "mouth":
+            raise ValueError("head mode's control input is the context, not landmarks")
         r = (heads[:, self.cv_index] - self.template[self.cv_index]) / self.scale
         return r.reshape(len(heads), -1).astype(np.float32)
 

@@ -97,15 +97,19 @@ class LandmarkGenerator:
 
 
 def generate_clip(gen: LandmarkGenerator, tokens: np.ndarray, vad: np.ndarray, heads: np.ndarray,
-                  refs: References, window: int = 8, gate: bool = True) -> np.ndarray:
+                  refs: References, window: int = 8, gate: bool = True, cv: np.ndarray | None = None,
+                  return_pose: bool = False):
     """Offline stage 1 over a whole clip, exactly as the engine runs it (first-frame
     step, then windows of `window - 1` new frames carrying slot 0): tokens (N, La, F),
-    vad (N,), heads (N, 478, 2) the source's head-frame meshes (their REST points are the
-    pose prior) -> generated head-frame meshes (N, 478, 2). `gate` applies the
+    vad (N,), heads (N, 478, 2) the source's head-frame meshes (mouth mode: their REST
+    points are the pose prior) -> generated head-frame meshes (N, 478, 2). Head mode
+    takes `cv` (N, CONTEXT_DIM) context tokens and `refs.pose`, and generates the pose
+    too (`return_pose`: (meshes, (N, 4) pose params)). `gate` applies the
     voice-activity rest (see `apply_gate`)."""
     codec = gen.codec
     n = len(heads)
-    cv = codec.control(heads)
+    if cv is None:
+        cv = codec.control(heads)
     out = np.zeros((n, codec.gen_dim), np.float32)
     out[0] = gen.window(tokens[None, :1], vad[None, :1], cv[None, :1], [refs], None)[0, 0]
     i = 0
@@ -114,8 +118,9 @@ def generate_clip(gen: LandmarkGenerator, tokens: np.ndarray, vad: np.ndarray, h
         y = gen.window(tokens[None, i : i + m], vad[None, i : i + m], cv[None, i : i + m], [refs], out[i][None])
         out[i + 1 : i + m] = y[0, 1:]
         i += m - 1
-    meshes, _ = codec.decode(out, refs.anchor, heads, refs.pose)
-    return apply_gate(meshes, refs.rest, vad) if gate else meshes
+    meshes, pose = codec.decode(out, refs.anchor, heads, refs.pose)
+    meshes = apply_gate(meshes, refs.rest, vad) if gate else meshes
+    return (meshes, pose) if return_pose else meshes
 
 
 GATE_LOW, GATE_HIGH, GATE_HOLD, GATE_RELEASE = 0.2, 0.35, 1, 2

@@ -113,26 +113,36 @@ def validate(net: LandmarkNet, codec: LandmarkCodec, clips, steps: int = 4, kind
     """Stage-1 measures (`tccp.metrics.landmarks`) on validation clips, reconstruction,
     run exactly as the engine runs stage 1 (windows carrying slot 0); + baselines."""
     from tccp.media.whisper import frame_tokens
-    from tccp.metrics.landmarks import mean_lips_baseline, stage1_metrics
+    from tccp.metrics.landmarks import head_metrics, mean_lips_baseline, stage1_metrics
     from tccp.pipelines.landmarks import LandmarkGenerator, generate_clip
 
     was = net.training
     net.eval()
     gen = LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=steps)
     rows = []
+    head = codec.mode == "head"
     for c in clips:
-        refs = gen.references(c.heads[reference_frames(c.heads, 4)])
+        idx = reference_frames(c.heads, 4)
+        refs = gen.references(c.heads[idx], c.pose[idx] if head else None)
         tokens = frame_tokens(c.features[kind], 0, c.n, radius=audio_radius(net.cfg)).astype(np.float32)
-        out = generate_clip(gen, tokens, c.vad[kind], c.heads, refs, gate=gate)
+        out = generate_clip(gen, tokens, c.vad[kind], c.heads, refs, gate=gate, cv=c.context if head else None,
+                            return_pose=head)
+        if head:
+            out, pose = out
         m = stage1_metrics(out, c.heads, c.vad[kind])
         anchor_mesh = np.array(c.heads[0], copy=True)
         anchor_mesh[codec.gen_index] = refs.anchor
         m["baseline_mean_lips_lmd"] = stage1_metrics(mean_lips_baseline(c.heads, anchor_mesh), c.heads)["lip_lmd"]
+        if head:
+            m.update(head_metrics(out, pose, c.heads, c.pose, anchor_mesh, refs.pose))
         m["clip"] = c.name
         rows.append(m)
     net.train(was)
     mean = lambda k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None]))  # noqa: E731
-    summary = {k: mean(k) for k in ("aperture_corr", "lip_lmd", "baseline_mean_lips_lmd")}
+    keys = ("aperture_corr", "lip_lmd", "baseline_mean_lips_lmd")
+    if head:
+        keys += tuple(k for k in rows[0] if k.startswith(("sketch_lmd", "pose_", "baseline_")))
+    summary = {k: mean(k) for k in dict.fromkeys(keys)}
     sil = [r["silence_ratio"] for r in rows if r.get("silence_ratio") is not None]
     summary["silence_ratio"] = float(np.mean(sil)) if sil else None
     summary["abs_lag"] = float(np.mean([abs(r["lag"]) for r in rows if r.get("lag") is not None]))
@@ -206,8 +216,10 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
     cache = cfg.cache or str(Path(cfg.data) / ".cache-whisper")
     t0 = time.time()
     log(f"loading {len(train_f)} training + {len(val_f)} validation clips (Whisper features cached in {cache})")
-    train_clips = load_landmark_clips(train_f, template, cache_dir=cache)
-    val_clips = load_landmark_clips(val_f, template, cache_dir=cache, kinds=("full", "stream0", "stream2"))
+    head = model_cfg.mode == "head"
+    train_clips = load_landmark_clips(train_f, template, cache_dir=cache, context=head)
+    val_clips = load_landmark_clips(val_f, template, cache_dir=cache, kinds=("full", "stream0", "stream2"),
+                                    context=head)
     log(f"  {len(train_clips)} lip-sync training clips, {sum(c.n for c in train_clips)} frames; "
         f"{len(val_clips)} validation clips ({time.time() - t0:.0f} s)")
     torch.manual_seed(cfg.seed)
@@ -301,4 +313,8 @@ def _eval_and_log(net, ema, codec, val_clips, out: Path, step: int, log) -> dict
         f"live + 0.2 s look-ahead {res['stream2']['aperture_corr']:.3f}), "
         f"LipLMD {s['lip_lmd']:.4f} (mean lips {s['baseline_mean_lips_lmd']:.4f}), |lag| {s['abs_lag']:.2f}, "
         f"silence ratio {s['silence_ratio'] if s['silence_ratio'] is None else round(s['silence_ratio'], 3)}")
+    if "sketch_lmd" in s:
+        log(f"  head: sketch LMD {s['sketch_lmd']:.4f} (hold {s['baseline_hold_sketch_lmd']:.4f}), pose angle "
+            f"{s['pose_angle_deg']:.2f} deg (hold {s['baseline_hold_pose_angle_deg']:.2f}), position "
+            f"{s['pose_origin']:.4f} (hold {s['baseline_hold_pose_origin']:.4f}), motion ratio {s['pose_motion_ratio']:.2f}")
     return res

@@ -742,6 +742,7 @@ def export_pack(
     stage1_steps: int | None = None,
     sampler: Any = None,
     articulation: float | None = None,
+    stage1_head: str | os.PathLike | None = None,
 ) -> Path:
     """Model pack for the engine: fp16 EMA weights of stage 1 (a coordinate run of
     `tccp.training.landmarks`) and stage 2 (a run of this trainer; None: a warp-only
@@ -750,7 +751,8 @@ def export_pack(
     avatar's base pack under a stage 2 fine-tuned on the person. `stage1_steps` None:
     the pack's own (4 for a run); `articulation` (gain on the generated lip opening)
     None: the pack's own (1 for a run); `sampler` (`tccp.pipeline.SamplerConfig`) None: the
-    default sampler settings."""
+    default sampler settings. `stage1_head`: a head-mode stage-1 run (or a pack holding
+    one) for `--region head`; None carries over the `stage1_ckpt` pack's, if any."""
     from tccp import pack as pack_mod
     from tccp.diffusion.schedule import Schedule
     from tccp.models.config import MVConfig
@@ -777,6 +779,22 @@ def export_pack(
                                       "train_clips": ck1["config"].get("train_clips"),
                                       "val_clips": ck1["config"].get("val_clips"), "checkpoint": str(ck1["path"])}
     stage1_steps = 4 if stage1_steps is None else stage1_steps
+    head = None
+    head_src = stage1_head if stage1_head is not None else (
+        p1 if (p1 / "stage1_head.safetensors").is_file() and (p1 / "config.json").is_file() else None)
+    if head_src is not None:
+        ph = Path(head_src)
+        if (ph / "stage1_head.safetensors").is_file():
+            head = pack_mod.load_stage1(ph, key="stage1_head")
+            carried = ((pack_mod.read_pack_config(ph).get("card") or {}).get("training") or {}).get("stage1_head") or {}
+            info["training"]["stage1_head"] = {**carried, "pack": str(ph)}
+        else:
+            hnet, hcodec, ckh = load_stage1_run(ph)
+            if hnet.cfg.mode != "head":
+                raise TCCPError(f"{ph}: is a {hnet.cfg.mode}-mode stage-1 run, --stage1-head needs a head-mode one")
+            head = (hnet, hcodec)
+            info["training"]["stage1_head"] = {"step": ckh["state"]["step"], "train_seconds": ckh["state"].get("elapsed_s"),
+                                               "checkpoint": str(ckh["path"])}
     model2, schedule, norm, residual = None, None, None, None
     if stage2_ckpt is not None:
         src = latest_checkpoint(stage2_ckpt)
@@ -797,4 +815,4 @@ def export_pack(
     return pack_mod.save_pack(out_dir, net, codec, model2, schedule=schedule, sampler=sampler, latent_norm=norm,
                               crop_size=size, stage1_steps=stage1_steps, card=info, dtype=torch.float16,
                               residual_scale=(residual or {}).get("scale"),
-                              articulation=1.0 if articulation is None else float(articulation))
+                              articulation=1.0 if articulation is None else float(articulation), stage1_head=head)

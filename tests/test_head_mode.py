@@ -1,0 +1,201 @@
+"""Head mode (`--region head`, TCCP's whole-head setting): stage 1 generating every
+sketch point and the head pose from audio + the head-masked context, and stage 2's
+whole-head warp. Mechanics on real inputs (the bundled sample) with random-weight tiny
+networks; what trained weights do is measured in docs/lipsync.md and docs/faces.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.runner import PipelineRunner, SessionRefs, WindowRequest
+from tccp.errors import TCCPError
+from tccp.face import geometry as fg
+from tccp.face import headframe as hf
+from tccp.face.context import CONTEXT_DIM, context_tokens, masked_context, mirror_tokens
+from tccp.face.sketch import SKETCH_INDICES
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from tccp.face.track import FaceTracker
+    from tccp.media import io as media
+
+    video, _ = media.sample_paths()
+    c = media.load_clip(video, max_frames=16)
+    with FaceTracker() as tr:
+        track = tr.track(c.frames)
+    return c, track
+
+
+def test_context_tokens_hide_the_head_and_mirror_with_the_image(sample):
+    c, track = sample
+    ctx = np.stack([masked_context(f, lm, b, 128) for f, lm, b in zip(c.frames, track.landmarks, track.context_boxes)])
+    # the head is greyed out: the crop's centre (where the face is) is flat grey
+    assert np.abs(ctx[:, 60:68, 60:68].astype(int) - fg.MASK_GREY).max() <= 2
+    tok = context_tokens(ctx)
+    assert tok.shape == (len(ctx), CONTEXT_DIM) and tok.dtype == np.float32 and np.abs(tok).max() <= 1.0
+    np.testing.assert_allclose(mirror_tokens(tok), context_tokens(np.ascontiguousarray(ctx[:, :, ::-1])), atol=2 / 127.5)
+
+
+def test_mirrored_pose_is_the_pose_of_the_mirrored_face(sample):
+    from engine.runner import default_template
+    from tccp.data.landmarks import mirror_pose
+
+    _, track = sample
+    t = default_template()
+    size = 128
+    meshes = np.stack([fg.to_crop_coords(lm, b, size) for lm, b in zip(track.landmarks, track.face_boxes)])
+    _, pose = hf.to_head(meshes, t)
+    p = pose.params()
+    p[:, 2:] /= size
+    perm = hf.mirror_permutation(t, SKETCH_INDICES)
+    flipped = meshes[:, perm] * np.array([-1.0, 1.0]) + np.array([size, 0.0])
+    _, pose_m = hf.to_head(flipped, t)
+    pm = pose_m.params()
+    pm[:, 2:] /= size
+    got = mirror_pose(p)
+    assert np.abs(got[:, [0, 2, 3]] - pm[:, [0, 2, 3]]).max() < 0.02
+    assert np.abs(np.degrees(got[:, 1] - pm[:, 1])).max() < 1.5  # the template is only nearly symmetric
+
+
+def test_head_mode_training_windows_carry_pose_and_context():
+    from engine.runner import default_template
+    from tccp.data.landmarks import LandmarkClip, LandmarkWindows
+    from tccp.models.landmarks import LandmarkCodec
+
+    t = default_template()
+    codec = LandmarkCodec(t, "head")
+    rng = np.random.default_rng(0)
+    n = 40
+    heads = np.repeat(t[None], n, 0) + rng.normal(0, 0.005, (n, 478, 2)).astype(np.float32)
+    pose = np.tile(np.array([-3.7, 0.0, 0.5, 0.4], np.float32), (n, 1))
+    pose[:, 1] = np.linspace(-0.1, 0.1, n)
+    feats = {"full": rng.normal(size=(2 * n + 10, 5, 16)).astype(np.float16)}
+    clip = LandmarkClip("x", heads, pose, {"full": np.ones(n, np.float32)}, feats, t, np.zeros(n, bool),
+                        rng.uniform(-1, 1, (n, CONTEXT_DIM)).astype(np.float32))
+    from tccp.data.landmarks import LandmarkDataConfig
+
+    data = LandmarkWindows([clip], codec, LandmarkDataConfig(mix={"full": 1.0}, p_mirror=0.0))
+    b = data.sample(3)
+    assert b["x"].shape == (3, 8, 2 * len(SKETCH_INDICES) + 4) and b["cv"].shape == (3, 8, CONTEXT_DIM)
+    assert b["x"][:, :, -3].abs().max() > 0  # the angle moves with the clip's, relative to the references
+    with pytest.raises(ValueError, match="context"):
+        LandmarkWindows([LandmarkClip("x", heads, pose, {"full": np.ones(n, np.float32)}, feats, t,
+                                      np.zeros(n, bool))], codec)
+    with pytest.raises(ValueError, match="context"):
+        codec.control(heads)
+
+
+@pytest.fixture(scope="module")
+def head_runner(sample):
+    from engine.refs import BankBuilder
+    from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    runner = PipelineRunner.random(size=64, stage2=False)
+    torch.manual_seed(1)
+    codec = LandmarkCodec(runner.template, "head")
+    net = LandmarkNet(LandmarkNetConfig(mode="head", gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
+                                        width=32, depth=1, control_depth=1, heads=2)).requires_grad_(False)
+    with torch.no_grad():
+        net.out[1].weight.mul_(0.01)  # random but small motion: a head that stays near the references'
+    runner.pipeline.stage1_head = LandmarkGenerator(net.eval(), codec)
+    c, track = sample
+    s = runner.size
+    crops = np.stack([fg.crop(f, b, s) for f, b in zip(c.frames, track.face_boxes)])
+    meshes = np.stack([fg.to_crop_coords(lm, b, s) for lm, b in zip(track.landmarks, track.face_boxes)])
+    bank = BankBuilder.from_frames(c.frames, track.landmarks, track.face_boxes, runner.template, 4, s).bank
+    ctx = context_tokens(np.stack([masked_context(f, lm, b, 128) for f, lm, b in
+                                   zip(c.frames, track.landmarks, track.context_boxes)]))
+    return runner, {"crops": crops, "meshes": meshes.astype(np.float32), "bank": bank, "contexts": ctx}
+
+
+def _req(clip, start=0, n=7, mode="generated", state=None, refs=None, region="head"):
+    sl = slice(start, start + n)
+    return WindowRequest(
+        mode=mode, steps=0, sampler="ddim", guidance=1.0, window=8, crops=clip["crops"][sl],
+        meshes=clip["meshes"][sl], tokens=np.zeros((n, 10, 5 * 384), np.float32), vad=np.ones(n, np.float32),
+        mel=np.zeros((n, 16, 80), np.float32), refs=refs or SessionRefs(clip["bank"]), state=state,
+        region=region, contexts=clip["contexts"][sl])
+
+
+def test_head_region_generates_pose_and_edits_only_the_head(head_runner):
+    runner, clip = head_runner
+    res = runner.run_batch([_req(clip)])[0]
+    s = runner.size
+    assert res.faces.shape == (7, s, s, 3) and res.masks.shape == (7, s, s)
+    # the whole head is edited: eyes and forehead too (the mouth region keeps them)
+    for k in range(7):
+        for i in (33, 263, 10, 152):
+            x, y = np.clip(np.round(res.targets[k, i]).astype(int), 0, s - 1)
+            assert res.masks[k, y, x] > 0.5, (k, i)
+    # outside the region the crop is the source's
+    out = res.masks < 1e-4
+    assert np.array_equal(res.faces[out], clip["crops"][:7][out])
+    # the head pose is generated, not the source's: targets differ from the tracked
+    # points also where mouth mode would keep them (eye corners)
+    assert np.abs(res.targets[:, [33, 263]] - clip["meshes"][:7, [33, 263]]).max() > 0.05
+    nxt = runner.run_batch([_req(clip, start=7, state=res.state)])[0]
+    assert nxt.faces.shape[0] == 7 and res.state.cv.shape == (CONTEXT_DIM,)
+
+
+def test_head_region_with_tracked_landmarks_warps_the_reference_onto_them(head_runner):
+    runner, clip = head_runner
+    res = runner.run_batch([_req(clip, mode="tracked")])[0]
+    np.testing.assert_allclose(res.targets, clip["meshes"][:7], atol=1e-3)
+    assert (res.masks > 0.5).mean() > 0.2  # a head, not a mouth
+
+
+def test_align_moves_what_lies_around_the_face_with_the_head(sample):
+    """A reference that stands elsewhere in the crop: with `align` a point beside the
+    face (an earring, hair) lands where the head's similarity puts it; without it the
+    anchor ring pins it in place."""
+    from tccp.face.warp import triangulate, warp_image
+
+    c, track = sample
+    src = fg.to_crop_coords(track.landmarks[0], track.face_boxes[0], 256).astype(np.float64)
+    ang, sc, shift = 0.12, 1.08, np.array([9.0, -6.0])
+    ctr = src.mean(0)
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) * sc
+    dst = (src - ctr) @ rot.T + ctr + shift
+    tri = triangulate(src, SKETCH_INDICES)
+    p = src[234] + (src[234] - src[454]) * 0.12  # beside the face, past the left cheek
+    q = (p - ctr) @ rot.T + ctr + shift
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = np.exp(-(((xx + 0.5 - p[0]) ** 2 + (yy + 0.5 - p[1]) ** 2) / (2 * 2.0 ** 2))).astype(np.float32)
+
+    def centre(out):
+        ys, xs = np.nonzero(out > 0.05)
+        w = out[ys, xs]
+        return np.array([(xs * w).sum(), (ys * w).sum()]) / w.sum() + 0.5
+
+    assert np.linalg.norm(centre(warp_image(img, tri, src, dst, align=True)) - q) < 1.0
+    assert np.linalg.norm(centre(warp_image(img, tri, src, dst)) - q) > 2.0
+
+
+def test_pack_round_trip_with_a_head_stage1_and_a_one_line_error_without(tmp_path):
+    from engine.model import check_region
+    from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+    from tccp.pack import load_pack, save_pack
+
+    runner = PipelineRunner.random(size=64, stage2=False)
+    pipe = runner.pipeline
+    hc = LandmarkCodec(runner.template, "head")
+    hn = LandmarkNet(LandmarkNetConfig(mode="head", gen_dim=hc.gen_dim, cv_dim=hc.cv_dim, ref_dim=hc.ref_dim,
+                                       width=32, depth=1, control_depth=1, heads=2))
+    with_head = save_pack(tmp_path / "with", pipe.stage1.net, pipe.stage1.codec, None, stage1_head=(hn, hc))
+    without = save_pack(tmp_path / "without", pipe.stage1.net, pipe.stage1.codec, None)
+    loaded = load_pack(with_head, with_autoencoder=False)
+    assert loaded.stage1_head is not None and loaded.stage1_head.codec.mode == "head"
+    for k, v in hn.state_dict().items():
+        torch.testing.assert_close(loaded.stage1_head.net.state_dict()[k], v.half().float())
+    assert check_region(PipelineRunner(loaded), "head") == "head"
+    bare = PipelineRunner(load_pack(without, with_autoencoder=False))
+    with pytest.raises(TCCPError, match="no head-mode stage 1") as e:
+        check_region(bare, "head")
+    assert "\n" not in str(e.value)
+    assert check_region(bare, "head", landmarks="tracked") == "head"  # the tracked head needs no stage 1
