@@ -199,3 +199,19 @@ def test_pack_round_trip_with_a_head_stage1_and_a_one_line_error_without(tmp_pat
         check_region(bare, "head")
     assert "\n" not in str(e.value)
     assert check_region(bare, "head", landmarks="tracked") == "head"  # the tracked head needs no stage 1
+
+
+def test_run_region_head_without_a_head_stage1_is_one_line_and_writes_nothing(tmp_path, capfd):
+    from tccp.cli import main as cli_main
+    from tccp.media.io import sample_paths
+    from tccp.pack import save_pack
+
+    runner = PipelineRunner.random(size=64, stage2=False)
+    pack = save_pack(tmp_path / "pack", runner.pipeline.stage1.net, runner.pipeline.stage1.codec, None)
+    out = tmp_path / "out.mp4"
+    video, speech = sample_paths()
+    code = cli_main(["run", "--video", str(video), "--audio", str(speech), "--out", str(out), "--model", str(pack),
+                     "--region", "head", "--max-seconds", "1", "--quiet"])
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "no head-mode stage 1" in lines[0], lines
+    assert not out.exists()

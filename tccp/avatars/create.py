@@ -345,7 +345,7 @@ def _copy_pack(src: Path, dst: Path, card: dict) -> None:
     """The pack files of `src` into `dst`, its config's card replaced by `card` (the
     base pack's own card kept under "base_card")."""
     config = json.loads((src / "config.json").read_text())
-    for name in ("stage1.safetensors", "stage2.safetensors"):
+    for name in ("stage1.safetensors", "stage2.safetensors", "stage1_head.safetensors"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     config["card"] = {**card, "base_card": config.get("card") or {}}

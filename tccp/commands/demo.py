@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avatar", metavar="NAME_OR_DIR", help="speak as this avatar (tccp avatar create)")
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
                    help="lip opening factor: 0 closed, 1 as the pack renders it, >1 exaggerated")
+    p.add_argument("--region", choices=("mouth", "head"), default="mouth",
+                   help="mouth: edit the lower face (default); head: the whole head, expression and pose from "
+                        "stage 1's head mode (avatar replacement; warp only)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S")
     p.add_argument("--preview-frames", type=int, default=4)
     p.add_argument("--quiet", action="store_true")
@@ -113,10 +116,18 @@ def main(args: argparse.Namespace) -> int:
     claim_dir(out_dir, kind="demo", inputs=(video, speech, args.model), known=DEMO_FILES, force=args.force)
     from engine.model import check_mouth_scale
 
-    cfg = EngineConfig(mouth_scale=check_mouth_scale(args.mouth_scale))
+    cfg = EngineConfig(mouth_scale=check_mouth_scale(args.mouth_scale), region=args.region)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, allow_random=args.avatar is None, avatar=args.avatar)
+    from engine.model import check_region
+    from tccp.errors import TCCPError
+
+    try:
+        check_region(model, args.region)
+    except TCCPError:
+        model.close()
+        raise
     caught: list = []
     try:
         with quiet_native_stderr() as caught, make_progress("demo", quiet=args.quiet) as bar:

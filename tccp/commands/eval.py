@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds of each clip to run (default 4)")
     suite.add_argument("--no-tracked", action="store_true",
                        help="skip the upper-bound run of stage 2 on tracked landmarks")
+    suite.add_argument("--region", choices=("mouth", "head"), default="mouth",
+                       help="what the engine edits (default mouth; head: the whole-head mode, which needs a pack "
+                            "with a head-mode stage 1)")
     suite.add_argument("--work", metavar="DIR", help="keep generated videos here (default: a temp folder)")
 
 
@@ -162,6 +165,7 @@ def _main_suite(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         work=Path(args.work) if args.work else None,
         tracked=not args.no_tracked,
+        region=args.region,
         eval=_config(args),
     )
     result = run_suite(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -87,6 +87,7 @@ class SuiteConfig:
     work: Path | None = None  # keep generated videos here; None: a temp folder
     device: str = "cpu"
     tracked: bool = True  # also run stage 2 on the tracked landmarks (the upper bound)
+    region: str = "mouth"  # 'head': the whole-head mode (stage 1's head mode + the head warp)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -132,7 +133,15 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
     if model is None:
         model = load_model(cfg.model, cfg.device)
         close = model.close
-    changes: dict[str, Any] = {"window": cfg.eval.window, "degrade": False}
+    changes: dict[str, Any] = {"window": cfg.eval.window, "degrade": False, "region": cfg.region}
+    if cfg.region == "head":
+        from engine.model import check_region
+
+        try:
+            check_region(model, "head")
+        except TCCPError:
+            close()
+            raise
     if cfg.steps is not None:
         if cfg.steps < 0:
             raise TCCPError(f"--steps {cfg.steps}: must be 0 or more")
@@ -252,9 +261,11 @@ def run_suite(
             audio = real_clip.audio[: int(round(n / fps * sr))] if real_clip.audio is not None else None
             candidates = {"tccp": gen_frames[:n]}
             if cfg.tracked and getattr(generator, "supports_landmarks", False):
-                runs: list[tuple[str, dict]] = [("tccp_tracked", {"landmarks": "tracked"}), ("warp", {"steps": 0})]
+                runs: list[tuple[str, dict]] = [("tccp_tracked", {"landmarks": "tracked"})]
+                if cfg.region == "mouth":  # the head region is the warp already
+                    runs.append(("warp", {"steps": 0}))
                 pipe = getattr(generator, "pipeline", None)
-                if pipe is not None and pipe.stage2.model is not None:
+                if pipe is not None and pipe.stage2.model is not None and cfg.region == "mouth":
                     runs.append(("denoiser", {"steps": 4}))  # the learned correction, 4 DDIM steps
                 for method, extra in runs:
                     say(f"{name}: generating ({method})")
@@ -272,7 +283,7 @@ def run_suite(
                 res = evaluate_arrays(frames, real_n, audio, sr=sr, fps=fps, cfg=cfg.eval)
                 per_clip[name][method] = res.metrics
             pipe = getattr(generator, "pipeline", None)
-            if pipe is not None and audio is not None and bank is not None:
+            if pipe is not None and audio is not None and bank is not None and cfg.region == "mouth":
                 row = stage1_clip(pipe, real_n, audio, sr, fps, bank)
                 row.update(clip=name, speech_fraction=speech)
                 stage1_rows.append(row)
@@ -285,6 +296,7 @@ def run_suite(
         "seconds": cfg.seconds,
         "model": cfg.model or "bundled",
         "steps": cfg.steps,
+        "region": cfg.region,
         "clips": per_clip,
         "summary": _mean_table(per_clip),
         "summary_speech": _mean_table({k: v for k, v in per_clip.items() if v.get("speech_fraction", 0) >= 0.5}),
