@@ -215,3 +215,25 @@ def test_run_region_head_without_a_head_stage1_is_one_line_and_writes_nothing(tm
     lines = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
     assert code == 2 and len(lines) == 1 and "no head-mode stage 1" in lines[0], lines
     assert not out.exists()
+
+
+def test_export_pack_carries_a_packs_stages_including_the_head_stage1(tmp_path):
+    from safetensors.torch import load_file
+
+    from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+    from tccp.pack import read_pack_config, save_pack
+    from tccp.training.trainer import export_pack
+
+    runner = PipelineRunner.random(size=64)
+    pipe = runner.pipeline
+    hc = LandmarkCodec(runner.template, "head")
+    hn = LandmarkNet(LandmarkNetConfig(mode="head", gen_dim=hc.gen_dim, cv_dim=hc.cv_dim, ref_dim=hc.ref_dim,
+                                       width=32, depth=1, control_depth=1, heads=2))
+    a = save_pack(tmp_path / "a", pipe.stage1.net, pipe.stage1.codec, pipe.stage2.model, stage1_head=(hn, hc),
+                  crop_size=64, articulation=1.3)
+    b = export_pack(a, a, tmp_path / "b")
+    for name in ("stage1", "stage2", "stage1_head"):
+        x, y = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
+    ca, cb = read_pack_config(a), read_pack_config(b)
+    assert {k: v for k, v in ca.items() if k != "card"} == {k: v for k, v in cb.items() if k != "card"}

@@ -756,7 +756,7 @@ def export_pack(
     from tccp import pack as pack_mod
     from tccp.diffusion.schedule import Schedule
     from tccp.models.config import MVConfig
-    from tccp.pipeline import LatentNorm
+    from tccp.pipeline import LatentNorm, SamplerConfig
     from tccp.training.landmarks import load_stage1_run
 
     info = dict(card_info or {})
@@ -796,6 +796,20 @@ def export_pack(
             info["training"]["stage1_head"] = {"step": ckh["state"]["step"], "train_seconds": ckh["state"].get("elapsed_s"),
                                                "checkpoint": str(ckh["path"])}
     model2, schedule, norm, residual = None, None, None, None
+    p2 = Path(stage2_ckpt) if stage2_ckpt is not None else None
+    if p2 is not None and (p2 / "config.json").is_file() and (p2 / "stage2.safetensors").is_file():
+        # a pack's stage 2 carried over as it is (weights, schedule, sampler, norm)
+        c2 = pack_mod.read_pack_config(p2)
+        model2 = pack_mod.load_stage2(p2)
+        s2 = c2.get("stage2") or {}
+        schedule = Schedule.from_dict(s2.get("schedule", {}))
+        norm = LatentNorm(**s2.get("latent_norm", {"scale": 1.0, "shift": 0.0}))
+        residual = {"scale": s2["residual_scale"]} if s2.get("residual_scale") is not None else None
+        sampler = sampler if sampler is not None else (SamplerConfig.from_dict(s2["sampler"]) if "sampler" in s2 else None)
+        size = int(c2.get("crop_size") or 128)
+        carried = ((c2.get("card") or {}).get("training") or {}).get("stage2") or {}
+        info["training"]["stage2"] = {**carried, "pack": str(p2)}
+        stage2_ckpt = None
     if stage2_ckpt is not None:
         src = latest_checkpoint(stage2_ckpt)
         if src is None:
