@@ -376,8 +376,9 @@ class PipelineRunner:
             n = r.n
             faces = pad_frames(r.crops, new).copy()
             masks = np.zeros(faces.shape[:3], np.float32)
-            if head:
+            if head:  # the head warp's own targets: its eyes are the reference's (tccp.pipelines.heads)
                 faces, masks = d["faces"][k0:], d["mask"][k0:]
+                targets[i] = d["targets"][k0:]
             for k in range(new if not head else 0):
                 m = d["mask"][k0 + k][..., None]
                 region = faces[k, y0:y1, x0:x1].astype(np.float32)

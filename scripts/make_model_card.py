@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--stage2", type=Path, default=None, help="omit for a warp-only pack")
     ap.add_argument("--pack", type=Path, required=True)
     ap.add_argument("--suite-json", type=Path, required=True, help="a finished `tccp eval --suite --json` result")
+    ap.add_argument("--stage1-head", type=Path, default=None, help="the head-mode stage-1 run (when the pack has one)")
+    ap.add_argument("--head-suite-json", type=Path, default=None, help="`tccp eval --suite --region head` result")
     ap.add_argument("--machine", default=f"{platform.machine()}, 2 CPU cores shared with other jobs, no GPU")
     args = ap.parse_args()
 
@@ -155,8 +157,44 @@ def main() -> int:
         "- Trained on about 15 minutes of public footage on a CPU: it has seen few people and few mouths.",
         "- The mouth interior comes from the person's own reference frames; teeth or a tongue no reference shows",
         "  cannot appear.",
-        "- Head mode (whole-head replacement, the paper's setting) is not trained in this pack.",
     ]
+    if args.stage1_head is not None:
+        h = stage1_info(args.stage1_head)
+        hv = (h["val"] or {}).get("full", {})
+        lines += [
+            "- Head mode (`--region head`) has no stage-2 network: the whole head is the warped reference.",
+            "",
+            "## Head mode (`--region head`, the paper's setting)",
+            f"- Stage 1 head (`stage1_head.safetensors`): the same network family generating all 160 sketch points "
+            f"and 4 head-pose values from the same audio tokens, with the head-masked context crop pooled to 8 x 8 "
+            f"as the control input; {h['steps']} steps in {h['minutes']:.0f} min from scratch, same clips and recipe.",
+            "- Stage 2 head: the best reference aligned on the skull points and warped onto the generated head "
+            "(`tccp.pipelines.heads`), pasted under the head region. No network.",
+            "",
+            "Stage 1 head on the held-out clips (full-context features; hold = the references' mean shape and pose "
+            "held still):",
+            "",
+            "| mouth-aperture r | LipLMD (mean lips) | sketch LMD (hold) | pose angle RMS deg (hold) | "
+            "head position RMS, crop fraction (hold) | head-motion ratio |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {fmt(hv.get('aperture_corr'))} | {fmt(hv.get('lip_lmd'), '.4f')} "
+            f"({fmt(hv.get('baseline_mean_lips_lmd'), '.4f')}) | {fmt(hv.get('sketch_lmd'), '.4f')} "
+            f"({fmt(hv.get('baseline_hold_sketch_lmd'), '.4f')}) | {fmt(hv.get('pose_angle_deg'), '.2f')} "
+            f"({fmt(hv.get('baseline_hold_pose_angle_deg'), '.2f')}) | {fmt(hv.get('pose_origin'), '.4f')} "
+            f"({fmt(hv.get('baseline_hold_pose_origin'), '.4f')}) | {fmt(hv.get('pose_motion_ratio'), '.2f')} |",
+        ]
+    else:
+        lines.append("- Head mode (whole-head replacement, the paper's setting) is not trained in this pack.")
+    if args.head_suite_json is not None:
+        hs = json.loads(args.head_suite_json.read_text())
+        lines += [
+            "",
+            "End to end, `tccp eval --suite --region head` (same clips and seconds; frozen, blur and real as above;",
+            "PSNR kept is the face outside the *mouth* region, which head mode edits too):",
+            "```",
+            format_table(hs, stage1=False),
+            "```",
+        ]
     (args.pack / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(args.pack / "MODEL_CARD.md")
     return 0

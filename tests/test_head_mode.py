@@ -145,8 +145,17 @@ def test_head_region_generates_pose_and_edits_only_the_head(head_runner):
 
 def test_head_region_with_tracked_landmarks_warps_the_reference_onto_them(head_runner):
     runner, clip = head_runner
+    from tccp.pipelines.heads import EYES
+
     res = runner.run_batch([_req(clip, mode="tracked")])[0]
-    np.testing.assert_allclose(res.targets, clip["meshes"][:7], atol=1e-3)
+    rest = [i for i in SKETCH_INDICES if i not in EYES]
+    np.testing.assert_allclose(res.targets[:, rest], clip["meshes"][:7, rest], atol=1e-3)
+    # the eyes are the chosen reference's own (in the head frame): a reference with open
+    # eyes is never squashed onto closing lids
+    t = runner.template
+    _, pose = hf.to_head(clip["meshes"][:7], t)
+    ref, _ = hf.to_head(clip["bank"].meshes[res.ref_index], t)
+    np.testing.assert_allclose(res.targets[:, list(EYES)], hf.to_image(ref, pose)[:, list(EYES)], atol=1e-2)
     assert (res.masks > 0.5).mean() > 0.2  # a head, not a mouth
 
 
@@ -237,3 +246,18 @@ def test_export_pack_carries_a_packs_stages_including_the_head_stage1(tmp_path):
         assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
     ca, cb = read_pack_config(a), read_pack_config(b)
     assert {k: v for k, v in ca.items() if k != "card"} == {k: v for k, v in cb.items() if k != "card"}
+
+
+def test_references_caught_mid_blink_are_not_used_for_the_head(sample):
+    from tccp.pipelines.heads import eye_openness, open_eyes
+
+    _, track = sample
+    meshes = np.repeat(track.landmarks[:1].astype(np.float64), 4, 0)
+    blink = meshes[2]
+    for up, down in ((159, 145), (386, 374)):
+        mid = (blink[up] + blink[down]) / 2
+        blink[up], blink[down] = mid + 0.1 * (blink[up] - mid), mid + 0.1 * (blink[down] - mid)
+    o = eye_openness(meshes)
+    assert o[2] < 0.2 * o[0]
+    assert open_eyes(meshes).tolist() == [True, True, False, True]
+    assert open_eyes(meshes[2:3]).all()  # never an empty choice

@@ -7,8 +7,13 @@ bank reference whose lips best match the target, moved onto the target head by a
 similarity fitted on the skull points and then a piecewise-affine warp over the sketch
 mesh (`tccp.face.warp.warp_map(align=True)`), pasted into the source crop under the
 head region (union of the source's and the target's, so the source head disappears
-where the generated one moved away from it). Eyes, brows and the mouth interior come
-from the chosen reference: a blink or teeth that no reference shows cannot appear.
+where the generated one moved away from it). The mouth interior comes from the chosen
+reference: teeth that no reference shows cannot appear. So do the eyes: the target's
+eye and iris points are replaced by the reference's own (in the head frame) before the
+warp, because a reference with open eyes warped onto closing lids is squashed into a
+ghosted double lid (seen on the bundled sample), which is worse than a missed blink;
+and references caught mid-blink (`open_eyes`) are not used for the head while the bank
+has others: their closed eyes would be pasted over whole stretches of speech.
 """
 
 from __future__ import annotations
@@ -18,10 +23,37 @@ import numpy as np
 from tccp.face import headframe as hf
 from tccp.face.regions import region_mask
 
-__all__ = ["HeadWarper", "HEAD_DILATE", "HEAD_FEATHER"]
+__all__ = ["HeadWarper", "HEAD_DILATE", "HEAD_FEATHER", "EYES", "eye_openness", "open_eyes"]
 
 HEAD_DILATE = 0.03  # fraction of the face height: the head region's margin
 HEAD_FEATHER = 0.03
+
+
+def _eyes() -> tuple[int, ...]:
+    from tccp.face.sketch import SKETCH_PARTS
+
+    parts = ("left_eye", "right_eye", "left_iris", "right_iris")
+    return tuple(sorted({i for p in parts for e in SKETCH_PARTS[p] for i in e}))
+
+
+EYES = _eyes()
+_LIDS = ((159, 145, 33, 133), (386, 374, 362, 263))  # upper lid, lower lid, corners
+
+
+def eye_openness(meshes: np.ndarray) -> np.ndarray:
+    """(K, 478, 2) -> (K,) mean lid gap over eye width of both eyes."""
+    m = np.asarray(meshes, np.float64)
+    out = [np.linalg.norm(m[:, u] - m[:, d], axis=-1) / np.maximum(np.linalg.norm(m[:, a] - m[:, b], axis=-1), 1e-9)
+           for u, d, a, b in _LIDS]
+    return np.mean(out, axis=0)
+
+
+def open_eyes(meshes: np.ndarray, ratio: float = 0.7) -> np.ndarray:
+    """(K,) bool: references whose eyes are open (at least `ratio` x the bank's median
+    openness); all True if that would leave none."""
+    o = eye_openness(meshes)
+    ok = o >= ratio * np.median(o)
+    return ok if ok.any() else np.ones(len(o), bool)
 
 
 class HeadWarper:
@@ -39,13 +71,26 @@ class HeadWarper:
                ) -> dict[str, np.ndarray]:
         """crops (n, S, S, 3) source crops, targets / sources (n, 478, 2) crop px ->
         `faces` (n, S, S, 3) the crops with the warped head pasted, `mask` (n, S, S) the
-        head region, `ref` (n,) the reference used, `sketches` (n, S, S, 3)."""
+        head region, `ref` (n,) the reference used, `sketches` (n, S, S, 3), `targets`
+        (n, 478, 2) the landmarks warped to (the eyes the reference's)."""
         from tccp.face.sketch import draw_sketch
         from tccp.face.warp import warp_image
         from tccp.pipelines.faces import REF_STICK
 
-        heads, _ = hf.to_head(np.asarray(targets, np.float32), self.template)
-        ref = bank.choose(heads, prev_ref, REF_STICK)
+        heads, pose = hf.to_head(np.asarray(targets, np.float32), self.template)
+        ok = open_eyes(bank.meshes)
+        if ok.all():
+            ref = bank.choose(heads, prev_ref, REF_STICK)
+        else:  # choose among the open-eyed references, in bank indices
+            keep = np.flatnonzero(ok)
+            sub = type(bank)(bank.crops[keep], bank.meshes[keep], bank.shapes[keep])
+            prev = int(np.flatnonzero(keep == prev_ref)[0]) if prev_ref in keep else -1
+            ref = keep[sub.choose(heads, prev, REF_STICK)]
+        ref_heads, _ = hf.to_head(np.asarray(bank.meshes, np.float32), self.template)
+        eyes = list(EYES)
+        heads[:, eyes] = ref_heads[np.asarray(ref, int)][:, eyes]
+        targets = np.array(targets, np.float32, copy=True)
+        targets[:, eyes] = hf.to_image(heads, pose)[:, eyes]
         s = self.size
         faces, masks, sketches = [], [], []
         for k in range(len(crops)):
@@ -56,4 +101,5 @@ class HeadWarper:
             faces.append(np.clip(out + 0.5, 0, 255).astype(np.uint8))
             masks.append(m)
             sketches.append(draw_sketch(targets[k], s))
-        return {"faces": np.stack(faces), "mask": np.stack(masks), "ref": np.asarray(ref), "sketches": np.stack(sketches)}
+        return {"faces": np.stack(faces), "mask": np.stack(masks), "ref": np.asarray(ref), "sketches": np.stack(sketches),
+                "targets": targets}
