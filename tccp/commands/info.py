@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from tccp.errors import TCCPError
     from tccp.models.config import get_config
 
-    stage1 = None
+    stage1 = head = None
     if args.pack:
         from tccp.models.config import MVConfig
         from tccp.models.landmarks import LandmarkNetConfig
@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
 
         pc = read_pack_config(args.pack)
         stage1 = LandmarkNetConfig.from_dict(pc["stage1"]["model"])
+        if isinstance(pc.get("stage1_head"), dict):
+            head = LandmarkNetConfig.from_dict(pc["stage1_head"]["model"])
         c2 = pc.get("stage2") or None
         cfg2 = MVConfig.from_dict(c2["model"]) if c2 else None
         steps = args.steps if args.steps is not None else int((c2 or {}).get("sampler", {}).get("steps", 4))
@@ -100,6 +102,8 @@ def main(args: argparse.Namespace) -> int:
         report["stage1_params"] = m1["params"]
         window += m1["flops_window"] * s1_calls
         total += m1["params"]
+    if head is not None:  # the head region's stage 1 (used instead of stage 1, not counted in the window)
+        report["stage1_head"] = _measure_stage1(head)
     if cfg2 is not None:
         m2 = _measure(cfg2)
         report["stage2"] = m2
@@ -118,6 +122,10 @@ def main(args: argparse.Namespace) -> int:
         s = report["stage1"]
         print(f"  stage1 (landmarks, {s['objective']}): params {s['params'] / 1e6:.2f} M, "
               f"{s['flops_window'] / 1e6:.1f} MFLOPs per 8-frame call, {s['calls_per_window']} call(s) per window")
+    if head is not None:
+        s = report["stage1_head"]
+        print(f"  stage1_head (--region head): params {s['params'] / 1e6:.2f} M, "
+              f"{s['flops_window'] / 1e6:.1f} MFLOPs per 8-frame call (instead of stage1)")
     if cfg2 is not None:
         s = report["stage2"]
         p = s["params"]
