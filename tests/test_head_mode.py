@@ -261,3 +261,31 @@ def test_references_caught_mid_blink_are_not_used_for_the_head(sample):
     assert o[2] < 0.2 * o[0]
     assert open_eyes(meshes).tolist() == [True, True, False, True]
     assert open_eyes(meshes[2:3]).all()  # never an empty choice
+
+
+def test_bundled_pack_runs_the_head_region_end_to_end(tmp_path, capfd):
+    """`tccp run --region head` with the bundled pack on the sample: the eyes are edited
+    (whole head) where mouth mode keeps them as the source has them."""
+    from tccp.cli import main as cli_main
+    from tccp.media import io as media
+    from tccp.metrics.evaluate import track_frames
+
+    video, speech = media.sample_paths()
+    diffs = {}
+    for region in ("mouth", "head"):
+        out = tmp_path / f"{region}.mp4"
+        assert cli_main(["run", "--video", str(video), "--audio", str(speech), "--out", str(out), "--region", region,
+                         "--max-seconds", "1.2", "--quiet"]) == 0
+        got = media.read_video(out).frames
+        src = media.read_video(video, max_frames=len(got)).frames
+        t = track_frames(src)
+        d = []
+        for k in range(8, len(got)):
+            lm = t.landmarks[k]
+            x0, y0 = np.floor(lm[[33, 263, 159, 386]].min(0)).astype(int) - 4
+            x1, y1 = np.ceil(lm[[33, 263, 145, 374]].max(0)).astype(int) + 4
+            d.append(np.abs(got[k, y0:y1, x0:x1].astype(float) - src[k, y0:y1, x0:x1].astype(float)).mean())
+        diffs[region] = float(np.mean(d))
+    capfd.readouterr()
+    assert diffs["mouth"] < 3.0  # the codec's own change
+    assert diffs["head"] > 2 * diffs["mouth"], diffs
