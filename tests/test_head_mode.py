@@ -287,5 +287,5 @@ def test_bundled_pack_runs_the_head_region_end_to_end(tmp_path, capfd):
             d.append(np.abs(got[k, y0:y1, x0:x1].astype(float) - src[k, y0:y1, x0:x1].astype(float)).mean())
         diffs[region] = float(np.mean(d))
     capfd.readouterr()
-    assert diffs["mouth"] < 3.0  # the codec's own change
-    assert diffs["head"] > 2 * diffs["mouth"], diffs
+    assert diffs["mouth"] < 6.0  # the codec's own change (~3 levels)
+    assert diffs["head"] > 3 * diffs["mouth"], diffs  # ~35 levels: another picture of the eyes
