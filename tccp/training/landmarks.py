@@ -199,9 +199,10 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
     elif cfg.init:
         from tccp.pack import load_stage1
 
-        net0, codec0 = load_stage1(cfg.init)
+        key = "stage1_head" if cfg.mode == "head" else "stage1"  # --mode head continues the pack's head stage 1
+        net0, codec0 = load_stage1(cfg.init, key=key)
         template, model_cfg = codec0.template, net0.cfg
-        log(f"starting from {cfg.init}'s stage 1")
+        log(f"starting from {cfg.init}'s {key.replace('_', ' ')}")
     else:
         from tccp.data.datasets import PreparedClip
 
