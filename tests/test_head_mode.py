@@ -289,3 +289,37 @@ def test_bundled_pack_runs_the_head_region_end_to_end(tmp_path, capfd):
     capfd.readouterr()
     assert diffs["mouth"] < 6.0  # the codec's own change (~3 levels)
     assert diffs["head"] > 3 * diffs["mouth"], diffs  # ~35 levels: another picture of the eyes
+
+
+def test_head_with_hair_takes_the_hair_not_the_neck_or_background(sample):
+    from tccp.face.segment import PersonSegmenter, head_with_hair
+
+    c, track = sample
+    s = 128
+    box = track.face_boxes[0]
+    crop = fg.crop(c.frames[0], box, s)
+    mesh = fg.to_crop_coords(track.landmarks[0], box, s).astype(np.float64)
+    seg = PersonSegmenter()
+    try:
+        m = head_with_hair(seg(crop), mesh)
+    finally:
+        seg.close()
+    up = mesh[10] - mesh[152]
+
+    def at(p):
+        x, y = np.clip(np.round(p).astype(int), 0, s - 1)
+        return float(m[y, x])
+
+    assert at(mesh[10] + 0.12 * up) > 0.5  # hair above the forehead, beyond the face mesh
+    assert at(mesh[152] - 0.2 * up) == 0.0  # the neck stays the source's
+    assert m[:4, :4].max() == 0.0 and m[:4, -4:].max() == 0.0  # background corners
+
+
+def test_the_hair_feather_stays_inside_the_hair():
+    from tccp.pipelines.heads import _inner_feather
+
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 20:44] = 1.0
+    soft = _inner_feather(mask, 2.0)
+    assert soft[mask == 0].max() < 0.02  # no halo of the reference's background
+    assert soft[32, 32] > 0.99

@@ -14,10 +14,14 @@ warp, because a reference with open eyes warped onto closing lids is squashed in
 ghosted double lid (seen on the bundled sample), which is worse than a missed blink;
 and references caught mid-blink (`open_eyes`) are not used for the head while the bank
 has others: their closed eyes would be pasted over whole stretches of speech.
+The region also takes in the reference's own hair (`tccp.face.segment`: the person
+mask near its head, warped with it): without it another person's fuller hair was cut
+at the face oval and the source's hair showed around it.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from tccp.face import headframe as hf
@@ -56,6 +60,15 @@ def open_eyes(meshes: np.ndarray, ratio: float = 0.7) -> np.ndarray:
     return ok if ok.any() else np.ones(len(o), bool)
 
 
+def _inner_feather(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """A soft version of `mask` whose edge lies inside it (eroded by 2 sigma, then
+    blurred): a feather that spreads outwards would paste the reference's background
+    around its hair as a halo."""
+    r = max(1, int(round(2 * sigma)))
+    core = cv2.erode((mask > 0.5).astype(np.float32), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    return cv2.GaussianBlur(core, (0, 0), sigma)
+
+
 class HeadWarper:
     """Per frame: the best reference warped onto the target head, pasted into the crop."""
 
@@ -66,6 +79,23 @@ class HeadWarper:
         self.template = np.asarray(template, np.float32)
         self.size = int(size)
         self.tri = triangulate(self.template, SKETCH_INDICES)
+        from tccp.face.segment import PersonSegmenter
+
+        self.segmenter = PersonSegmenter()
+        # the hair fades out over the crop's outer 8 %: a reference's hair cut by its own
+        # crop would otherwise end in a straight line
+        ramp = np.clip(np.minimum(np.arange(self.size) + 0.5, self.size - np.arange(self.size) - 0.5)
+                       / (0.08 * self.size), 0.0, 1.0).astype(np.float32)
+        self.border = np.minimum(ramp[:, None], ramp[None, :])
+
+    def hair_mask(self, bank, j: int) -> np.ndarray:
+        """Reference `j`'s head with its hair (crop px, float), once per reference."""
+        from tccp.face.segment import head_with_hair
+
+        cache = bank.__dict__.setdefault("_head_hair", {})
+        if j not in cache:
+            cache[j] = head_with_hair(self.segmenter(bank.crops[j]), bank.meshes[j])
+        return cache[j]
 
     def inputs(self, crops: np.ndarray, targets: np.ndarray, sources: np.ndarray, bank, prev_ref: int = -1
                ) -> dict[str, np.ndarray]:
@@ -97,6 +127,8 @@ class HeadWarper:
             j = int(ref[k])
             warped = warp_image(bank.crops[j], self.tri, bank.meshes[j], targets[k], align=True)
             m = region_mask([sources[k], targets[k]], (s, s), "head", dilate=HEAD_DILATE, feather=HEAD_FEATHER)
+            hair = warp_image(self.hair_mask(bank, j), self.tri, bank.meshes[j], targets[k], align=True)
+            m = np.maximum(m, _inner_feather(hair, HEAD_FEATHER * s) * self.border)
             out = crops[k].astype(np.float32) * (1 - m[..., None]) + warped.astype(np.float32) * m[..., None]
             faces.append(np.clip(out + 0.5, 0, 255).astype(np.uint8))
             masks.append(m)
