@@ -26,6 +26,8 @@ from typing import Any, Protocol, Sequence
 
 __all__ = ["Runner", "SharedModel", "ModelStats", "load_model", "check_mouth_scale", "check_region"]
 
+from engine.runner import check_region  # noqa: E402,F401 - the commands' import point
+
 log = logging.getLogger(__name__)
 
 
@@ -238,21 +240,6 @@ def check_mouth_scale(value: float) -> float:
         return check_scale(value)
     except ValueError:
         raise TCCPError(f"--mouth-scale {value}: must be between 0 and {MAX_SCALE:g}") from None
-
-
-def check_region(model: Any, region: str, landmarks: str = "generated") -> str:
-    """`region` if `model` (a SharedModel or PipelineRunner) can edit it, else a one-line
-    `TCCPError`: the head region with generated landmarks needs a head-mode stage 1."""
-    from tccp.errors import TCCPError
-
-    if region not in ("mouth", "head"):
-        raise TCCPError(f"--region {region}: choose mouth or head")
-    runner = getattr(model, "runner", model)
-    pipe = getattr(runner, "pipeline", None)
-    if region == "head" and landmarks == "generated" and getattr(pipe, "stage1_head", None) is None:
-        raise TCCPError("--region head: this model pack has no head-mode stage 1 (export one with "
-                        "tccp train --export-pack ... --stage1-head RUN, or pass --landmarks tracked)")
-    return region
 
 
 def load_model(pack: str | None, device: str, loader: Any = None, allow_random: bool = False, *,

@@ -32,6 +32,7 @@ __all__ = [
     "pad_frames",
     "PipelineRunner",
     "default_pack_missing",
+    "check_region",
 ]
 
 
@@ -244,12 +245,8 @@ class PipelineRunner:
         head = requests[0].region == "head"
         gen = pipe.stage1
         if head and requests[0].mode != "tracked":
-            gen = getattr(pipe, "stage1_head", None)
-            if gen is None:
-                from tccp.errors import TCCPError
-
-                raise TCCPError("--region head: this model pack has no head-mode stage 1 (export one with "
-                                "--stage1-head, or use --landmarks tracked)")
+            check_region(self, "head")  # one line naming the missing head stage 1
+            gen = pipe.stage1_head
         codec = gen.codec
         template = codec.template
         outs = []
@@ -374,16 +371,17 @@ class PipelineRunner:
         for i, r in enumerate(requests):
             d = inputs[i]
             n = r.n
-            faces = pad_frames(r.crops, new).copy()
-            masks = np.zeros(faces.shape[:3], np.float32)
             if head:  # the head warp's own targets: its eyes are the reference's (tccp.pipelines.heads)
                 faces, masks = d["faces"][k0:], d["mask"][k0:]
                 targets[i] = d["targets"][k0:]
-            for k in range(new if not head else 0):
-                m = d["mask"][k0 + k][..., None]
-                region = faces[k, y0:y1, x0:x1].astype(np.float32)
-                faces[k, y0:y1, x0:x1] = np.clip(region * (1 - m) + patches[i, k] * m + 0.5, 0, 255).astype(np.uint8)
-                masks[k, y0:y1, x0:x1] = d["mask"][k0 + k]
+            else:
+                faces = pad_frames(r.crops, new).copy()
+                masks = np.zeros(faces.shape[:3], np.float32)
+                for k in range(new):
+                    m = d["mask"][k0 + k][..., None]
+                    region = faces[k, y0:y1, x0:x1].astype(np.float32)
+                    faces[k, y0:y1, x0:x1] = np.clip(region * (1 - m) + patches[i, k] * m + 0.5, 0, 255).astype(np.uint8)
+                    masks[k, y0:y1, x0:x1] = d["mask"][k0 + k]
             o = s1[i]
             last = n - 1
             state = ModelState(
@@ -414,6 +412,21 @@ def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, qu
     idx = list(hf.MOUTH)
     out[:, idx] = rest[idx] + g[:, None, None] * (out[:, idx] - rest[idx])
     return out, level, quiet
+
+
+def check_region(model: Any, region: str, landmarks: str = "generated") -> str:
+    """`region` if `model` (a SharedModel or PipelineRunner) can edit it, else a one-line
+    `TCCPError`: the head region with generated landmarks needs a head-mode stage 1."""
+    from tccp.errors import TCCPError
+
+    if region not in ("mouth", "head"):
+        raise TCCPError(f"--region {region}: choose mouth or head")
+    runner = getattr(model, "runner", model)
+    pipe = getattr(runner, "pipeline", None)
+    if region == "head" and landmarks == "generated" and getattr(pipe, "stage1_head", None) is None:
+        raise TCCPError("--region head: this model pack has no head-mode stage 1 (export one with "
+                        "tccp train --export-pack ... --stage1-head RUN, or pass --landmarks tracked)")
+    return region
 
 
 def default_template() -> np.ndarray:

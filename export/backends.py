@@ -653,17 +653,12 @@ def load_pipeline(pack: str | os.PathLike | None = None, backend: str = "torch",
     `EditPipeline` on any backend, ready for `engine.runner.PipelineRunner`. A pack's
     head-mode stage 1 (`--region head`) is not exported: it runs on torch beside the
     backend (one ~2 ms call per window on this CPU)."""
-    from tccp.pack import DEFAULT_PACK, load_stage1
-    from tccp.pipelines.landmarks import LandmarkGenerator
+    from tccp.pack import DEFAULT_PACK, load_head_generator
 
     pipe = backend_pipeline(get_backend(backend, pack, device, **options))
     folder = Path(pack) if pack is not None else DEFAULT_PACK
-    if (folder / "stage1_head.safetensors").is_file() and not _is_export(folder):
-        from tccp.diffusion.schedule import Schedule
-
-        net, codec = load_stage1(folder, "cpu", key="stage1_head")
-        steps = int((pipe.pack_config.get("stage1_head") or {}).get("steps", 4))
-        pipe.stage1_head = LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=steps)
+    if not _is_export(folder):
+        pipe.stage1_head = load_head_generator(folder, "cpu")
     return pipe
 
 

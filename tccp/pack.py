@@ -47,6 +47,7 @@ __all__ = [
     "load_stage1",
     "load_stage2",
     "load_pack",
+    "load_head_generator",
 ]
 
 DEFAULT_PACK = Path(__file__).resolve().parent / "assets" / "models" / "default"
@@ -240,10 +241,17 @@ def load_pack(
                               stage1_steps=int(config["stage1"].get("steps", 4)),
                               residual_scale=c2.get("residual_scale"))
     pipe.pack_config = config
-    if isinstance(config.get("stage1_head"), dict):
-        from tccp.pipelines.landmarks import LandmarkGenerator
-
-        hnet, hcodec = load_stage1(folder, device, key="stage1_head")
-        pipe.stage1_head = LandmarkGenerator(hnet, hcodec, Schedule(prediction="v"),
-                                             steps=int(config["stage1_head"].get("steps", 4)))
+    pipe.stage1_head = load_head_generator(folder, device)
     return pipe
+
+
+def load_head_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """The pack's head-mode stage 1 as a `LandmarkGenerator` (`--region head`), or None
+    when the pack has none."""
+    config = read_pack_config(path)
+    if not isinstance(config.get("stage1_head"), dict):
+        return None
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    net, codec = load_stage1(path, device, key="stage1_head")
+    return LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=int(config["stage1_head"].get("steps", 4)))

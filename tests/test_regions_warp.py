@@ -112,3 +112,19 @@ def test_reference_choice_keeps_the_reference_in_use_between_near_ties():
     assert bank.choose(targets).tolist() == [0, 1, 0, 1, 2]  # per frame: flickers
     assert bank.choose(targets, prev=0, stick=0.5).tolist() == [0, 0, 0, 0, 2]  # kept, then switched
     assert bank.choose(targets, prev=1, stick=0.5).tolist() == [1, 1, 1, 1, 2]  # carried from the last window
+
+
+def test_reference_choice_keeps_to_the_allowed_references():
+    from tccp.pipelines.faces import ReferenceBank
+
+    from engine.runner import default_template
+
+    t = default_template()
+    meshes = np.repeat(t[None], 3, 0).astype(np.float32)
+    meshes[1, list(LIPS), 1] += 0.02
+    meshes[2, list(LIPS), 1] += 0.2
+    bank = ReferenceBank.build(np.zeros((3, 8, 8, 3), np.uint8), meshes, t)
+    heads = meshes[[1, 1]]
+    assert bank.choose(heads).tolist() == [1, 1]
+    assert bank.choose(heads, allowed=np.array([True, False, True])).tolist() == [0, 0]
+    assert bank.choose(heads, prev=1, stick=0.5, allowed=np.array([True, False, True])).tolist() == [0, 0]

@@ -109,15 +109,19 @@ class ReferenceBank:
         return cls(np.asarray(crops, np.uint8), np.asarray(meshes, np.float32), shapes,
                    list(hires) if hires is not None else [None] * len(crops))
 
-    def choose(self, target_heads: np.ndarray, prev: int = -1, stick: float | None = None) -> np.ndarray:
+    def choose(self, target_heads: np.ndarray, prev: int = -1, stick: float | None = None,
+               allowed: np.ndarray | None = None) -> np.ndarray:
         """Per target (N, 478, 2) head-frame mesh, the index of the closest lip shape.
 
         With `stick` (a fraction) the reference in use (`prev` for the first frame, then
         the previous frame's) is kept while it is within (1 + stick) x the closest one's
         distance: the mouth's texture comes from one picture for a run of frames instead
-        of flickering between near ties."""
+        of flickering between near ties. `allowed` (K,) bool (at least one True) limits
+        the choice to those references (the head region skips mid-blink ones)."""
         t = target_heads[:, list(hf.LIPS)].reshape(len(target_heads), -1)
         d = np.linalg.norm(t[:, None] - self.shapes[None], axis=-1)
+        if allowed is not None:
+            d[:, ~np.asarray(allowed, bool)] = np.inf
         best = d.argmin(1)
         if not stick:
             return best

@@ -108,14 +108,7 @@ class HeadWarper:
         from tccp.pipelines.faces import REF_STICK
 
         heads, pose = hf.to_head(np.asarray(targets, np.float32), self.template)
-        ok = open_eyes(bank.meshes)
-        if ok.all():
-            ref = bank.choose(heads, prev_ref, REF_STICK)
-        else:  # choose among the open-eyed references, in bank indices
-            keep = np.flatnonzero(ok)
-            sub = type(bank)(bank.crops[keep], bank.meshes[keep], bank.shapes[keep])
-            prev = int(np.flatnonzero(keep == prev_ref)[0]) if prev_ref in keep else -1
-            ref = keep[sub.choose(heads, prev, REF_STICK)]
+        ref = bank.choose(heads, prev_ref, REF_STICK, allowed=open_eyes(bank.meshes))
         ref_heads, _ = hf.to_head(np.asarray(bank.meshes, np.float32), self.template)
         eyes = list(EYES)
         heads[:, eyes] = ref_heads[np.asarray(ref, int)][:, eyes]
