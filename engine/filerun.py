@@ -250,6 +250,8 @@ async def run_file_async(
         await producer
         if written != n_out:
             raise RuntimeError(f"engine produced {written} frames for {n_out} inputs")
+        if asyncio.current_task().cancelling():  # a Ctrl-C swallowed on the way: still no output
+            raise asyncio.CancelledError
         writer.close()
     except BaseException as exc:
         writer.abort()
@@ -272,5 +274,8 @@ async def run_file_async(
 
 
 def run_file(video, out, model: SharedModel, **kwargs) -> RunResult:
-    """Synchronous wrapper of `run_file_async` (its own event loop)."""
-    return asyncio.run(run_file_async(video, out, model, **kwargs))
+    """Synchronous wrapper of `run_file_async` (its own event loop; Ctrl-C and SIGTERM
+    cancel it and end as KeyboardInterrupt, `engine.aio`)."""
+    from engine.aio import run_interruptible
+
+    return run_interruptible(run_file_async(video, out, model, **kwargs))

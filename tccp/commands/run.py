@@ -214,7 +214,7 @@ def main_live(args: argparse.Namespace) -> int:
     """`tccp run --live`: audio source first (no microphone fails before any model
     work), then the model, then `streaming.mic.run_live` until Ctrl-C, the window's
     q/Esc, the end of an --audio file or --max-seconds."""
-    import asyncio
+    from engine.aio import run_interruptible
 
     from engine.config import EngineConfig
     from engine.model import check_region, load_model
@@ -254,7 +254,7 @@ def main_live(args: argparse.Namespace) -> int:
     caught: list = []
     try:
         with quiet_native_stderr() as caught:
-            result = asyncio.run(run_live(source, out, model, cfg, audio=audio, duration_s=args.max_seconds))
+            result = run_interruptible(run_live(source, out, model, cfg, audio=audio, duration_s=args.max_seconds))
     except KeyboardInterrupt:
         return 130
     finally:
