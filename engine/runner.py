@@ -260,8 +260,7 @@ class PipelineRunner:
                 from tccp.data.landmarks import reference_frames
 
                 idx = reference_frames(bheads, 4)
-                params = bpose.params()
-                params[:, 2:] /= self.size  # head mode's pose unit: the crop
+                params = bpose.params(self.size)  # head mode's pose unit: the crop
                 r.refs.stage1 = gen.references(bheads[idx], params[idx] if codec.mode == "head" else None)
             per_req.append((meshes, heads, pose))
         if requests[0].mode == "tracked":
@@ -295,9 +294,7 @@ class PipelineRunner:
             ref = r.refs.stage1
             gen_heads, gen_pose = codec.decode(x[i], ref.anchor, heads, ref.pose)
             if gen_pose is not None:  # head mode: the generated pose places the head
-                gen_pose = np.array(gen_pose, np.float64)
-                gen_pose[:, 2:] *= self.size
-                pose = hf.Pose.from_params(gen_pose)
+                pose = hf.Pose.from_params(gen_pose, self.size)
             level = 0.0 if r.state is None else r.state.gate  # a stream starts at rest
             quiet = 0 if r.state is None else r.state.quiet
             if r.gate:

@@ -59,6 +59,12 @@ def test_head_frame_roundtrip_and_pose():
     assert np.abs(heads[:, list(hf.STABLE)] - t[list(hf.STABLE)]).max() < 0.01
     back = hf.Pose.from_params(pose.params())
     np.testing.assert_allclose(back.a, pose.a, rtol=1e-5)
+    # head mode's unit (position / crop size) round-trips, and only the position scales
+    p128 = pose.params(128.0)
+    np.testing.assert_allclose(p128[:, :2], pose.params()[:, :2])
+    np.testing.assert_allclose(p128[:, 2:] * 128.0, pose.params()[:, 2:], rtol=1e-5)
+    back = hf.Pose.from_params(p128, 128.0)
+    np.testing.assert_allclose(back.b, pose.b, rtol=1e-4)
     assert len(hf.MOUTH) == 57 and not set(hf.MOUTH) & set(hf.REST)
 
 

@@ -182,8 +182,7 @@ def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarr
             feats[kind], vads[kind] = f, v[: clip.n_frames]
             if s is not None:
                 silent = s[: clip.n_frames]
-        params = pose.params()
-        params[:, 2:] /= clip.size
+        params = pose.params(clip.size)
         ctx = context_tokens(clip.contexts) if context else None
         out.append(LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent, ctx))
         if progress is not None:

@@ -76,16 +76,19 @@ class Pose:
     def __getitem__(self, idx) -> "Pose":
         return Pose(self.a[idx], self.b[idx])
 
-    def params(self) -> np.ndarray:
-        """(N, 4): log scale, angle, and the head-frame origin's image position (x, y):
-        a smooth parametrisation for generating poses (head mode)."""
-        origin = -self.b / self.a  # image point that maps to the head-frame origin
+    def params(self, size: float = 1.0) -> np.ndarray:
+        """(N, 4): log scale, angle, and the head-frame origin's image position (x, y)
+        divided by `size`: a smooth parametrisation for generating poses (head mode,
+        whose unit is the crop: `size` = the crop's side in px)."""
+        origin = -self.b / self.a / size  # image point that maps to the head-frame origin
         return np.stack([np.log(np.abs(self.a)), np.angle(self.a), origin.real, origin.imag], -1).astype(np.float32)
 
     @classmethod
-    def from_params(cls, p: np.ndarray) -> "Pose":
+    def from_params(cls, p: np.ndarray, size: float = 1.0) -> "Pose":
+        """Inverse of `params(size)`."""
+        p = np.asarray(p, np.float64)
         a = np.exp(p[..., 0]) * np.exp(1j * p[..., 1])
-        origin = p[..., 2] + 1j * p[..., 3]
+        origin = (p[..., 2] + 1j * p[..., 3]) * size
         return cls(a, -a * origin)
 
 
