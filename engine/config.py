@@ -82,6 +82,18 @@ class EngineConfig:
     references: Any = field(default=None, repr=False)
     """A ready reference bank (`tccp.pipelines.faces.ReferenceBank`, e.g. from
     `engine.refs.scan_video` or an image); None: built from the session's own frames."""
+    stage1: Any = field(default=None, repr=False)
+    """A session's own stage-1 generator (mouth mode), e.g. the pack's adapted to the
+    person by `engine.adapt`; None: the pack's."""
+    adapt_steps: int = 100
+    """File runs with generated landmarks: fine-tune a copy of stage 1 on the source
+    video's own speech for this many steps before generating (`engine.adapt`; 0: off).
+    Live sessions never adapt."""
+    adapt_seconds: float = 15.0
+    """How much of the source video the adaptation tracks and learns from."""
+    adapt_start_s: float | None = 0.0
+    """Where in the source that part starts; None: no adaptation (e.g. an evaluation
+    whose clip has nothing outside the judged seconds)."""
     seed: int = 0
     colour_match: bool = True
     feather: float = 0.06
@@ -100,6 +112,8 @@ class EngineConfig:
             self.min_steps = max(1, min(self.min_steps, self.steps))  # steps 0 (warp only) keeps 1
         if self.window < 2:
             raise ValueError("window must have at least 2 slots")
+        if self.adapt_steps < 0 or self.adapt_seconds < 0:
+            raise ValueError("adapt_steps and adapt_seconds must be >= 0")
         if min(self.video_queue, self.job_queue, self.output_queue) < 1:
             raise ValueError("queue sizes must be >= 1")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class RunResult:
     looped: bool
     preview: list | None = None
     """With preview_frames: (original, target sketch, output frame, face box) of a few frames."""
+    stage1: Any = field(default=None, repr=False)
+    """The run's own stage 1 when it was adapted to the person (`engine.adapt`), else None."""
 
 
 def _preview_row(original: np.ndarray, of, size: int) -> tuple:
@@ -206,6 +208,19 @@ async def run_file_async(
         if builder is not None:
             cfg = cfg.with_(references=builder.bank)
 
+    adapt = None
+    if cfg.landmarks == "generated" and cfg.region == "mouth" and cfg.stage1 is None and cfg.adapt_steps > 0 \
+            and cfg.adapt_start_s is not None and tracker is None:
+        pipe = getattr(model.runner, "pipeline", None)
+        if getattr(pipe, "stage1", None) is not None and getattr(pipe, "whisper", None) is not None:
+            from engine.adapt import AdaptConfig, adapt_from_video
+
+            acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
+            adapt = await loop.run_in_executor(None, adapt_from_video, video, pipe.stage1, pipe.whisper, acfg,
+                                               cfg.adapt_start_s, cfg.fps)
+            if adapt.generator is not None:
+                cfg = cfg.with_(stage1=adapt.generator)
+
     keep = preview_frames > 0
     sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")
     preview: list = []
@@ -261,15 +276,19 @@ async def run_file_async(
             raise exc.__cause__ from None
         raise
     stats = sess.stats
+    summary = stats.summary()
+    if adapt is not None:
+        summary["adapt"] = adapt.summary()
     return RunResult(
         out=out,
         frames=written,
         duration=written / cfg.fps,
-        summary=stats.summary(),
+        summary=summary,
         metrics=stats.as_metrics(),
         context_frames=n_ctx,
         looped=looped,
         preview=preview if keep else None,
+        stage1=cfg.stage1 if adapt is not None and adapt.generator is not None else None,
     )
 
 

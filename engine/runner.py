@@ -83,6 +83,7 @@ class WindowRequest:
     gate: bool = True
     region: str = "mouth"  # 'head': stage 1's head mode and the whole-head warp
     contexts: np.ndarray | None = None  # (n, CONTEXT_DIM) head-masked context tokens (head region)
+    stage1: Any = None  # the session's own stage-1 generator (EngineConfig.stage1); None: the pack's
 
     @property
     def n(self) -> int:
@@ -233,7 +234,8 @@ class PipelineRunner:
         return AudioFeatures(self.pipeline.whisper, live=live, fps=fps, radius=audio_radius(self.pipeline.stage1.net.cfg))
 
     def batch_key(self, r: WindowRequest) -> tuple:
-        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]), r.region)
+        return (r.mode, r.steps, r.sampler, float(r.guidance), r.window, r.restart, tuple(r.crops.shape[1:]), r.region,
+                0 if r.stage1 is None else id(r.stage1))  # a session's own stage 1 batches alone
 
     # ------------------------------------------------------------------ stage 1
     def _stage1(self, requests: Sequence[WindowRequest], new: int) -> list[dict]:
@@ -243,7 +245,7 @@ class PipelineRunner:
 
         pipe = self.pipeline
         head = requests[0].region == "head"
-        gen = pipe.stage1
+        gen = requests[0].stage1 or pipe.stage1  # batch_key: one generator per batch
         if head and requests[0].mode != "tracked":
             check_region(self, "head")  # one line naming the missing head stage 1
             gen = pipe.stage1_head

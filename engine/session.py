@@ -441,6 +441,7 @@ class Session:
             mouth_scale=c.mouth_scale,
             gate=c.gate,
             region=c.region,
+            stage1=c.stage1 if c.region == "mouth" else None,
             contexts=None if c.region != "head" else await loop.run_in_executor(None, _context_tokens, win, self.model.size),
         )
         res: WindowResult = await self.model.submit(req)

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(max 4; multiplies the pack's articulation gain, 1.25 for the bundled pack)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="only the first S seconds of the driving audio")
+    p.add_argument("--adapt-steps", type=int, default=100, metavar="N",
+                   help="file runs: first fine-tune a copy of stage 1 for N steps on the video's own speech, so the "
+                        "mouth moves the way this person's does (default 100, ~10-25 s on a 2-core CPU; 0: off; "
+                        "docs/lipsync.md)")
+    p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
+                   help="how much of the video (from its start) the adaptation learns from (default 15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -111,6 +117,8 @@ def print_summary(result: Any, title: str = "tccp run", console=None) -> None:
         t.add_row(f"{name} / window", f"p50 {v['p50'] * 1000:.0f} ms   p95 {v['p95'] * 1000:.0f} ms")
     if s["degradations"]:
         t.add_row("degradations", str(s["degradations"]))
+    if s.get("adapt"):
+        t.add_row("person", s["adapt"]["note"])
     console.print(t)
     if result.frames and not s["frames_generated"]:
         console.print("[bold yellow]warning:[/] no face was tracked in any frame; the output is the input unchanged")
@@ -172,8 +180,11 @@ def main(args: argparse.Namespace) -> int:
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     guard_output(args.out, inputs=(args.video, args.audio, args.identity))
+    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
+                        f"steps must be 0 (off) or more, seconds positive")
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
-                       region=args.region)
+                       region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)

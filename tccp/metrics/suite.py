@@ -6,7 +6,11 @@ taken from the clip's frames AFTER the evaluated seconds when the clip is long e
 (else from the whole clip, noted as `bank_overlap`), so the warp cannot copy the very
 frame it is judged against. Measured in the same run, on the same frames, through the
 same H.264 encode:
-- `tccp`: the full pipeline (stage-1 landmarks from the audio, stage 2);
+- `tccp`: the full pipeline (stage-1 landmarks from the audio, stage 2), with stage 1
+  adapted to the person (`engine.adapt`) on the clip's frames after the evaluated
+  seconds, as a dubbing run adapts on the source's own speech; not adapted where the
+  clip has nothing after them (no leak of the judged frames);
+- `unadapted`: the same without the adaptation (the pack's stage 1 as shipped);
 - `tccp_tracked`: stage 2 on the clip's tracked landmarks (stage 2's faithfulness);
 - `warp`: generated landmarks, stage 2 at 0 steps (the warped reference alone: the
   no-learning baseline the denoiser must beat);
@@ -53,7 +57,7 @@ __all__ = [
 # (video in, mp4 out, seconds) -> the run's stats summary (any JSON-able dict)
 Generator = Callable[[Path, Path, float], dict]
 
-METHODS = ("tccp", "tccp_tracked", "warp", "denoiser", "frozen", "blur", "real")
+METHODS = ("tccp", "unadapted", "tccp_tracked", "warp", "denoiser", "frozen", "blur", "real")
 
 # column title -> (path into one clip's metrics, format); means over clips
 TABLE_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -151,11 +155,18 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
     template = getattr(model.runner, "template", None)
 
     def generate(video: Path, out: Path, seconds: float, landmarks: str = "generated",
-                 steps: int | None = None, references: Any = None, audio: Path | None = None) -> dict:
-        conf = econf.with_(landmarks=landmarks, references=references)
+                 steps: int | None = None, references: Any = None, audio: Path | None = None,
+                 adapt: bool = True) -> dict:
+        from tccp.media.io import probe
+
+        # adapt on what follows the judged seconds only; a clip with too little after them is not adapted
+        after = probe(video).duration - seconds >= 3.0
+        conf = econf.with_(landmarks=landmarks, references=references,
+                           adapt_start_s=seconds if (adapt and after) else None)
         if steps is not None:
             conf = conf.with_(steps=steps)
         res = run_file(video, out, model, audio=audio, config=conf, max_seconds=seconds)
+        generate.stage1 = res.stage1  # type: ignore[attr-defined]
         return res.summary
 
     def bank(video: Path, seconds: float) -> tuple[Any, bool]:
@@ -174,6 +185,7 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
     generate.pipeline = getattr(model.runner, "pipeline", None)  # type: ignore[attr-defined]
 
     generate.supports_landmarks = True  # type: ignore[attr-defined]
+    generate.stage1 = None  # type: ignore[attr-defined]  # the last run's adapted stage 1 (None: not adapted)
 
     return generate, close
 
@@ -260,8 +272,11 @@ def run_suite(
             real_n = real.head(n)
             audio = real_clip.audio[: int(round(n / fps * sr))] if real_clip.audio is not None else None
             candidates = {"tccp": gen_frames[:n]}
+            adapted = getattr(generator, "stage1", None)
             if cfg.tracked and getattr(generator, "supports_landmarks", False):
                 runs: list[tuple[str, dict]] = [("tccp_tracked", {"landmarks": "tracked"})]
+                if adapted is not None:
+                    runs.insert(0, ("unadapted", {"adapt": False}))
                 if cfg.region == "mouth":  # the head region is the warp already
                     runs.append(("warp", {"steps": 0}))
                 pipe = getattr(generator, "pipeline", None)
@@ -274,6 +289,8 @@ def run_suite(
                     frames = load_clip(p, require_audio=False, min_frames=1).frames
                     if len(frames) >= n:
                         candidates[method] = frames[:n]
+                if adapted is None:  # not adapted: the unadapted run is this very run
+                    candidates["unadapted"] = candidates["tccp"]
             candidates["frozen"] = _roundtrip(frozen_baseline(real_n), audio, work / f"{name}.frozen.mp4", fps, sr)
             candidates["blur"] = _roundtrip(blur_baseline(real_n), audio, work / f"{name}.blur.mp4", fps, sr)
             candidates["real"] = _roundtrip(real_n.frames, audio, work / f"{name}.real.mp4", fps, sr)
@@ -284,7 +301,7 @@ def run_suite(
                 per_clip[name][method] = res.metrics
             pipe = getattr(generator, "pipeline", None)
             if pipe is not None and audio is not None and bank is not None and cfg.region == "mouth":
-                row = stage1_clip(pipe, real_n, audio, sr, fps, bank)
+                row = stage1_clip(pipe, real_n, audio, sr, fps, bank, adapted=adapted)
                 row.update(clip=name, speech_fraction=speech)
                 stage1_rows.append(row)
     finally:
@@ -359,9 +376,11 @@ def blur_baseline(real: TrackedVideo, sigma: float = 2.5) -> np.ndarray:
     return out
 
 
-def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: float, bank: Any) -> dict:
+def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: float, bank: Any,
+                adapted: Any = None) -> dict:
     """Stage 1 alone on one clip (its own audio): generated vs tracked head-frame
-    landmarks, and the two baselines (mean lips held; energy mapped to the opening)."""
+    landmarks, and the two baselines (mean lips held; energy mapped to the opening);
+    with `adapted` (the run's stage 1 adapted to the person) also its row."""
     from tccp.data.landmarks import reference_frames
     from tccp.face import headframe as hf
     from tccp.media.vad import frame_voice_activity
@@ -386,6 +405,9 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     vad = frame_voice_activity(audio, n, fps, sr)
     out = generate_clip(gen, tokens, vad, heads, refs)
     row = {"tccp": stage1_metrics(out, heads, vad)}
+    # as shipped: the adapted stage 1 where the run adapted, else the pack's (the same run)
+    row["adapted"] = row["tccp"] if adapted is None else stage1_metrics(generate_clip(
+        adapted, tokens, vad, heads, adapted.references(bank_heads[reference_frames(bank_heads, 4)])), heads, vad)
     anchor = heads[0].copy()
     anchor[gen.codec.gen_index] = refs.anchor
     row["mean_lips"] = stage1_metrics(mean_lips_baseline(heads, anchor), heads, vad)
@@ -397,13 +419,13 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
 def _stage1_summary(rows: list[dict]) -> dict:
     speech = [r for r in rows if r.get("speech_fraction", 0) >= 0.5]
     out: dict = {"clips_with_speech": len(speech)}
-    for method in ("tccp", "mean_lips", "energy"):
+    for method in ("tccp", "adapted", "mean_lips", "energy"):
         d = {}
         for key in ("aperture_corr", "lip_lmd", "silence_ratio", "silence_open"):
-            vals = [r[method].get(key) for r in speech]
+            vals = [r.get(method, {}).get(key) for r in speech]
             vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
             d[key] = float(np.mean(vals)) if vals else None
-        lags = [abs(r[method]["lag"]) for r in speech if r[method].get("lag") is not None]
+        lags = [abs(r[method]["lag"]) for r in speech if r.get(method, {}).get("lag") is not None]
         d["abs_lag"] = float(np.mean(lags)) if lags else None
         out[method] = d
     return out
@@ -431,8 +453,10 @@ def format_table(result: dict, key: str = "summary", stage1: bool = True) -> str
     if stage1 and st and st.get("clips_with_speech"):
         lines += ["", f"stage 1 alone (landmarks vs tracked), {st['clips_with_speech']} clips with speech",
                   f"{'method':<16}{'mouth r':>9}{'|lag|':>7}{'LipLMD':>9}{'silence':>9}"]
-        for m in ("tccp", "mean_lips", "energy"):
-            d = st[m]
+        for m in ("tccp", "adapted", "mean_lips", "energy"):
+            d = st.get(m)
+            if not d or d.get("aperture_corr") is None:
+                continue
             f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             lines.append(f"{m:<16}{f(d['aperture_corr'], '.3f'):>9}{f(d['abs_lag'], '.2f'):>7}"
                          f"{f(d['lip_lmd'], '.4f'):>9}{f(d['silence_ratio'], '.3f'):>9}")

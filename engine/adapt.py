@@ -1,0 +1,185 @@
+"""Stage 1 adapted to the person from the source video's own speech (file runs).
+
+Why: stage 1 is trained on ~50 speakers and is limited by that data (docs/lipsync.md):
+on a new person its mouth follows the speech at r ~0.5-0.6 and damps the opening. But
+a dubbing job brings minutes of exactly what it lacks: the person's own voice with
+their own mouth, in the source video. A short fine-tune of a copy of the pack's stage 1
+on those pairs (the training loss of `tccp.training.landmarks`, ~100 steps, seconds on
+a CPU) teaches it this person's articulation; the copy drives only this run (the
+shared model is untouched). Measured on the held-out clips (adapting on the part of
+each clip after the evaluated seconds): docs/lipsync.md, "Adapting to the person".
+
+Used by `engine.filerun` (the source's first `seconds`, or from `start_s`); a source
+without enough speech, without a face or without audio is not adapted (a note says
+why). Live calls do not adapt (there is no source speech before the call).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "speech_segments"]
+
+
+@dataclass
+class AdaptConfig:
+    steps: int = 100
+    """Fine-tuning steps (0: no adaptation)."""
+    seconds: float = 15.0
+    """How much of the source video (from `start_s`) is tracked and learned from."""
+    lr: float = 1e-4
+    batch: int = 16
+    min_speech_s: float = 3.0
+    """Less voiced audio than this in the learned part: not adapted."""
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class AdaptResult:
+    generator: Any = None  # tccp.pipelines.landmarks.LandmarkGenerator on the adapted copy; None: not adapted
+    note: str = ""
+    frames: int = 0
+    speech_s: float = 0.0
+    seconds: float = 0.0  # wall time
+    losses: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        return {"adapted": self.generator is not None, "note": self.note, "frames": self.frames,
+                "speech_s": round(self.speech_s, 2), "seconds": round(self.seconds, 2),
+                "loss_first": self.losses[0] if self.losses else None,
+                "loss_last": self.losses[-1] if self.losses else None}
+
+
+def speech_segments(has_face: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive frames with a face, at least `min_len` long."""
+    out, start = [], None
+    for i, ok in enumerate(list(has_face) + [False]):
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            if i - start >= min_len:
+                out.append((start, i))
+            start = None
+    return out
+
+
+def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig) -> tuple[Any, list[float]]:
+    """A fine-tuned copy of `net` on `clips` (`tccp.data.landmarks.LandmarkClip`s with
+    'full' features); `net` itself is not touched. Deterministic for a seed."""
+    from tccp.data.landmarks import LandmarkDataConfig, LandmarkWindows
+    from tccp.diffusion.schedule import Schedule
+    from tccp.models.landmarks import audio_radius
+    from tccp.training.landmarks import LandmarkTrainConfig, _loss
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        torch.manual_seed(cfg.seed)
+        m = copy.deepcopy(net).float().train().requires_grad_(True)
+        opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
+        data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix={"full": 1.0}, radius=audio_radius(net.cfg)),
+                               seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        tcfg, schedule, losses = LandmarkTrainConfig(data="", out=""), Schedule(prediction="v"), []
+        for _ in range(cfg.steps):
+            loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        return m.eval().requires_grad_(False), losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _track(video: Path, start: int, n: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 478, 2) image-px meshes (zeros where no face) and the (n,) has-face mask."""
+    from tccp.face.track import FaceTracker, FaceTrackerConfig
+    from tccp.media import io as media
+
+    meshes = np.zeros((n, 478, 2), np.float32)
+    ok = np.zeros(n, bool)
+    with FaceTracker(FaceTrackerConfig(fps=fps)) as tr:
+        for i, (_, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=start + n)):
+            if i < start:
+                continue
+            obs = tr.update(frame)
+            if obs is not None:
+                meshes[i - start], ok[i - start] = obs.landmarks[:, :2], True
+    return meshes, ok
+
+
+def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
+                     start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
+    """Track `cfg.seconds` of `video` from `start_s`, pair them with its own audio's
+    Whisper features, and fine-tune a copy of `generator.net` (mouth mode). Returns an
+    `AdaptResult` whose `generator` is None (with a note) when there is nothing to
+    learn from: no audio track, too little speech, too few frames with a face."""
+    from tccp.data.landmarks import LandmarkClip, rest_shape
+    from tccp.face import headframe as hf
+    from tccp.media import io as media
+    from tccp.media import whisper as wh
+    from tccp.media.vad import frame_voice_activity
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    cfg = cfg or AdaptConfig()
+    t0 = time.monotonic()
+    video = Path(video)
+    res = AdaptResult()
+    net = getattr(generator, "net", None)
+    if cfg.steps <= 0:
+        res.note = "adaptation off"
+        return res
+    if not isinstance(net, torch.nn.Module) or getattr(generator.codec, "mode", "mouth") != "mouth":
+        res.note = "stage 1 is not a torch mouth-mode network here (exported backend or head mode): not adapted"
+        return res
+    info = media.probe(video)
+    if not info.has_audio:
+        res.note = f"{video.name} has no audio of its own to learn the person's speech from: not adapted"
+        return res
+    seconds = max(0.0, min(cfg.seconds, info.duration - start_s))
+    n = int(seconds * fps)
+    if n < 2 * 8:
+        res.note = f"{video.name}: under a second of video after {start_s:.1f} s: not adapted"
+        return res
+    sr = 16000
+    audio = media.read_audio(video, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
+    audio = audio[: int(round(seconds * sr))]
+    vad = frame_voice_activity(audio, n, fps).astype(np.float32)
+    res.speech_s = float((vad > 0.5).sum() / fps)
+    if res.speech_s < cfg.min_speech_s:
+        res.note = (f"{video.name}: {res.speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
+                    f"(under {cfg.min_speech_s:.0f} s): not adapted")
+        res.seconds = time.monotonic() - t0
+        return res
+    meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
+    feats = wh.full_features(whisper, audio).astype(np.float16)
+    codec = generator.codec
+    clips = []
+    for a, b in speech_segments(ok, 16):
+        heads, _ = hf.to_head(meshes[a:b], codec.template)
+        clips.append(LandmarkClip(f"{video.stem}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
+                                  {"full": vad[a:b]}, {"full": feats[2 * a: 2 * b]}, rest_shape(heads),
+                                  np.zeros(b - a, bool)))
+    res.frames = int(sum(c.n for c in clips))
+    if res.frames < 2 * fps:
+        res.note = f"{video.name}: a face in only {res.frames} of {n} frames learned from: not adapted"
+        res.seconds = time.monotonic() - t0
+        return res
+    adapted, res.losses = adapt_net(net, codec, clips, cfg)
+    res.generator = LandmarkGenerator(adapted, codec, generator.schedule, steps=generator.steps,
+                                      sampler=generator.sampler)
+    res.seconds = time.monotonic() - t0
+    res.note = (f"stage 1 adapted to the person: {cfg.steps} steps on {res.frames / fps:.1f} s of the source "
+                f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s")
+    return res
