@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "speech_segments"]
+__all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "adapt_from_videos",
+           "clips_from_video", "speech_segments"]
 
 
 @dataclass
@@ -119,22 +120,57 @@ def _track(video: Path, start: int, n: int, fps: float) -> tuple[np.ndarray, np.
     return meshes, ok
 
 
-def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
-                     start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
-    """Track `cfg.seconds` of `video` from `start_s`, pair them with its own audio's
-    Whisper features, and fine-tune a copy of `generator.net` (mouth mode). Returns an
-    `AdaptResult` whose `generator` is None (with a note) when there is nothing to
-    learn from: no audio track, too little speech, too few frames with a face."""
+def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float, start_s: float = 0.0,
+                     fps: float = 25.0, min_speech_s: float = 3.0) -> tuple[list, float, str]:
+    """Training clips (`LandmarkClip`, 'full' features) from `seconds` of `video` from
+    `start_s`: its tracked mouths paired with its own audio. Returns (clips, seconds of
+    speech, note); no clips (and a note saying why) when there is nothing to learn."""
     from tccp.data.landmarks import LandmarkClip, rest_shape
     from tccp.face import headframe as hf
     from tccp.media import io as media
     from tccp.media import whisper as wh
     from tccp.media.vad import frame_voice_activity
+
+    video = Path(video)
+    info = media.probe(video)
+    if not info.has_audio:
+        return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from"
+    seconds = max(0.0, min(seconds, info.duration - start_s))
+    n = int(seconds * fps)
+    if n < 2 * 8:
+        return [], 0.0, f"{video.name}: under a second of video after {start_s:.1f} s"
+    sr = 16000
+    audio = media.read_audio(video, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
+    audio = audio[: int(round(seconds * sr))]
+    vad = frame_voice_activity(audio, n, fps).astype(np.float32)
+    speech_s = float((vad > 0.5).sum() / fps)
+    if speech_s < min_speech_s:
+        return [], speech_s, (f"{video.name}: {speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
+                              f"(under {min_speech_s:.0f} s)")
+    meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
+    feats = wh.full_features(whisper, audio).astype(np.float16)
+    clips = []
+    for a, b in speech_segments(ok, 16):
+        heads, _ = hf.to_head(meshes[a:b], codec.template)
+        clips.append(LandmarkClip(f"{video.stem}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
+                                  {"full": vad[a:b]}, {"full": feats[2 * a: 2 * b]}, rest_shape(heads),
+                                  np.zeros(b - a, bool)))
+    frames = sum(c.n for c in clips)
+    if frames < 2 * fps:
+        return [], speech_s, f"{video.name}: a face in only {frames} of {n} frames learned from"
+    return clips, speech_s, ""
+
+
+def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
+                      start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
+    """`cfg.seconds` of each video from `start_s`, paired with its own audio, and a copy
+    of `generator.net` (mouth mode) fine-tuned on all of them. Returns an `AdaptResult`
+    whose `generator` is None (with a note) when there is nothing to learn from: no
+    audio track, too little speech, too few frames with a face."""
     from tccp.pipelines.landmarks import LandmarkGenerator
 
     cfg = cfg or AdaptConfig()
     t0 = time.monotonic()
-    video = Path(video)
     res = AdaptResult()
     net = getattr(generator, "net", None)
     if cfg.steps <= 0:
@@ -143,43 +179,28 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
     if not isinstance(net, torch.nn.Module) or getattr(generator.codec, "mode", "mouth") != "mouth":
         res.note = "stage 1 is not a torch mouth-mode network here (exported backend or head mode): not adapted"
         return res
-    info = media.probe(video)
-    if not info.has_audio:
-        res.note = f"{video.name} has no audio of its own to learn the person's speech from: not adapted"
-        return res
-    seconds = max(0.0, min(cfg.seconds, info.duration - start_s))
-    n = int(seconds * fps)
-    if n < 2 * 8:
-        res.note = f"{video.name}: under a second of video after {start_s:.1f} s: not adapted"
-        return res
-    sr = 16000
-    audio = media.read_audio(video, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
-    audio = audio[: int(round(seconds * sr))]
-    vad = frame_voice_activity(audio, n, fps).astype(np.float32)
-    res.speech_s = float((vad > 0.5).sum() / fps)
-    if res.speech_s < cfg.min_speech_s:
-        res.note = (f"{video.name}: {res.speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
-                    f"(under {cfg.min_speech_s:.0f} s): not adapted")
-        res.seconds = time.monotonic() - t0
-        return res
-    meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
-    feats = wh.full_features(whisper, audio).astype(np.float16)
-    codec = generator.codec
-    clips = []
-    for a, b in speech_segments(ok, 16):
-        heads, _ = hf.to_head(meshes[a:b], codec.template)
-        clips.append(LandmarkClip(f"{video.stem}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
-                                  {"full": vad[a:b]}, {"full": feats[2 * a: 2 * b]}, rest_shape(heads),
-                                  np.zeros(b - a, bool)))
+    clips, notes = [], []
+    for v in videos:
+        c, speech, note = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps, cfg.min_speech_s)
+        clips += c
+        res.speech_s += speech
+        if note:
+            notes.append(note)
     res.frames = int(sum(c.n for c in clips))
-    if res.frames < 2 * fps:
-        res.note = f"{video.name}: a face in only {res.frames} of {n} frames learned from: not adapted"
-        res.seconds = time.monotonic() - t0
+    res.seconds = time.monotonic() - t0
+    if not clips:
+        res.note = "; ".join(notes) + ": not adapted"
         return res
-    adapted, res.losses = adapt_net(net, codec, clips, cfg)
-    res.generator = LandmarkGenerator(adapted, codec, generator.schedule, steps=generator.steps,
+    adapted, res.losses = adapt_net(net, generator.codec, clips, cfg)
+    res.generator = LandmarkGenerator(adapted, generator.codec, generator.schedule, steps=generator.steps,
                                       sampler=generator.sampler)
     res.seconds = time.monotonic() - t0
     res.note = (f"stage 1 adapted to the person: {cfg.steps} steps on {res.frames / fps:.1f} s of the source "
                 f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s")
     return res
+
+
+def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
+                     start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
+    """`adapt_from_videos` on one video (what a file run does with its source)."""
+    return adapt_from_videos([video], generator, whisper, cfg, start_s, fps)

@@ -54,16 +54,75 @@ def fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+
+def suite_section(suite: dict) -> list[str]:
+    """The card's end-to-end section (heading to the blank line before "## Limits")."""
+    from tccp.metrics.suite import format_table
+
+    clips = ", ".join(sorted(suite["clips"]))
+    overlap = [k for k, c in suite["clips"].items() if c.get("bank_overlap")]
+    adapted = [k for k, c in suite["clips"].items() if ((c.get("run_stats") or {}).get("adapt") or {}).get("adapted")]
+    return [
+        "## End to end (`tccp eval --suite`, reconstruction, same run, same codec)",
+        f"Clips: {clips}; {suite['seconds']:g} s each; the reference bank comes from the clip's frames after the "
+        "evaluated seconds" + (f" (from the whole clip for {', '.join(overlap)}, too short)" if overlap else "") + "."
+        + (f" Stage 1 is adapted to the person (`engine.adapt`, 100 steps) on up to 15 s after the evaluated "
+           f"seconds for {', '.join(sorted(adapted))}; the other clips have too little after them and run the "
+           "pack's stage 1 (their `unadapted` row is the same run)." if adapted else ""),
+        "",
+        "```",
+        format_table(suite),
+        "```",
+        "",
+        "Clips with speech only:",
+        "```",
+        format_table(suite, key="summary_speech", stage1=False),
+        "```",
+        "",
+        "Rows: tccp = the pack as shipped (landmarks from the audio, stage 1 adapted to the person where the clip",
+        "allows); unadapted = the same without the adaptation; tccp_tracked = stage 2 on the clip's",
+        "tracked landmarks; warp = the warped reference alone; denoiser = the learned correction at 4 DDIM",
+        "steps; frozen = the first frame's mouth; blur = the real mouth blurred (sigma 2.5 px); real = the",
+        "codec round trip. Stage-1 table: tccp = the pack's stage 1, adapted = as shipped (adapted where the",
+        "run adapted).",
+        "Columns: mouth r = aperture correlation with the real mouth; PSNR mouth / sharp = PSNR and Laplacian-",
+        "variance ratio in the mouth box (lips x 1.8) at source resolution; PSNR kept = the face outside the",
+        "regenerated region; identity = dlib face-embedding cosine to the real frames.",
+        "",
+    ]
+
+
+def update_suite(pack: Path, suite_json: Path) -> Path:
+    """Replace only the end-to-end section of an existing card (the training runs it was
+    written from need not exist any more)."""
+    card = pack / "MODEL_CARD.md"
+    text = card.read_text()
+    head, rest = text.split("## End to end", 1)
+    _, tail = rest.split("## Limits", 1)
+    suite = json.loads(suite_json.read_text())
+    note = (f"(End-to-end section updated on {time.strftime('%Y-%m-%d')} by `scripts/make_model_card.py "
+            f"--update-suite` from a new suite run; the rest as written from the training runs.)\n\n")
+    card.write_text(head + "\n".join(suite_section(suite)) + "\n" + note + "## Limits" + tail)
+    return card
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage1", type=Path, required=True)
+    ap.add_argument("--stage1", type=Path, default=None)
     ap.add_argument("--stage2", type=Path, default=None, help="omit for a warp-only pack")
     ap.add_argument("--pack", type=Path, required=True)
-    ap.add_argument("--suite-json", type=Path, required=True, help="a finished `tccp eval --suite --json` result")
+    ap.add_argument("--suite-json", type=Path, default=None, help="a finished `tccp eval --suite --json` result")
+    ap.add_argument("--update-suite", type=Path, default=None, metavar="SUITE_JSON",
+                    help="only replace the end-to-end section of the pack's existing card with this suite result")
     ap.add_argument("--stage1-head", type=Path, default=None, help="the head-mode stage-1 run (when the pack has one)")
     ap.add_argument("--head-suite-json", type=Path, default=None, help="`tccp eval --suite --region head` result")
     ap.add_argument("--machine", default=f"{platform.machine()}, 2 CPU cores shared with other jobs, no GPU")
     args = ap.parse_args()
+    if args.update_suite is not None:
+        print(update_suite(args.pack, args.update_suite))
+        return 0
+    if args.stage1 is None or args.suite_json is None:
+        ap.error("--stage1 and --suite-json are required (or --update-suite)")
 
     from tccp.metrics.suite import format_table
 
@@ -78,8 +137,6 @@ def main() -> int:
     m1 = s1["config"]["model"]
     v = (s1["val"] or {})
     vf, vs0, vs2 = v.get("full", {}), v.get("stream0", {}), v.get("stream2", {})
-    clips = ", ".join(sorted(suite["clips"]))
-    overlap = [k for k, c in suite["clips"].items() if c.get("bank_overlap")]
     lines = [
         "# Model card: the bundled pack (`tccp/assets/models/default`)",
         "",
@@ -132,27 +189,7 @@ def main() -> int:
         f"{fmt(vs2.get('abs_lag'), '.2f')} | {fmt(vs2.get('silence_ratio'))} |",
         f"| baseline: mean lips held | - | {fmt(vf.get('baseline_mean_lips_lmd'), '.4f')} | - | - |",
         "",
-        "## End to end (`tccp eval --suite`, reconstruction, same run, same codec)",
-        f"Clips: {clips}; {suite['seconds']:g} s each; the reference bank comes from the clip's frames after the "
-        "evaluated seconds" + (f" (from the whole clip for {', '.join(overlap)}, too short)" if overlap else "") + ".",
-        "",
-        "```",
-        format_table(suite),
-        "```",
-        "",
-        "Clips with speech only:",
-        "```",
-        format_table(suite, key="summary_speech", stage1=False),
-        "```",
-        "",
-        "Rows: tccp = the pack as shipped (landmarks from the audio); tccp_tracked = stage 2 on the clip's",
-        "tracked landmarks; warp = the warped reference alone; denoiser = the learned correction at 4 DDIM",
-        "steps; frozen = the first frame's mouth; blur = the real mouth blurred (sigma 2.5 px); real = the",
-        "codec round trip.",
-        "Columns: mouth r = aperture correlation with the real mouth; PSNR mouth / sharp = PSNR and Laplacian-",
-        "variance ratio in the mouth box (lips x 1.8) at source resolution; PSNR kept = the face outside the",
-        "regenerated region; identity = dlib face-embedding cosine to the real frames.",
-        "",
+        *suite_section(suite),
         "## Limits",
         "- Trained on about 15 minutes of public footage on a CPU: it has seen few people and few mouths.",
         "- The mouth interior comes from the person's own reference frames; teeth or a tongue no reference shows",

@@ -156,6 +156,28 @@ def test_fine_tuned_avatar_keeps_stage1_and_tunes_stage2(tuned, tiny_pack):
     assert s2a.keys() == s2b.keys() and any(not torch.equal(s2a[k], s2b[k]) for k in s2a)
 
 
+def test_avatar_adapts_stage1_to_the_persons_speech(root, tiny_pack):
+    """--adapt-steps: the avatar's stage 1 is the base pack's fine-tuned on the training
+    part's own speech (engine.adapt); stage 2 and the template stay the base pack's, the
+    held-out tail is validated base vs avatar."""
+    import torch
+
+    from tccp.pack import load_stage1
+
+    speaker = shared_file("data", "clips", "latentsync_demo3_video.mp4")
+    out = _create(root, "adapted", tiny_pack, speaker, "--max-seconds", "8", "--minutes", "0",
+                  "--adapt-steps", "5", "--adapt-seconds", "6")
+    meta = json.loads((out / "avatar.json").read_text())
+    assert meta["stage1"]["adapted"] is True and meta["stage1"]["frames"] >= 100, meta["stage1"]
+    assert meta["fine_tuned"] is False
+    assert (out / "stage2.safetensors").read_bytes() == (tiny_pack / "stage2.safetensors").read_bytes()
+    (a, ca), (b, cb) = load_stage1(out), load_stage1(tiny_pack)
+    assert np.array_equal(ca.template, cb.template)
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert list(meta["validation"]["reconstruction"]) == ["base", "avatar"]
+    assert "adapted to this person's own speech" in (out / "AVATAR_CARD.md").read_text()
+
+
 def test_create_guards(tmp_path, tiny_pack, clip, capfd, monkeypatch):
     """Refusals before any work (one line, exit 2, nothing written), the 0-step budget,
     and the warning when the fine-tuned avatar validates worse than its base pack."""

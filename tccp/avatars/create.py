@@ -79,6 +79,12 @@ class AvatarConfig:
     seed: int = 0
     cache_frames: int | None = None
     """Frames per clip encoded for fine-tuning (None: all on CUDA, `CPU_CACHE_FRAMES` on CPU)."""
+    adapt_steps: int = 300
+    """Stage 1 fine-tuned on the training parts' own speech (`engine.adapt`; 0: the base
+    pack's stage 1 as it is). The avatar's pack carries the adapted stage 1, so live calls
+    with the avatar get it too."""
+    adapt_seconds: float = 60.0
+    """Seconds of each video's training part the stage-1 adaptation learns from."""
     eval_steps: int = 4
     eval_seconds: float = 6.0
     """Held-out seconds (over all tails) the validation reconstructs."""
@@ -341,6 +347,33 @@ def _write_refs(folder: Path, bank: Any, cands: _Candidates, picked: list[int], 
     return listed
 
 
+def _adapt_stage1(pack: Path, parts: list[Path], cfg: AvatarConfig, log: Callable[[str], None]) -> dict:
+    """Fine-tune the pack's stage 1 (in `pack`, rewritten in place) on the training parts'
+    own speech (`engine.adapt`); returns the adaptation's summary."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    from engine.adapt import AdaptConfig, adapt_from_videos
+    from tccp.media.whisper import load_whisper
+    from tccp.pack import _DTYPES, PACK_FORMAT, load_stage1, read_pack_config
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    if cfg.adapt_steps <= 0:
+        return {"adapted": False, "note": "adaptation off"}
+    net, codec = load_stage1(pack)
+    log(f"adapting stage 1 to the person: {cfg.adapt_steps} steps on up to {cfg.adapt_seconds:g} s of each video")
+    res = adapt_from_videos(parts, LandmarkGenerator(net, codec), load_whisper(),
+                            AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed))
+    log(res.note)
+    if res.generator is not None:
+        dtype = _DTYPES.get(read_pack_config(pack).get("dtype", "float16"), torch.float16)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in res.generator.net.state_dict().items()}
+        state["template"] = torch.from_numpy(np.ascontiguousarray(codec.template, np.float32))
+        save_file(state, str(pack / "stage1.safetensors"), metadata={"format": PACK_FORMAT, "stage": "stage1"})
+    return res.summary()
+
+
 def _copy_pack(src: Path, dst: Path, card: dict) -> None:
     """The pack files of `src` into `dst`, its config's card replaced by `card` (the
     base pack's own card kept under "base_card")."""
@@ -369,7 +402,10 @@ def card_markdown(meta: dict) -> str:
         f"crop size {meta['crop_size']} px.",
         "",
         ("Model: the base pack's stage 1 with a stage 2 fine-tuned on this person." if tuned else
-         "Model: a copy of the base pack (no fine-tuning; a bank-only avatar)."),
+         "Model: a copy of the base pack (no stage-2 fine-tuning; a bank-only avatar).")
+        + (" Stage 1 (lip motion) adapted to this person's own speech (`engine.adapt`): "
+           + (meta.get("stage1") or {}).get("note", "") + "." if (meta.get("stage1") or {}).get("adapted") else
+           " Stage 1 is the base pack's (" + ((meta.get("stage1") or {}).get("note") or "not adapted") + ")."),
         "",
         "## Data used",
         "",
@@ -380,8 +416,8 @@ def card_markdown(meta: dict) -> str:
         lines.append(f"| `{s['video']}` | {s['seconds_used']:.2f} | {s['train_frames']} | {s['tail_frames']} |")
     lines += [
         "",
-        "The tail of every video is held out: neither the reference bank nor fine-tuning",
-        "sees it; the validation numbers below are measured on it.",
+        "The tail of every video is held out: neither the reference bank, the stage-1 adaptation nor",
+        "fine-tuning sees it; the validation numbers below are measured on it.",
         "",
         "## Reference bank",
         "",
@@ -423,7 +459,8 @@ def card_markdown(meta: dict) -> str:
            if all((v.get("warp_only") or {"x": False}).values()) else
            f"({v.get('steps')} sampler steps, stage-1 landmarks from the audio),"),
         "with the avatar's reference bank" + (" for both columns (same inputs and noise), so the difference is the "
-                                              "fine-tuning alone." if len(cols) > 1 else "."),
+                                              "avatar's own weights (stage-1 adaptation, stage-2 fine-tuning)."
+                                              if len(cols) > 1 else "."),
         "",
         "| measure | " + " | ".join("base pack" if c == "base" else "avatar" for c in cols) + " |",
         "| --- |" + " --- |" * len(cols),
@@ -585,12 +622,14 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
                 _copy_pack(base, tmp, {"name": out.name, "kind": "avatar", "base_pack": str(base.resolve()),
                                        "fine_tuned": False})
             listed = _write_refs(tmp, bank, cands, picked, videos)
+            # 3b. stage 1 adapted to the person on the training parts (the tails stay held out)
+            stage1 = _adapt_stage1(tmp, parts, cfg, log)
 
             # 4. validation
             from tccp.avatars.evaluate import validate_avatar
 
-            log("validating on the held-out tail" + (": base pack vs avatar" if fine_tune else ""))
-            packs = {"base": base, "avatar": tmp} if fine_tune else {"avatar": tmp}
+            packs = {"base": base, "avatar": tmp} if (fine_tune or stage1["adapted"]) else {"avatar": tmp}
+            log("validating on the held-out tail" + (": base pack vs avatar" if len(packs) > 1 else ""))
             try:
                 validation = validate_avatar(packs, tails, bank, device=device, steps=cfg.eval_steps,
                                              max_seconds=cfg.eval_seconds, work=work / "eval", seed=cfg.seed,
@@ -611,6 +650,7 @@ def create_avatar(cfg: AvatarConfig, log: Callable[[str], None] | None = None) -
                 "crop_size": size,
                 "base_pack": {"path": str(base.resolve()), "name": (base_cfg.get("card") or {}).get("name")},
                 "fine_tuned": fine_tune,
+                "stage1": _json_safe(stage1),
                 "sources": sources,
                 "bank_candidates": len(cands.frames),
                 "refs": listed,

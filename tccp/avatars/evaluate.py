@@ -105,7 +105,7 @@ def validate_avatar(
         rows: dict[str, list[tuple[int, dict]]] = {name: [] for name in packs}
         warp_only: dict[str, bool] = {}
         stage1_rows: list[tuple[int, dict]] = []
-        conf = EngineConfig(steps=steps, degrade=False, seed=seed)
+        conf = EngineConfig(steps=steps, degrade=False, seed=seed, adapt_steps=0)  # the tail is held out: no learning on it
         for pi, (name, pack) in enumerate(packs.items()):
             runner = PipelineRunner.from_pack(str(pack), device=device)
             runner.references = bank

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out seconds the validation reconstructs (default 6)")
     c.add_argument("--batch", type=int, default=None, help="windows per step (default 4 on CPU, 32 on CUDA)")
     c.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    c.add_argument("--adapt-steps", type=int, default=300, metavar="N",
+                   help="fine-tune stage 1 (lip motion) on the videos' own speech for N steps (default 300; 0: the "
+                        "base pack's stage 1); the avatar carries it, live calls included")
+    c.add_argument("--adapt-seconds", type=float, default=60.0, metavar="S",
+                   help="seconds of each video the stage-1 adaptation learns from (default 60)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     c.add_argument("--work", default=None, metavar="DIR", help="keep intermediate files (split clips, prepared "
@@ -108,10 +113,16 @@ def _create(args: argparse.Namespace) -> int:
         from tccp.errors import TCCPError
 
         raise TCCPError(f"--eval-seconds {args.eval_seconds}: must be positive")
+    if args.adapt_steps < 0 or not args.adapt_seconds > 0:
+        from tccp.errors import TCCPError
+
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: steps must be "
+                        f"0 (off) or more, seconds positive")
     cfg = AvatarConfig(
         videos=list(args.video), out=args.out, minutes=args.minutes, steps=args.steps, device=args.device,
         init=args.init, refs=args.refs, max_seconds=args.max_seconds, tail=args.tail,
         eval_seconds=args.eval_seconds, batch=args.batch, lr=args.lr, seed=args.seed, work=args.work,
+        adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
         force=args.force, progress=not args.no_progress,
     )
     parent = Path(args.out).parent
@@ -129,11 +140,15 @@ def _create(args: argparse.Namespace) -> int:
         return "n/a" if x is None else format(x, spec)
 
     tuned = res.meta["fine_tuned"]
+    adapted = bool((res.meta.get("stage1") or {}).get("adapted"))
     print(f"avatar: {res.path} ({len(res.meta['refs'])} references; "
-          + (f"stage 2 fine-tuned, {res.meta['training']['steps']} steps)" if tuned else
-             "the base pack's weights, no fine-tuning)"))
+          + (f"stage 2 fine-tuned, {res.meta['training']['steps']} steps" if tuned else
+             "the base pack's stage 2, no fine-tuning")
+          + ("; stage 1 adapted to the person's speech)" if adapted else ")"))
+    if not adapted:
+        print(f"  stage 1 not adapted: {(res.meta.get('stage1') or {}).get('note', '')}")
     (b_psnr, a_psnr), (b_r, a_r) = s["psnr_mouth"], s["aperture_corr"]
-    if tuned:
+    if tuned or adapted:
         print(f"  held-out mouth PSNR       base {f(b_psnr, '.2f')} dB  ->  avatar {f(a_psnr, '.2f')} dB")
         print(f"  mouth-opening correlation base {f(b_r, '.3f')}  ->  avatar {f(a_r, '.3f')}")
     else:
