@@ -121,10 +121,13 @@ def _track(video: Path, start: int, n: int, fps: float) -> tuple[np.ndarray, np.
 
 
 def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float, start_s: float = 0.0,
-                     fps: float = 25.0, min_speech_s: float = 3.0) -> tuple[list, float, str]:
+                     fps: float = 25.0, min_speech_s: float = 3.0,
+                     audio_path: str | Path | None = None) -> tuple[list, float, str]:
     """Training clips (`LandmarkClip`, 'full' features) from `seconds` of `video` from
-    `start_s`: its tracked mouths paired with its own audio. Returns (clips, seconds of
-    speech, note); no clips (and a note saying why) when there is nothing to learn."""
+    `start_s`: its tracked mouths paired with its own audio (its track, or `audio_path`:
+    the same speech as a separate file, aligned with the video from its start). Returns
+    (clips, seconds of speech, note); no clips (and a note saying why) when there is
+    nothing to learn."""
     from tccp.data.landmarks import LandmarkClip, rest_shape
     from tccp.face import headframe as hf
     from tccp.media import io as media
@@ -133,14 +136,15 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
 
     video = Path(video)
     info = media.probe(video)
-    if not info.has_audio:
+    source = Path(audio_path) if audio_path is not None else video
+    if audio_path is None and not info.has_audio:
         return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from"
     seconds = max(0.0, min(seconds, info.duration - start_s))
     n = int(seconds * fps)
     if n < 2 * 8:
         return [], 0.0, f"{video.name}: under a second of video after {start_s:.1f} s"
     sr = 16000
-    audio = media.read_audio(video, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
+    audio = media.read_audio(source, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
     audio = audio[: int(round(seconds * sr))]
     vad = frame_voice_activity(audio, n, fps).astype(np.float32)
     speech_s = float((vad > 0.5).sum() / fps)
@@ -162,7 +166,8 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
 
 
 def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
-                      start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
+                      start_s: float = 0.0, fps: float = 25.0,
+                      audio_paths: Sequence[str | Path | None] | None = None) -> AdaptResult:
     """`cfg.seconds` of each video from `start_s`, paired with its own audio, and a copy
     of `generator.net` (mouth mode) fine-tuned on all of them. Returns an `AdaptResult`
     whose `generator` is None (with a note) when there is nothing to learn from: no
@@ -180,8 +185,8 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
         res.note = "stage 1 is not a torch mouth-mode network here (exported backend or head mode): not adapted"
         return res
     clips, notes = [], []
-    for v in videos:
-        c, speech, note = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps, cfg.min_speech_s)
+    for v, a in zip(videos, audio_paths or [None] * len(videos)):
+        c, speech, note = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps, cfg.min_speech_s, a)
         clips += c
         res.speech_s += speech
         if note:
@@ -201,6 +206,6 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
 
 
 def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
-                     start_s: float = 0.0, fps: float = 25.0) -> AdaptResult:
+                     start_s: float = 0.0, fps: float = 25.0, audio_path: str | Path | None = None) -> AdaptResult:
     """`adapt_from_videos` on one video (what a file run does with its source)."""
-    return adapt_from_videos([video], generator, whisper, cfg, start_s, fps)
+    return adapt_from_videos([video], generator, whisper, cfg, start_s, fps, [audio_path])

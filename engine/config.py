@@ -91,6 +91,10 @@ class EngineConfig:
     Live sessions never adapt."""
     adapt_seconds: float = 15.0
     """How much of the source video the adaptation tracks and learns from."""
+    adapt_audio: Any = None
+    """The source video's own speech as a separate file (path), aligned with the video,
+    for a video whose track is elsewhere (stems); None: the video's own track. Never the
+    driving audio of a dub: that is not what the source's mouth says."""
     adapt_start_s: float | None = 0.0
     """Where in the source that part starts; None: no adaptation (e.g. an evaluation
     whose clip has nothing outside the judged seconds)."""

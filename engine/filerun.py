@@ -217,7 +217,7 @@ async def run_file_async(
 
             acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
             adapt = await loop.run_in_executor(None, adapt_from_video, video, pipe.stage1, pipe.whisper, acfg,
-                                               cfg.adapt_start_s, cfg.fps)
+                                               cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)
             if adapt.generator is not None:
                 cfg = cfg.with_(stage1=adapt.generator)
 

@@ -72,6 +72,27 @@ def test_nothing_to_learn_from_is_a_note_not_an_error(tmp_path, pack):
     assert res.generator is None and "under a second" in res.note
 
 
+def test_the_videos_own_speech_may_come_as_a_separate_file(tmp_path, pack):
+    """A video without a track of its own (stems: x_noaudio.mp4 + x.wav) adapts on the
+    separate file of its own speech (EngineConfig.adapt_audio / --adapt-audio)."""
+    import wave
+
+    from tccp.media.io import write_video
+
+    video, _ = media.sample_paths()
+    clip = media.load_clip(video)
+    mute = tmp_path / "x_noaudio.mp4"
+    write_video(mute, clip.frames)
+    own = media.read_audio(video, sr=16000)
+    with wave.open(str(tmp_path / "x.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(own, -1, 1) * 32767).astype("<i2").tobytes())
+    res = adapt_from_video(mute, pack.stage1, pack.whisper, AdaptConfig(steps=3), audio_path=tmp_path / "x.wav")
+    assert res.generator is not None and res.speech_s >= 3.0, res.note
+
+
 def test_a_file_run_uses_its_adapted_stage1_and_batches_it_alone(tmp_path):
     from engine.config import EngineConfig
     from engine.filerun import run_file

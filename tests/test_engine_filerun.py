@@ -213,6 +213,8 @@ def test_demo_writes_video_and_preview(tmp_path, capsys):
 
     png = cv2.imread(str(tmp_path / "demo_preview.png"))
     assert png is not None and png.shape[0] > 2 * 200 and png.shape[1] > 3 * 200
+    # the demo adapts the bundled stage 1 to the sample's own speech first (engine.adapt)
+    assert "stage 1 adapted to the person" in " ".join(capsys.readouterr().out.split())
 
 
 def test_bundled_pack_rests_the_mouth_on_silent_audio_and_takes_odd_rates(tmp_path):

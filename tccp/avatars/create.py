@@ -477,8 +477,9 @@ def card_markdown(meta: dict) -> str:
         t, ml = s1.get("tccp") or {}, s1.get("mean_lips") or {}
         lines += [
             "",
-            "Stage 1 alone (landmarks from the tail's audio vs tracked, head frame; the avatar keeps the",
-            f"base pack's stage 1): aperture correlation {_fmt(t.get('aperture_corr'), '.3f')} "
+            "Stage 1 alone (landmarks from the tail's audio vs tracked, head frame; the avatar's stage 1, "
+            + ("adapted to the person" if (meta.get("stage1") or {}).get("adapted") else "the base pack's") + "):",
+            f"aperture correlation {_fmt(t.get('aperture_corr'), '.3f')} "
             f"(mean-lips baseline {_fmt(ml.get('aperture_corr'), '.3f')}), lip LMD {_fmt(t.get('lip_lmd'), '.4f')} "
             f"(baseline {_fmt(ml.get('lip_lmd'), '.4f')}).",
         ]

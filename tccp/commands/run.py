@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "docs/lipsync.md)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
                    help="how much of the video (from its start) the adaptation learns from (default 15)")
+    p.add_argument("--adapt-audio", metavar="FILE", default=None,
+                   help="the video's own speech as a separate file (aligned with it), when the video has no "
+                        "track of its own; never the new speech of a dub")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -171,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
         return main_live(args)
     if args.video is None or args.out is None:
         raise TCCPError("--video and --out are required (or pass --live)")
-    for name in ("video", "audio", "identity"):
+    for name in ("video", "audio", "identity", "adapt_audio"):
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise TCCPError(f"{value}: no such file")
@@ -179,12 +182,13 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"{args.out}: output must be an .mp4 file")
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
-    guard_output(args.out, inputs=(args.video, args.audio, args.identity))
+    guard_output(args.out, inputs=(args.video, args.audio, args.identity, args.adapt_audio))
     if args.adapt_steps < 0 or args.adapt_seconds <= 0:
         raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
                         f"steps must be 0 (off) or more, seconds positive")
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
-                       region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
+                       region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
+                       adapt_audio=args.adapt_audio)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)

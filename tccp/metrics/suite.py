@@ -162,7 +162,8 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
         # adapt on what follows the judged seconds only; a clip with too little after them is not adapted
         after = probe(video).duration - seconds >= 3.0
         conf = econf.with_(landmarks=landmarks, references=references,
-                           adapt_start_s=seconds if (adapt and after) else None)
+                           adapt_start_s=seconds if (adapt and after) else None,
+                           adapt_audio=_clip_audio(video))  # x_noaudio.mp4's own speech is x.wav
         if steps is not None:
             conf = conf.with_(steps=steps)
         res = run_file(video, out, model, audio=audio, config=conf, max_seconds=seconds)
