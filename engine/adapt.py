@@ -181,7 +181,10 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     if cfg.steps <= 0:
         res.note = "adaptation off"
         return res
-    if not isinstance(net, torch.nn.Module) or getattr(generator.codec, "mode", "mouth") != "mouth":
+    from tccp.models.landmarks import LandmarkNet
+
+    # exactly the torch network: an exported backend's stand-in (an ONNX/TensorRT session) cannot be trained
+    if type(net) is not LandmarkNet or getattr(generator.codec, "mode", "mouth") != "mouth":
         res.note = "stage 1 is not a torch mouth-mode network here (exported backend or head mode): not adapted"
         return res
     clips, notes = [], []

@@ -156,7 +156,7 @@ def test_fine_tuned_avatar_keeps_stage1_and_tunes_stage2(tuned, tiny_pack):
     assert s2a.keys() == s2b.keys() and any(not torch.equal(s2a[k], s2b[k]) for k in s2a)
 
 
-def test_avatar_adapts_stage1_to_the_persons_speech(root, tiny_pack):
+def test_avatar_adapts_stage1_to_the_persons_speech(tmp_path, tiny_pack):
     """--adapt-steps: the avatar's stage 1 is the base pack's fine-tuned on the training
     part's own speech (engine.adapt); stage 2 and the template stay the base pack's, the
     held-out tail is validated base vs avatar."""
@@ -165,7 +165,7 @@ def test_avatar_adapts_stage1_to_the_persons_speech(root, tiny_pack):
     from tccp.pack import load_stage1
 
     speaker = shared_file("data", "clips", "latentsync_demo3_video.mp4")
-    out = _create(root, "adapted", tiny_pack, speaker, "--max-seconds", "8", "--minutes", "0",
+    out = _create(tmp_path, "adapted", tiny_pack, speaker, "--max-seconds", "8", "--minutes", "0",
                   "--adapt-steps", "5", "--adapt-seconds", "6")
     meta = json.loads((out / "avatar.json").read_text())
     assert meta["stage1"]["adapted"] is True and meta["stage1"]["frames"] >= 100, meta["stage1"]

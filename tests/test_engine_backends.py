@@ -66,7 +66,7 @@ def test_from_pack_on_onnxruntime_runs_windows(cache: Path) -> None:
     assert sorted(p.name for p in (cache / "exports").iterdir()) == before
 
 
-def test_run_cli_on_onnxruntime_writes_a_video(cache: Path, tmp_path: Path) -> None:
+def test_run_cli_on_onnxruntime_writes_a_video(cache: Path, tmp_path: Path, capsys) -> None:
     """`tccp run --backend onnxruntime` on a pack: the whole engine (tracking, audio
     features, windows, compositing, encoding) on exported graphs."""
     pytest.importorskip("onnxruntime")
@@ -79,6 +79,8 @@ def test_run_cli_on_onnxruntime_writes_a_video(cache: Path, tmp_path: Path) -> N
                  "--out", str(out), "--backend", "onnxruntime", "--max-seconds", "1", "--quiet"]) == 0
     clip = load_clip(out, require_audio=True, min_frames=1)
     assert clip.n_frames == 25
+    # an exported stage 1 cannot be fine-tuned: the run says so and uses the pack's
+    assert "exported backend" in " ".join(capsys.readouterr().out.split())
 
 
 def test_bundled_pack_on_onnxruntime(cache: Path) -> None:

@@ -177,7 +177,10 @@ def test_four_calls_held_under_load(clip):
                 report.setdefault("frames", []).append(len(watch.arrivals))
                 assert watch.gaps_since(first) < 1.0, f"a caller's video stalled: {report}"
                 assert t_end - watch.arrivals[-1] < 1.0, f"a caller's video stopped: {report}"
-                assert len(watch.arrivals) >= 6 * SECONDS  # >= 24% of 25 fps, repeats included
+                # >= 20% of 25 fps, repeats included: a stalled server sends far fewer. The rate
+                # itself follows the shared 2-core machine's load: 6+ fps per call on a quiet day,
+                # 5.3-5.8 on a busy one (2026-12-01, the code of the last green CI included)
+                assert len(watch.arrivals) >= 5 * SECONDS, f"a caller got too few frames: {report}"
             # one caller vanishes: its slot is free within the watchdog time
             gone, _ = calls.pop()
             drop_transport(gone)
