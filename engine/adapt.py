@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "adapt_from_videos",
-           "clips_from_video", "speech_segments"]
+           "clips_from_video", "speech_segments", "trainable_stage1"]
 
 
 @dataclass
@@ -165,6 +165,26 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     return clips, speech_s, ""
 
 
+def trainable_stage1(pipeline: Any) -> Any:
+    """The pipeline's stage-1 generator if it is a plain torch network, else (an
+    exported backend, whose stage 1 is an ONNX/TensorRT session) a torch one loaded from
+    the pack it was exported from (`pipeline.pack_folder`), with the same sampling
+    settings: the adapted copy then runs on torch beside the backend. None: neither."""
+    from tccp.models.landmarks import LandmarkNet
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    gen = getattr(pipeline, "stage1", None)
+    if gen is None or type(getattr(gen, "net", None)) is LandmarkNet:
+        return gen
+    folder = getattr(pipeline, "pack_folder", None)
+    if folder is None:
+        return gen  # adapt_from_videos notes that it cannot train it
+    from tccp.pack import load_stage1
+
+    net, codec = load_stage1(folder)
+    return LandmarkGenerator(net, codec, gen.schedule, steps=gen.steps, sampler=gen.sampler)
+
+
 def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any, cfg: AdaptConfig | None = None,
                       start_s: float = 0.0, fps: float = 25.0,
                       audio_paths: Sequence[str | Path | None] | None = None) -> AdaptResult:
@@ -185,7 +205,8 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
 
     # exactly the torch network: an exported backend's stand-in (an ONNX/TensorRT session) cannot be trained
     if type(net) is not LandmarkNet or getattr(generator.codec, "mode", "mouth") != "mouth":
-        res.note = "stage 1 is not a torch mouth-mode network here (exported backend or head mode): not adapted"
+        res.note = ("stage 1 is not a trainable mouth-mode network here (an export folder without its pack, "
+                    "or head mode): not adapted")
         return res
     clips, notes = [], []
     for v, a in zip(videos, audio_paths or [None] * len(videos)):

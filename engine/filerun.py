@@ -213,10 +213,11 @@ async def run_file_async(
             and cfg.adapt_start_s is not None and tracker is None:
         pipe = getattr(model.runner, "pipeline", None)
         if getattr(pipe, "stage1", None) is not None and getattr(pipe, "whisper", None) is not None:
-            from engine.adapt import AdaptConfig, adapt_from_video
+            from engine.adapt import AdaptConfig, adapt_from_video, trainable_stage1
 
             acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
-            adapt = await loop.run_in_executor(None, adapt_from_video, video, pipe.stage1, pipe.whisper, acfg,
+            gen1 = await loop.run_in_executor(None, trainable_stage1, pipe)
+            adapt = await loop.run_in_executor(None, adapt_from_video, video, gen1, pipe.whisper, acfg,
                                                cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)
             if adapt.generator is not None:
                 cfg = cfg.with_(stage1=adapt.generator)

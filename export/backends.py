@@ -652,13 +652,15 @@ def load_pipeline(pack: str | os.PathLike | None = None, backend: str = "torch",
     """`backend_pipeline(get_backend(backend, pack, device, **options))`: an
     `EditPipeline` on any backend, ready for `engine.runner.PipelineRunner`. A pack's
     head-mode stage 1 (`--region head`) is not exported: it runs on torch beside the
-    backend (one ~2 ms call per window on this CPU)."""
+    backend (one ~2 ms call per window on this CPU); a file run's stage 1 adapted to the
+    person (`engine.adapt`) is likewise a torch copy of the pack's stage 1."""
     from tccp.pack import DEFAULT_PACK, load_head_generator
 
     pipe = backend_pipeline(get_backend(backend, pack, device, **options))
     folder = Path(pack) if pack is not None else DEFAULT_PACK
     if not _is_export(folder):
         pipe.stage1_head = load_head_generator(folder, "cpu")
+        pipe.pack_folder = folder  # engine.adapt trains a torch copy of the pack's stage 1 from here
     return pipe
 
 
