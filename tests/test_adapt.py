@@ -137,3 +137,21 @@ def test_bad_adapt_options_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --adapt-steps -1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_live_run_on_a_video_file_adapts_when_asked(tmp_path, capsys):
+    """`run --live --video FILE --adapt-steps N`: stage 1 adapted to the looping video's own
+    speech before the call; a camera has none to learn from (one line)."""
+    from tccp.cli import main
+
+    video, speech = media.sample_paths()
+    out = tmp_path / "live.mp4"
+    assert main(["run", "--live", "--video", str(video), "--audio", str(speech), "--out", str(out),
+                 "--max-seconds", "2", "--adapt-steps", "5"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stage 1 adapted to the person: 5 steps" in text and out.is_file()
+    assert main(["run", "--live", "--video", "0", "--audio", str(speech), "--adapt-steps", "5",
+                 "--out", str(tmp_path / "c.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a camera brings no speech" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.mp4"]

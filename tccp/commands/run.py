@@ -46,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(max 4; multiplies the pack's articulation gain, 1.25 for the bundled pack)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="only the first S seconds of the driving audio")
-    p.add_argument("--adapt-steps", type=int, default=100, metavar="N",
-                   help="file runs: first fine-tune a copy of stage 1 for N steps on the video's own speech, so the "
-                        "mouth moves the way this person's does (default 100, ~10-25 s on a 2-core CPU; 0: off; "
-                        "docs/lipsync.md)")
+    p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                   help="first fine-tune a copy of stage 1 for N steps on the video's own speech, so the mouth moves "
+                        "the way this person's does (file runs: default 100, ~10-30 s on a 2-core CPU; 0: off; "
+                        "--live with a video file: off unless given; docs/lipsync.md)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
                    help="how much of the video (from its start) the adaptation learns from (default 15)")
     p.add_argument("--adapt-audio", metavar="FILE", default=None,
@@ -183,6 +183,8 @@ def main(args: argparse.Namespace) -> int:
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     guard_output(args.out, inputs=(args.video, args.audio, args.identity, args.adapt_audio))
+    if args.adapt_steps is None:
+        args.adapt_steps = 100
     if args.adapt_steps < 0 or args.adapt_seconds <= 0:
         raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
                         f"steps must be 0 (off) or more, seconds positive")
@@ -225,6 +227,22 @@ def _camera_spec(value: str) -> bool:
     return v.isdigit() or v == "camera" or v.startswith("camera:")
 
 
+def _adapt_live(model, video: Path, args: argparse.Namespace):
+    """`--live --video FILE --adapt-steps N`: stage 1 adapted to the looping video's own
+    speech before the call starts (`engine.adapt`); None (with the note) if it cannot be."""
+    from engine.adapt import AdaptConfig, adapt_from_video, trainable_stage1
+
+    pipe = model.runner.pipeline
+    print(f"adapting stage 1 to the person in {video.name} ({args.adapt_steps} steps) before going live ...",
+          flush=True)
+    with quiet_native_stderr():
+        res = adapt_from_video(video, trainable_stage1(pipe), pipe.whisper,
+                               AdaptConfig(steps=args.adapt_steps, seconds=args.adapt_seconds, seed=args.seed),
+                               audio_path=args.adapt_audio)
+    print(res.note, flush=True)
+    return res.generator
+
+
 def main_live(args: argparse.Namespace) -> int:
     """`tccp run --live`: audio source first (no microphone fails before any model
     work), then the model, then `streaming.mic.run_live` until Ctrl-C, the window's
@@ -260,10 +278,20 @@ def main_live(args: argparse.Namespace) -> int:
 
         cfg = cfg.with_(identity=load_image(args.identity))
     source = int(video) if video.strip().isdigit() else video
+    if (args.adapt_steps or 0) < 0 or args.adapt_seconds <= 0:
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
+                        f"steps must be 0 (off) or more, seconds positive")
+    if args.adapt_audio is not None and not Path(args.adapt_audio).exists():
+        raise TCCPError(f"{args.adapt_audio}: no such file")
+    if args.adapt_steps and _camera_spec(video):
+        raise TCCPError("--adapt-steps: a camera brings no speech before the call to learn from; "
+                        "make an avatar from your footage (tccp avatar create) instead")
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
     try:
         check_region(model, args.region, args.landmarks)
-    except TCCPError:
+        if args.adapt_steps and args.region == "mouth" and args.landmarks == "generated":
+            cfg = cfg.with_(stage1=_adapt_live(model, Path(video), args))
+    except BaseException:
         model.close()
         raise
     caught: list = []
