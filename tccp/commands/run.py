@@ -200,6 +200,9 @@ def main(args: argparse.Namespace) -> int:
         model.close()
         raise
     caught: list = []
+    if not args.quiet and cfg.adapt_steps > 0 and cfg.landmarks == "generated" and cfg.region == "mouth":
+        print(f"adapting stage 1 to the person in {Path(args.video).name} first ({cfg.adapt_steps} steps on up to "
+              f"{cfg.adapt_seconds:g} s of it; --adapt-steps 0 skips) ...", flush=True)
     try:
         with quiet_native_stderr() as caught, make_progress("generating", quiet=args.quiet) as bar:
             result = run_file(
