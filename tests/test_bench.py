@@ -154,6 +154,9 @@ def test_steps_sweep_cli(cache: Path, tmp_path: Path) -> None:
                      "--json", str(out)]) == 2
 
 
+# real time on a shared 2-core CPU: when other jobs load it, a frame can miss by a few ms;
+# rerun once (pytest-rerunfailures) -- a real regression fails both times
+@pytest.mark.flaky(reruns=1, reruns_delay=5)
 def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     """`tccp bench --live`: the bundled sample through a warmed live session and its

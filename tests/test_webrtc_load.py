@@ -131,6 +131,9 @@ async def _call(url: str, clip):
     return pc, watch
 
 
+# real time on a shared 2-core CPU: when other jobs load it, a frame can miss by a few ms;
+# rerun once (pytest-rerunfailures) -- a real regression fails both times
+@pytest.mark.flaky(reruns=1, reruns_delay=5)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS read from /proc")
 def test_four_calls_held_under_load(clip):
     import aiohttp
