@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "adapt_from_videos",
-           "clips_from_video", "speech_segments", "trainable_stage1"]
+           "clips_from_video", "face_runs", "trainable_stage1"]
 
 
 @dataclass
@@ -40,7 +40,6 @@ class AdaptConfig:
     min_speech_s: float = 3.0
     """Less voiced audio than this in the learned part: not adapted."""
     seed: int = 0
-    threads: int | None = None
 
 
 @dataclass
@@ -59,17 +58,11 @@ class AdaptResult:
                 "loss_last": self.losses[-1] if self.losses else None}
 
 
-def speech_segments(has_face: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+def face_runs(has_face: np.ndarray, min_len: int) -> list[tuple[int, int]]:
     """[start, end) runs of consecutive frames with a face, at least `min_len` long."""
-    out, start = [], None
-    for i, ok in enumerate(list(has_face) + [False]):
-        if ok and start is None:
-            start = i
-        elif not ok and start is not None:
-            if i - start >= min_len:
-                out.append((start, i))
-            start = None
-    return out
+    from tccp.face.track import _runs
+
+    return [(a, b) for a, b in _runs(has_face) if b - a >= min_len]
 
 
 def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig) -> tuple[Any, list[float]]:
@@ -80,27 +73,21 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig) -> t
     from tccp.models.landmarks import audio_radius
     from tccp.training.landmarks import LandmarkTrainConfig, _loss
 
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        torch.manual_seed(cfg.seed)
-        m = copy.deepcopy(net).float().train().requires_grad_(True)
-        opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
-        data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix={"full": 1.0}, radius=audio_radius(net.cfg)),
-                               seed=cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        tcfg, schedule, losses = LandmarkTrainConfig(data="", out=""), Schedule(prediction="v"), []
-        for _ in range(cfg.steps):
-            loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-        return m.eval().requires_grad_(False), losses
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    m = copy.deepcopy(net).float().train().requires_grad_(True)
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
+    data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix={"full": 1.0}, radius=audio_radius(net.cfg)),
+                           seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tcfg, schedule, losses = LandmarkTrainConfig(data="", out=""), Schedule(prediction="v"), []
+    for _ in range(cfg.steps):
+        loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return m.eval().requires_grad_(False), losses
 
 
 def _track(video: Path, start: int, n: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +141,7 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
     feats = wh.full_features(whisper, audio).astype(np.float16)
     clips = []
-    for a, b in speech_segments(ok, 16):
+    for a, b in face_runs(ok, 16):
         heads, _ = hf.to_head(meshes[a:b], codec.template)
         clips.append(LandmarkClip(f"{video.stem}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
                                   {"full": vad[a:b]}, {"full": feats[2 * a: 2 * b]}, rest_shape(heads),

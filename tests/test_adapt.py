@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.adapt import AdaptConfig, adapt_from_video, speech_segments
+from engine.adapt import AdaptConfig, adapt_from_video, face_runs
 from tccp.media import io as media
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,11 +25,11 @@ def _state(net) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def test_speech_segments():
+def test_face_runs():
     ok = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1], bool)
-    assert speech_segments(ok, 3) == [(3, 7), (9, 12)]
-    assert speech_segments(ok, 5) == []
-    assert speech_segments(np.ones(4, bool), 4) == [(0, 4)]
+    assert face_runs(ok, 3) == [(3, 7), (9, 12)]
+    assert face_runs(ok, 5) == []
+    assert face_runs(np.ones(4, bool), 4) == [(0, 4)]
 
 
 def test_adapting_on_the_sample_fits_its_mouth_and_leaves_the_pack_alone(pack):

@@ -185,9 +185,7 @@ def main(args: argparse.Namespace) -> int:
     guard_output(args.out, inputs=(args.video, args.audio, args.identity, args.adapt_audio))
     if args.adapt_steps is None:
         args.adapt_steps = 100
-    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
-                        f"steps must be 0 (off) or more, seconds positive")
+    _check_adapt_options(args)
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
                        region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
                        adapt_audio=args.adapt_audio)
@@ -228,6 +226,14 @@ def _loader(backend: str):
 def _camera_spec(value: str) -> bool:
     v = value.strip().lower()
     return v.isdigit() or v == "camera" or v.startswith("camera:")
+
+
+def _check_adapt_options(args: argparse.Namespace) -> None:
+    from tccp.errors import TCCPError
+
+    if (args.adapt_steps or 0) < 0 or args.adapt_seconds <= 0:
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
+                        f"steps must be 0 (off) or more, seconds positive")
 
 
 def _adapt_live(model, video: Path, args: argparse.Namespace):
@@ -281,9 +287,7 @@ def main_live(args: argparse.Namespace) -> int:
 
         cfg = cfg.with_(identity=load_image(args.identity))
     source = int(video) if video.strip().isdigit() else video
-    if (args.adapt_steps or 0) < 0 or args.adapt_seconds <= 0:
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
-                        f"steps must be 0 (off) or more, seconds positive")
+    _check_adapt_options(args)
     if args.adapt_audio is not None and not Path(args.adapt_audio).exists():
         raise TCCPError(f"{args.adapt_audio}: no such file")
     if args.adapt_steps and _camera_spec(video):
