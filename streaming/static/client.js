@@ -3,7 +3,8 @@
 // URL parameters:
 //   ?token=T     sent as "Authorization: Bearer T" with the offer (tccp serve --token T)
 //   ?autostart=1 start without the button (kiosk use, tests)
-//   ?report=1    test mode: autostart, and after `frames` (default 50) decoded frames
+//   ?report=1    test mode: autostart, and after `frames` (default 50) decoded frames and the
+//                first server stats
 //                POST {framesReceived, width, height, ...} to /test-report
 //   ?frames=N    frames to wait for in report mode
 //   ?avatar=NAME preselect an installed avatar (the list comes from GET /avatars)
@@ -182,7 +183,9 @@ async function updateStats() {
     server.generated === false && server.reason ? "passing through: " + server.reason : "",
   ].filter(Boolean).join("\n");
 
-  if (reportMode && !reported && got >= reportFrames) {
+  // (and once the server's stats have come over the data channel, which may open after
+  // the video is already playing: the report checks that channel too)
+  if (reportMode && !reported && got >= reportFrames && server.frames_out != null) {
     reported = true;
     const body = {
       framesReceived: got, width: w, height: h, fps: fps,
