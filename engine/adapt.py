@@ -11,7 +11,9 @@ each clip after the evaluated seconds): docs/lipsync.md, "Adapting to the person
 
 Used by `engine.filerun` (the source's first `seconds`, or from `start_s`); a source
 without enough speech, without a face or without audio is not adapted (a note says
-why). Live calls do not adapt (there is no source speech before the call).
+why). A live call has no source speech before it starts: with
+`EngineConfig.live_adapt` it adapts on its own first seconds, in the background
+(`LiveAdapter`, on the streamed feature views the call runs on).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "adapt_net", "adapt_from_video", "adapt_from_videos",
+__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "adapt_net", "adapt_from_video", "adapt_from_videos",
            "clips_from_video", "face_runs", "trainable_stage1"]
 
 
@@ -40,6 +42,9 @@ class AdaptConfig:
     min_speech_s: float = 3.0
     """Less voiced audio than this in the learned part: not adapted."""
     seed: int = 0
+    mix: dict = field(default_factory=lambda: {"full": 1.0})
+    """Audio-feature views trained on (`tccp.data.landmarks` kinds): files run on full
+    Whisper features; a live call's stage 1 sees streamed ones ('stream0'/'stream2')."""
 
 
 @dataclass
@@ -65,9 +70,11 @@ def face_runs(has_face: np.ndarray, min_len: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in _runs(has_face) if b - a >= min_len]
 
 
-def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig) -> tuple[Any, list[float]]:
+def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig,
+              stop: Callable[[], bool] | None = None) -> tuple[Any, list[float]]:
     """A fine-tuned copy of `net` on `clips` (`tccp.data.landmarks.LandmarkClip`s with
-    'full' features); `net` itself is not touched. Deterministic for a seed."""
+    the feature kinds of `cfg.mix`); `net` itself is not touched. Deterministic for a
+    seed. `stop()` true between two steps: None is returned (the caller went away)."""
     from tccp.data.landmarks import LandmarkDataConfig, LandmarkWindows
     from tccp.diffusion.schedule import Schedule
     from tccp.models.landmarks import audio_radius
@@ -76,11 +83,13 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig) -> t
     torch.manual_seed(cfg.seed)
     m = copy.deepcopy(net).float().train().requires_grad_(True)
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
-    data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix={"full": 1.0}, radius=audio_radius(net.cfg)),
+    data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix=dict(cfg.mix), radius=audio_radius(net.cfg)),
                            seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     tcfg, schedule, losses = LandmarkTrainConfig(data="", out=""), Schedule(prediction="v"), []
     for _ in range(cfg.steps):
+        if stop is not None and stop():
+            return None, losses
         loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,8 +124,6 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     the same speech as a separate file, aligned with the video from its start). Returns
     (clips, seconds of speech, note); no clips (and a note saying why) when there is
     nothing to learn."""
-    from tccp.data.landmarks import LandmarkClip, rest_shape
-    from tccp.face import headframe as hf
     from tccp.media import io as media
     from tccp.media import whisper as wh
     from tccp.media.vad import frame_voice_activity
@@ -139,17 +146,40 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
         return [], speech_s, (f"{video.name}: {speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
                               f"(under {min_speech_s:.0f} s)")
     meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
-    feats = wh.full_features(whisper, audio).astype(np.float16)
-    clips = []
-    for a, b in face_runs(ok, 16):
-        heads, _ = hf.to_head(meshes[a:b], codec.template)
-        clips.append(LandmarkClip(f"{video.stem}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
-                                  {"full": vad[a:b]}, {"full": feats[2 * a: 2 * b]}, rest_shape(heads),
-                                  np.zeros(b - a, bool)))
+    clips = _clips(video.stem, meshes, ok, vad, {"full": wh.full_features(whisper, audio)}, codec)
     frames = sum(c.n for c in clips)
     if frames < 2 * fps:
         return [], speech_s, f"{video.name}: a face in only {frames} of {n} frames learned from"
     return clips, speech_s, ""
+
+
+def _clips(name: str, meshes: np.ndarray, ok: np.ndarray, vad: np.ndarray, features: dict, codec: Any) -> list:
+    """`LandmarkClip`s of the runs of >= 16 face frames: (n, 478, 2) meshes (any pixel
+    frame: the head frame removes the similarity), (n,) voice activity and the
+    segment's 50 Hz features per kind (the same for every kind's voice activity)."""
+    from tccp.data.landmarks import LandmarkClip, rest_shape
+    from tccp.face import headframe as hf
+
+    clips = []
+    for a, b in face_runs(ok, 16):
+        heads, _ = hf.to_head(meshes[a:b], codec.template)
+        clips.append(LandmarkClip(f"{name}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
+                                  {k: vad[a:b] for k in features},
+                                  {k: np.asarray(f, np.float16)[2 * a: 2 * b] for k, f in features.items()},
+                                  rest_shape(heads), np.zeros(b - a, bool)))
+    return clips
+
+
+NOT_TRAINABLE = ("stage 1 is not a trainable mouth-mode network here (an export folder without its pack, "
+                 "or head mode): not adapted")
+
+
+def _trainable(generator: Any) -> bool:
+    """Exactly the torch mouth-mode network: an exported backend's stand-in (an
+    ONNX/TensorRT session) cannot be trained, head mode is not adapted."""
+    from tccp.models.landmarks import LandmarkNet
+
+    return type(getattr(generator, "net", None)) is LandmarkNet and getattr(generator.codec, "mode", "mouth") == "mouth"
 
 
 def trainable_stage1(pipeline: Any) -> Any:
@@ -157,11 +187,10 @@ def trainable_stage1(pipeline: Any) -> Any:
     exported backend, whose stage 1 is an ONNX/TensorRT session) a torch one loaded from
     the pack it was exported from (`pipeline.pack_folder`), with the same sampling
     settings: the adapted copy then runs on torch beside the backend. None: neither."""
-    from tccp.models.landmarks import LandmarkNet
     from tccp.pipelines.landmarks import LandmarkGenerator
 
     gen = getattr(pipeline, "stage1", None)
-    if gen is None or type(getattr(gen, "net", None)) is LandmarkNet:
+    if gen is None or _trainable(gen):
         return gen
     folder = getattr(pipeline, "pack_folder", None)
     if folder is None:
@@ -184,17 +213,13 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     cfg = cfg or AdaptConfig()
     t0 = time.monotonic()
     res = AdaptResult()
-    net = getattr(generator, "net", None)
     if cfg.steps <= 0:
         res.note = "adaptation off"
         return res
-    from tccp.models.landmarks import LandmarkNet
-
-    # exactly the torch network: an exported backend's stand-in (an ONNX/TensorRT session) cannot be trained
-    if type(net) is not LandmarkNet or getattr(generator.codec, "mode", "mouth") != "mouth":
-        res.note = ("stage 1 is not a trainable mouth-mode network here (an export folder without its pack, "
-                    "or head mode): not adapted")
+    if not _trainable(generator):
+        res.note = NOT_TRAINABLE
         return res
+    net = generator.net
     clips, notes = [], []
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
         c, speech, note = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps, cfg.min_speech_s, a)
@@ -220,3 +245,126 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
                      start_s: float = 0.0, fps: float = 25.0, audio_path: str | Path | None = None) -> AdaptResult:
     """`adapt_from_videos` on one video (what a file run does with its source)."""
     return adapt_from_videos([video], generator, whisper, cfg, start_s, fps, [audio_path])
+
+
+def _one_core() -> None:
+    """The training thread runs torch on one core (a per-thread setting: the call's
+    threads keep theirs), so that the call's tracking, audio features and compositing
+    keep the other. (A lower CPU priority for it was measured too: the call generated
+    as many frames, and the adaptation took 40 s instead of 26; docs/lipsync.md.)"""
+    torch.set_num_threads(1)
+
+
+class LiveAdapter:
+    """Stage 1 adapted to the caller during a live call (opt-in: `EngineConfig.live_adapt`).
+
+    Why: a camera call brings no speech before it starts, but after `cfg.seconds` of it
+    the session has seen what a file run adapts on: the caller's tracked mouth with
+    their own voice. So the session offers every prepared window (its tracked meshes)
+    and every audio chunk; once `cfg.seconds` of the call from the first face frame are
+    in, a worker thread pairs them (Whisper features in the views of `cfg.mix`: the call
+    itself runs on streamed features), fine-tunes a copy of stage 1 and sets
+    `generator`, which the session's later windows use. Until then (and if there is too
+    little speech or face) the pack's stage 1 runs. The training competes with the call
+    for the CPU for a few seconds: docs/lipsync.md has what that costs.
+
+    Memory is bounded: `seconds` of meshes and audio, collected once.
+    """
+
+    def __init__(self, generator: Any, whisper: Any, cfg: AdaptConfig, fps: float = 25.0,
+                 name: str = "call") -> None:
+        from engine.align import AudioBuffer
+
+        self.cfg, self.fps, self.name = cfg, float(fps), name
+        self._source, self._whisper = generator, whisper
+        self._n = max(1, int(round(cfg.seconds * self.fps)))
+        self._meshes = np.zeros((self._n, 478, 2), np.float32)
+        self._ok = np.zeros(self._n, bool)
+        self._audio = AudioBuffer(16000)
+        self._p0: float | None = None  # session time of the first face frame
+        self._thread: Any = None
+        self._stop = False
+        self.generator: Any = None
+        self.result: AdaptResult | None = None
+        self.state = "collecting"  # -> "adapting" -> "adapted" | "not adapted"
+
+    def summary(self) -> dict:
+        out = {"state": self.state}
+        if self.result is not None:
+            out.update(self.result.summary())
+        return out
+
+    def add_audio(self, samples: np.ndarray, pts: float | None) -> None:
+        if self.state != "collecting":
+            return
+        self._audio.push(samples, pts)
+        # before the first face, keep only the last second (the segment starts at the face)
+        keep = (self._p0 - 1.0) if self._p0 is not None else self._audio.end_time - 1.0
+        self._audio.trim_before(keep)
+
+    def add_window(self, pts: np.ndarray, found: np.ndarray, landmarks: np.ndarray | None) -> None:
+        """A prepared window's grid times, usable-face flags and (n, 478, 2) meshes."""
+        if self.state != "collecting" or landmarks is None:
+            return
+        for k in np.flatnonzero(found):
+            if self._p0 is None:
+                self._p0 = float(pts[k])
+            i = int(round((float(pts[k]) - self._p0) * self.fps))
+            if 0 <= i < self._n:
+                self._meshes[i], self._ok[i] = landmarks[k], True
+        end = self._p0 + self._n / self.fps if self._p0 is not None else None
+        if end is not None and float(pts[-1]) + 1.0 / self.fps >= end and self._audio.end_time >= end - 0.5:
+            import threading
+
+            self.state = "adapting"
+            self._thread = threading.Thread(target=self._run, name=f"{self.name}-adapt", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """The call ended: a training still running stops at its next step."""
+        self._stop = True
+
+    def _run(self) -> None:
+        _one_core()
+        try:
+            self.result = self._adapt()
+        except Exception as exc:  # an adaptation failure must never end the call
+            self.result = AdaptResult(note=f"adaptation failed ({type(exc).__name__}: {exc}): not adapted")
+        self.generator = self.result.generator
+        self.state = "adapted" if self.generator is not None else "not adapted"
+
+    def _adapt(self) -> AdaptResult:
+        from tccp.media import whisper as wh
+        from tccp.media.vad import frame_voice_activity
+        from tccp.pipelines.landmarks import LandmarkGenerator
+
+        t0, cfg, res = time.monotonic(), self.cfg, AdaptResult()
+        gen = self._source() if callable(self._source) else self._source
+        if gen is None or not _trainable(gen):
+            res.note = NOT_TRAINABLE
+            return res
+        audio = self._audio.read(self._p0, self._p0 + self._n / self.fps)
+        vad = frame_voice_activity(audio, self._n, self.fps).astype(np.float32)
+        res.speech_s = float((vad > 0.5).sum() / self.fps)
+        if res.speech_s < cfg.min_speech_s:
+            res.note = (f"{res.speech_s:.1f} s of speech in the first {cfg.seconds:.0f} s of the call "
+                        f"(under {cfg.min_speech_s:.0f} s): not adapted")
+            return res
+        views = {"full": lambda: wh.full_features(self._whisper, audio),
+                 "stream0": lambda: wh.stream_features(self._whisper, audio, lookahead_s=0.0),
+                 "stream2": lambda: wh.stream_features(self._whisper, audio, lookahead_s=0.2)}
+        feats = {k: views[k]() for k in cfg.mix}
+        clips = _clips(self.name, self._meshes, self._ok, vad, feats, gen.codec)
+        res.frames = int(sum(c.n for c in clips))
+        if res.frames < 2 * self.fps:
+            res.note = f"a face in only {res.frames} of the call's first {self._n} frames: not adapted"
+            return res
+        adapted, res.losses = adapt_net(gen.net, gen.codec, clips, cfg, stop=lambda: self._stop)
+        res.seconds = time.monotonic() - t0
+        if adapted is None:
+            res.note = "the call ended while adapting"
+            return res
+        res.generator = LandmarkGenerator(adapted, gen.codec, gen.schedule, steps=gen.steps, sampler=gen.sampler)
+        res.note = (f"stage 1 adapted to the caller: {cfg.steps} steps on {res.frames / self.fps:.1f} s of the call "
+                    f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s")
+        return res

@@ -88,9 +88,14 @@ class EngineConfig:
     adapt_steps: int = 100
     """File runs with generated landmarks: fine-tune a copy of stage 1 on the source
     video's own speech for this many steps before generating (`engine.adapt`; 0: off).
-    Live sessions never adapt."""
+    Live sessions adapt only with `live_adapt`."""
     adapt_seconds: float = 15.0
-    """How much of the source video the adaptation tracks and learns from."""
+    """How much of the source video (or of a live call) the adaptation learns from."""
+    live_adapt: bool = False
+    """Live sessions (mouth region, generated landmarks, no `stage1` given): after the
+    call's first `adapt_seconds` with a face, adapt a copy of stage 1 to the caller in a
+    background thread (`engine.adapt.LiveAdapter`, `adapt_steps` steps) and use it from
+    then on. Off by default: the training takes CPU from the call for a few seconds."""
     adapt_audio: Any = None
     """The source video's own speech as a separate file (path), aligned with the video,
     for a video whose track is elsewhere (stems); None: the video's own track. Never the

@@ -122,7 +122,25 @@ class Session:
         self._comp_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-comp")
         self._window_ids = itertools.count()
         self._pools_down = False
+        self.adapter = self._live_adapter()
         self._warm = False  # has a model window completed (warm-up excluded from the ladder)
+
+    def _live_adapter(self):
+        """`engine.adapt.LiveAdapter` when this live session adapts stage 1 to the caller
+        (`EngineConfig.live_adapt`); None otherwise, or when the model has no stage 1
+        and Whisper encoder to adapt (a random test model, a stand-in runner)."""
+        c = self.cfg
+        if not (c.live and c.live_adapt and c.adapt_steps > 0 and c.region == "mouth"
+                and c.landmarks == "generated" and c.stage1 is None):
+            return None
+        pipe = getattr(self.model.runner, "pipeline", None)
+        if getattr(pipe, "stage1", None) is None or getattr(pipe, "whisper", None) is None:
+            return None
+        from engine.adapt import AdaptConfig, LiveAdapter, trainable_stage1
+
+        acfg = AdaptConfig(steps=c.adapt_steps, seconds=c.adapt_seconds, seed=c.seed, batch=8,
+                           mix={"stream0": 0.5, "stream2": 0.5})  # the views a call runs on (docs/lipsync.md)
+        return LiveAdapter(lambda: trainable_stage1(pipe), pipe.whisper, acfg, fps=c.fps, name=self.name)
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -242,6 +260,8 @@ class Session:
         if self._pools_down:
             return
         self._pools_down = True
+        if self.adapter is not None:
+            self.adapter.close()
         # the tracker (a mediapipe graph) belongs to the tracker thread: close it there,
         # after any tracking call still running
         with contextlib.suppress(RuntimeError):
@@ -274,6 +294,8 @@ class Session:
         self._check_open()
         self._start()
         self._audio.push(samples, pts)
+        if self.adapter is not None:
+            self.adapter.add_audio(samples, pts)
         if self._audio_event is not None:
             self._audio_event.set()
 
@@ -347,6 +369,8 @@ class Session:
         )
         win = await loop.run_in_executor(self._track_pool, self._preparer.prepare, win)
         win.ready = time.monotonic()
+        if self.adapter is not None:
+            self.adapter.add_window(win.pts, win.found, win.landmarks)
         # A full job queue blocks only this task: live pushes keep landing in the input
         # queue, which drops its oldest frames (counted) if the wait is long, while the
         # generator skips stale windows (see _generate_one); order is always kept.
@@ -441,13 +465,20 @@ class Session:
             mouth_scale=c.mouth_scale,
             gate=c.gate,
             region=c.region,
-            stage1=c.stage1 if c.region == "mouth" else None,
+            stage1=self._stage1() if c.region == "mouth" else None,
             contexts=None if c.region != "head" else await loop.run_in_executor(None, _context_tokens, win, self.model.size),
         )
         res: WindowResult = await self.model.submit(req)
         self._state = res.state
         timing.stage1, timing.stage2, timing.batch = res.stage1_s, res.stage2_s, res.batch
         await self._comp_q.put(_CompositeJob(win, res, rung, None, timing))
+
+    def _stage1(self):
+        """This session's own stage 1: given (`EngineConfig.stage1`), adapted to the
+        caller during the call, or None (the pack's)."""
+        if self.cfg.stage1 is not None:
+            return self.cfg.stage1
+        return self.adapter.generator if self.adapter is not None else None
 
     def _too_late(self, age: float) -> bool:
         """Live: skip this window (`age` s after its last frame arrived)? The controller

@@ -227,7 +227,8 @@ async def run_live(
     `duration_s`, `stop` set, the audio source ending (a non-looping file), the window's
     q/Esc key, or cancellation (Ctrl-C); the last partial window is flushed and the file
     finished in every case, and a cancellation is re-raised after that.
-    `session_factory` replaces `Session(shared_model, config)` (tests, debugging).
+    `session_factory` replaces `streaming.live.new_session(shared_model, config)` (tests,
+    debugging).
     """
     from streaming.sinks import open_sink
     from streaming.sources import open_video_source
@@ -243,9 +244,11 @@ async def run_live(
     if session_factory is not None:
         session = session_factory()
     else:
-        from engine.session import Session
+        from streaming.live import new_session
 
-        session = Session(shared_model, cfg)
+        # the live policy of calls (streaming.live.LiveController): a slow first window
+        # (tracker and model warm-up) must not park the session in pass-through for good
+        session = new_session(shared_model, cfg)
 
     origin = time.monotonic()
     done = asyncio.Event()
@@ -316,6 +319,8 @@ async def run_live(
     finally:
         drainer.cancel()
     stats = session.stats.summary() if hasattr(session.stats, "summary") else {}
+    if getattr(session, "adapter", None) is not None:
+        stats["adapt"] = session.adapter.summary()
     if failure is not None:
         sink.abort()
         if isinstance(failure, TCCPError):

@@ -531,6 +531,9 @@ def _engine_info(session: Any) -> dict[str, Any]:
         for name in ("queue_wait", "features", "stage2", "composite", "e2e"):
             vals = [getattr(w, name) for w in list(st.windows)[-50:] if w.mode != "passthrough"]
             out[f"{name}_ms"] = round(1000 * float(np.median(vals)), 1) if vals else None
+    adapter = getattr(session, "adapter", None)
+    if adapter is not None:  # stage 1 adapting to the caller: collecting / adapting / adapted / not adapted
+        out["adapt"] = adapter.state
     ctl = getattr(session, "controller", None)
     if ctl is not None:
         out["skipped"] = getattr(ctl, "skipped", None)

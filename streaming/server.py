@@ -514,6 +514,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", choices=("mouth", "head"), default="mouth",
                    help="mouth: edit the lower face (default); head: the whole head from the references "
                         "(avatar replacement; needs a pack with a head-mode stage 1 unless --landmarks tracked)")
+    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                   help="adapt stage 1 to each caller: after the first --adapt-seconds of a call with a face, "
+                        "fine-tune a copy for N steps on the caller's own speech, in the background (default 0: "
+                        "off; 100 takes ~5-15 s of CPU from the call; docs/lipsync.md)")
+    p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
+                   help="how much of each call the adaptation learns from (default 15)")
     p.add_argument("--media-timeout", type=float, default=5.0,
                    help="close a peer after this many seconds without incoming media (default 5)")
     p.add_argument("--playout-delay", type=float, default=None, metavar="S",
@@ -567,13 +573,16 @@ class ModelSessions:
 
     def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
                  mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None,
-                 trackers: int = 4, model: Any = None, region: str = "mouth") -> None:
+                 trackers: int = 4, model: Any = None, region: str = "mouth", adapt_steps: int = 0,
+                 adapt_seconds: float = 15.0) -> None:
         from engine.config import EngineConfig
         from engine.model import load_model
         from streaming.live import TrackerPool
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
         self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale, region=region)
+        if adapt_steps > 0:  # each call adapts stage 1 to its caller (engine.adapt.LiveAdapter)
+            self.base = self.base.with_(live_adapt=True, adapt_steps=adapt_steps, adapt_seconds=adapt_seconds)
         if steps is not None:
             self.base = self.base.with_(steps=steps, min_steps=min(self.base.min_steps, steps))
         self.default = model if model is not None else load_model(pack, device, avatar=avatar)
@@ -690,6 +699,9 @@ def main(args: argparse.Namespace) -> int:
             raise TCCPError(f"{name} {v}: must be between 0.05 and 10 seconds")
     if args.threads is not None and args.threads < 1:
         raise TCCPError(f"--threads {args.threads}: must be at least 1")
+    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
+                        "steps must be >= 0 and seconds > 0")
     ctx = _ssl_context(args.cert, args.key)
     limit_malloc_arenas()  # before the model and any session thread exist (see trim_heap)
     threads = set_threads(args.threads)
@@ -701,7 +713,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         factory = model_session_factory(args.model, args.device, args.steps, avatar=args.avatar,
                                         mouth_scale=args.mouth_scale, landmarks=args.landmarks, region=args.region,
-                                        trackers=args.max_sessions)
+                                        trackers=args.max_sessions, adapt_steps=args.adapt_steps,
+                                        adapt_seconds=args.adapt_seconds)
         label = "model"
         print(f"tccp serve: warming up the model ({threads} thread(s))...", flush=True)
         factory.warm()

@@ -141,7 +141,7 @@ def test_bad_adapt_options_are_one_line_errors(tmp_path, capsys):
 
 def test_live_run_on_a_video_file_adapts_when_asked(tmp_path, capsys):
     """`run --live --video FILE --adapt-steps N`: stage 1 adapted to the looping video's own
-    speech before the call; a camera has none to learn from (one line)."""
+    speech before the call (a camera adapts during the call: see the session test below)."""
     from tccp.cli import main
 
     video, speech = media.sample_paths()
@@ -150,8 +150,101 @@ def test_live_run_on_a_video_file_adapts_when_asked(tmp_path, capsys):
                  "--max-seconds", "2", "--adapt-steps", "5"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "stage 1 adapted to the person: 5 steps" in text and out.is_file()
+    # a camera adapts in the call, on its own microphone: a file of "its own speech" is an error
     assert main(["run", "--live", "--video", "0", "--audio", str(speech), "--adapt-steps", "5",
-                 "--out", str(tmp_path / "c.mp4")]) == 2
+                 "--adapt-audio", str(speech), "--out", str(tmp_path / "c.mp4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a camera brings no speech" in err[0]
+    assert len(err) == 1 and "a camera call adapts on its own microphone" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.mp4"]
+
+
+async def test_a_live_call_adapts_stage1_to_the_caller_and_uses_it():
+    """`EngineConfig(live=True, live_adapt=True)`: after the call's first `adapt_seconds`
+    with a face, a copy of stage 1 is fine-tuned on the caller's tracked mouth and own
+    voice in a background thread, and the session's later windows run on it (the pack's
+    network is untouched, and so is a session without `live_adapt`)."""
+    import asyncio
+    import time
+
+    from engine.config import EngineConfig
+    from engine.model import load_model
+    from engine.session import Session
+
+    video, _ = media.sample_paths()
+    clip = media.load_clip(video)  # the caller: their face and their own voice
+    fps, hop = clip.fps, int(round(clip.sr / clip.fps))
+    model = load_model(None, "cpu")
+    seen: list = []
+    submit = model.submit
+
+    async def spy(req):
+        seen.append(req.stage1)
+        return await submit(req)
+
+    model.submit = spy
+    try:
+        pack_net = model.runner.pipeline.stage1.net
+        before = _state(pack_net)
+        assert Session(model, EngineConfig(live=True)).adapter is None  # opt-in
+        cfg = EngineConfig(live=True, live_adapt=True, adapt_steps=10, adapt_seconds=4.0, degrade=False)
+        sess = Session(model, cfg)
+        outs: list = []
+
+        async def drain():
+            while (o := await sess.get()) is not None:
+                outs.append(o)
+
+        reader = asyncio.create_task(drain())
+
+        async def play(i0: int, frames: int) -> int:
+            """Frames i0.. of the call (the clip, looped) in real time; returns the next index."""
+            for i in range(i0, i0 + frames):
+                k = i % clip.n_frames
+                await sess.push_video(clip.frames[k], i / fps)
+                await sess.push_audio(clip.audio[k * hop:(k + 1) * hop], i / fps)
+                await asyncio.sleep(1 / fps)
+            return i0 + frames
+
+        i = 0
+        while sess.adapter.state == "collecting" and i < 20 * fps:  # the call goes on
+            i = await play(i, 25)
+        assert sess.adapter.state in ("adapting", "adapted"), sess.adapter.summary()
+        end = time.monotonic() + 90
+        while sess.adapter.state == "adapting" and time.monotonic() < end:
+            await asyncio.sleep(0.2)
+        summary = sess.adapter.summary()
+        assert sess.adapter.state == "adapted" and summary["adapted"], summary
+        assert "adapted to the caller: 10 steps" in summary["note"] and summary["speech_s"] >= 3.0
+        n_before = len(seen)
+        await play(i, 50)  # the call goes on: its windows run on the adapted copy
+        await sess.close()
+        await reader
+        gen = sess.adapter.generator
+        assert gen.net is not pack_net
+        assert seen and seen[0] is None  # before: the pack's stage 1
+        assert any(s is gen for s in seen[n_before:])
+        assert sess.stats.error is None and sum(o.generated for o in outs) > 0
+        assert all(torch.equal(before[k], v) for k, v in pack_net.state_dict().items())
+    finally:
+        model.close()
+
+
+def test_a_silent_call_is_not_adapted_and_says_why(pack):
+    """A call without speech in its first seconds keeps the pack's stage 1 (a note, no
+    error), and the collection stops at `seconds` of the call (bounded memory)."""
+    import time
+
+    from engine.adapt import LiveAdapter
+
+    ad = LiveAdapter(pack.stage1, pack.whisper, AdaptConfig(steps=5, seconds=2.0), fps=25.0)
+    mesh = np.tile(pack.stage1.codec.template[None] * 40 + 64, (8, 1, 1)).astype(np.float32)
+    for w in range(8):  # 64 frames = 2.56 s of face, 8 at a time, with silence under them
+        pts = (w * 8 + np.arange(8)) / 25.0
+        ad.add_audio(np.zeros(8 * 640, np.float32), float(pts[0]))
+        ad.add_window(pts, np.ones(8, bool), mesh)
+    end = time.monotonic() + 30
+    while ad.state in ("collecting", "adapting") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert ad.state == "not adapted" and ad.generator is None
+    assert "of speech in the first 2 s of the call" in ad.summary()["note"]
+    assert ad._audio.end_time - ad._audio._start / 16000 <= 3.5  # what it kept: ~1 s before + 2 s

@@ -49,9 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
                    help="first fine-tune a copy of stage 1 for N steps on the video's own speech, so the mouth moves "
                         "the way this person's does (file runs: default 100, ~10-30 s on a 2-core CPU; 0: off; "
-                        "--live with a video file: off unless given; docs/lipsync.md)")
+                        "--live: off unless given; a video file adapts before the call, a camera on the call's "
+                        "first --adapt-seconds, in the background; docs/lipsync.md)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
-                   help="how much of the video (from its start) the adaptation learns from (default 15)")
+                   help="how much of the video (from its start), or of a camera call, the adaptation learns from "
+                        "(default 15)")
     p.add_argument("--adapt-audio", metavar="FILE", default=None,
                    help="the video's own speech as a separate file (aligned with it), when the video has no "
                         "track of its own; never the new speech of a dub")
@@ -290,14 +292,19 @@ def main_live(args: argparse.Namespace) -> int:
     _check_adapt_options(args)
     if args.adapt_audio is not None and not Path(args.adapt_audio).exists():
         raise TCCPError(f"{args.adapt_audio}: no such file")
-    if args.adapt_steps and _camera_spec(video):
-        raise TCCPError("--adapt-steps: a camera brings no speech before the call to learn from; "
-                        "make an avatar from your footage (tccp avatar create) instead")
+    camera_adapt = bool(args.adapt_steps) and _camera_spec(video)
+    if camera_adapt and args.adapt_audio is not None:
+        raise TCCPError("--adapt-audio: a camera call adapts on its own microphone, not on a file")
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
     try:
         check_region(model, args.region, args.landmarks)
         if args.adapt_steps and args.region == "mouth" and args.landmarks == "generated":
-            cfg = cfg.with_(stage1=_adapt_live(model, Path(video), args))
+            if camera_adapt:  # no speech before the call: adapt on its first seconds, in the call
+                cfg = cfg.with_(live_adapt=True, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
+                print(f"stage 1 adapts to you after the first {args.adapt_seconds:g} s of the call with your face "
+                      f"({args.adapt_steps} steps, in the background)", flush=True)
+            else:
+                cfg = cfg.with_(stage1=_adapt_live(model, Path(video), args))
     except BaseException:
         model.close()
         raise
@@ -317,6 +324,9 @@ def main_live(args: argparse.Namespace) -> int:
           + (f"; output {result.output}" if result.output else ""))
     if s.get("degradations"):
         print(f"degradations: {s['degradations']}")
+    if s.get("adapt"):
+        a = s["adapt"]
+        print(f"person: {a.get('note') or a['state'] + ' (the call ended first)'}")
     return 0
 
 
