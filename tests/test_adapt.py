@@ -248,3 +248,24 @@ def test_a_silent_call_is_not_adapted_and_says_why(pack):
     assert ad.state == "not adapted" and ad.generator is None
     assert "of speech in the first 2 s of the call" in ad.summary()["note"]
     assert ad._audio.end_time - ad._audio._start / 16000 <= 3.5  # what it kept: ~1 s before + 2 s
+
+
+def test_serve_adapt_options(capsys):
+    """`tccp serve --adapt-steps N`: every call's sessions adapt (checked before any model
+    loads: bad values are one line)."""
+    from streaming.server import ModelSessions
+    from tccp.cli import main
+
+    assert main(["serve", "--adapt-steps", "-3", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --adapt-steps -3")
+    from engine.model import SharedModel
+    from engine.runner import PipelineRunner
+
+    shared = SharedModel(PipelineRunner.random())
+    try:
+        on = ModelSessions(None, "cpu", model=shared, adapt_steps=40, adapt_seconds=9.0, trackers=1)
+        assert on.cfg.live_adapt and on.cfg.adapt_steps == 40 and on.cfg.adapt_seconds == 9.0
+        assert not ModelSessions(None, "cpu", model=shared, trackers=1).cfg.live_adapt
+    finally:
+        shared.close()
