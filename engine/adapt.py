@@ -19,6 +19,7 @@ why). A live call has no source speech before it starts: with
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,9 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
     return adapt_from_videos([video], generator, whisper, cfg, start_s, fps, [audio_path])
 
 
+_TRAINING = threading.Semaphore(1)
+
+
 def _one_core() -> None:
     """The training thread runs torch on one core (a per-thread setting: the call's
     threads keep theirs), so that the call's tracking, audio features and compositing
@@ -314,8 +318,6 @@ class LiveAdapter:
                 self._meshes[i], self._ok[i] = landmarks[k], True
         end = self._p0 + self._n / self.fps if self._p0 is not None else None
         if end is not None and float(pts[-1]) + 1.0 / self.fps >= end and self._audio.end_time >= end - 0.5:
-            import threading
-
             self.state = "adapting"
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-adapt", daemon=True)
             self._thread.start()
@@ -327,7 +329,16 @@ class LiveAdapter:
     def _run(self) -> None:
         _one_core()
         try:
-            self.result = self._adapt()
+            # one call trains at a time (a server's calls share the CPU); the others wait
+            while not _TRAINING.acquire(timeout=0.5):
+                if self._stop:
+                    self.result = AdaptResult(note="the call ended before its adaptation's turn")
+                    self.state = "not adapted"
+                    return
+            try:
+                self.result = self._adapt()
+            finally:
+                _TRAINING.release()
         except Exception as exc:  # an adaptation failure must never end the call
             self.result = AdaptResult(note=f"adaptation failed ({type(exc).__name__}: {exc}): not adapted")
         self.generator = self.result.generator

@@ -269,3 +269,29 @@ def test_serve_adapt_options(capsys):
         assert not ModelSessions(None, "cpu", model=shared, trackers=1).cfg.live_adapt
     finally:
         shared.close()
+
+
+def test_calls_adapt_one_at_a_time(pack):
+    """A server's calls share the CPU: a second call's adaptation waits for the first's,
+    and a call that ends while waiting gives up its turn."""
+    import time
+
+    from engine import adapt as ad_mod
+
+    ad = ad_mod.LiveAdapter(pack.stage1, pack.whisper, AdaptConfig(steps=5, seconds=1.0), fps=25.0)
+    mesh = np.tile(pack.stage1.codec.template[None] * 40 + 64, (8, 1, 1)).astype(np.float32)
+    assert ad_mod._TRAINING.acquire(timeout=5)  # another call is training
+    try:
+        for w in range(4):
+            pts = (w * 8 + np.arange(8)) / 25.0
+            ad.add_audio(np.zeros(8 * 640, np.float32), float(pts[0]))
+            ad.add_window(pts, np.ones(8, bool), mesh)
+        time.sleep(1.2)
+        assert ad.state == "adapting" and ad.result is None  # waiting for its turn
+        ad.close()
+        end = time.monotonic() + 5
+        while ad.state == "adapting" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert ad.state == "not adapted" and "before its adaptation's turn" in ad.summary()["note"]
+    finally:
+        ad_mod._TRAINING.release()
