@@ -193,7 +193,9 @@ def test_four_calls_held_under_load(clip):
                 await asyncio.sleep(0.1)
             report["freed_after_s"] = time.monotonic() - t0
             assert (await health())["sessions"] == CALLS - 1, "the server kept a vanished caller"
-            assert report["freed_after_s"] < MEDIA_TIMEOUT_S + 2.0
+            # the watchdog's doing (ICE consent alone would take ~30 s); the slack is the event
+            # loop's lag on a loaded 2-core machine (5.2 s measured once, 2026-12-01)
+            assert report["freed_after_s"] < MEDIA_TIMEOUT_S + 6.0
             late = await _call(url, clip)  # the freed slot takes a new caller
             t1 = time.monotonic()
             while not late[1].arrivals and time.monotonic() - t1 < 10:
