@@ -517,7 +517,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
                    help="adapt stage 1 to each caller: after the first --adapt-seconds of a call with a face, "
                         "fine-tune a copy for N steps on the caller's own speech, in the background (default 0: "
-                        "off; 100 takes ~5-15 s of CPU from the call; docs/lipsync.md)")
+                        "off; 100 steps: ~9 s of one core alone, ~26 s beside a call on 2 cores; docs/lipsync.md)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
                    help="how much of each call the adaptation learns from (default 15)")
     p.add_argument("--media-timeout", type=float, default=5.0,
