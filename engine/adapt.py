@@ -291,6 +291,8 @@ class LiveAdapter:
         self.generator: Any = None
         self.result: AdaptResult | None = None
         self.state = "collecting"  # -> "adapting" -> "adapted" | "not adapted"
+        self.collected_at: float | None = None  # time.monotonic() when the training thread started
+        self.done_at: float | None = None  # ... and when it ended (benchmarks plot the span)
 
     def summary(self) -> dict:
         out = {"state": self.state}
@@ -319,6 +321,7 @@ class LiveAdapter:
         end = self._p0 + self._n / self.fps if self._p0 is not None else None
         if end is not None and float(pts[-1]) + 1.0 / self.fps >= end and self._audio.end_time >= end - 0.5:
             self.state = "adapting"
+            self.collected_at = time.monotonic()
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-adapt", daemon=True)
             self._thread.start()
 
@@ -342,6 +345,7 @@ class LiveAdapter:
         except Exception as exc:  # an adaptation failure must never end the call
             self.result = AdaptResult(note=f"adaptation failed ({type(exc).__name__}: {exc}): not adapted")
         self.generator = self.result.generator
+        self.done_at = time.monotonic()
         self.state = "adapted" if self.generator is not None else "not adapted"
 
     def _adapt(self) -> AdaptResult:

@@ -376,15 +376,19 @@ def _flops(pc: dict, cfg: BenchConfig, window: int) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- --live
 def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, seconds: float = 20.0,
                    size: int = 512, device: str = "cpu", threads: int | None = None, delay_s: float | None = None,
-                   steps: int | None = None, log: Any = None) -> dict[str, Any]:
+                   steps: int | None = None, log: Any = None, adapt_steps: int = 0,
+                   adapt_seconds: float = 15.0) -> dict[str, Any]:
     """`tccp bench --live`: replay a clip in real time through one live engine session
     and its playout, in process (`streaming.live.replay`; no WebRTC, so no codec or
     network time): the model is loaded and warmed first, as `tccp serve` does.
 
     Reports the time to the first frame and the first generated frame sent (from the
-    first frame pushed), the generated share of the frames sent, per-frame latency
-    (arrival -> sent) percentiles, the A/V offset between the sent audio and video
-    (median audio delay minus median video delay) and the engine's own counters."""
+    first frame pushed), the generated share of the frames sent (and per second), per-frame
+    latency (arrival -> sent) percentiles, the A/V offset between the sent audio and video
+    (median audio delay minus median video delay) and the engine's own counters.
+    `adapt_steps > 0`: the same replay a second time with the call adapting stage 1 to the
+    clip's speaker (`EngineConfig.live_adapt`), reported as `live_adapt` beside the baseline
+    `live`, with when the adaptation ran and what it cost the call."""
     import asyncio
 
     import cv2
@@ -423,6 +427,12 @@ def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, 
         say(f"replaying {path.name} at {tw}x{th} for {seconds:g} s in real time")
         result = asyncio.run(replay(model, frames, audio, cfg, seconds, delay_s=delay_s, window_s=warm.window_s,
                                     tracker=pool.take()))
+        adapted = None
+        if adapt_steps > 0:
+            say(f"again, adapting stage 1 to the caller ({adapt_steps} steps on the first {adapt_seconds:g} s)")
+            acfg = cfg.with_(live_adapt=True, adapt_steps=adapt_steps, adapt_seconds=adapt_seconds)
+            adapted = asyncio.run(replay(model, frames, audio, acfg, seconds, delay_s=delay_s,
+                                         window_s=warm.window_s, tracker=pool.take()))
     finally:
         model.close()
         pool.close()
@@ -438,7 +448,47 @@ def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, 
         "warm_up": {"seconds": round(warm.seconds, 2), "window_ms": None if warm.window_s is None
                     else round(1000 * warm.window_s, 1), "windows": warm.windows},
         "live": result,
+        **({} if adapted is None else {
+            "live_adapt": adapted,
+            "adapt_config": {"steps": adapt_steps, "seconds": adapt_seconds},
+            "generated_share_vs_baseline": round(adapted["generated_share"] / result["generated_share"], 3)
+            if result["generated_share"] else None}),
     }
+
+
+def plot_live(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """The share of frames sent that were edited, per second of the replay: the baseline
+    and (when measured) the call adapting stage 1, with the adaptation's training span."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tccp.io_utils import atomic_path
+
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    runs = [("live", "baseline")] + ([("live_adapt", "adapting to the caller")] if "live_adapt" in report else [])
+    for key, name in runs:
+        r = report[key]
+        share = [np.nan if v is None else 100 * v for v in r["generated_share_per_s"]]
+        ax.step(np.arange(len(share)) + 0.5, share, where="mid",
+                label=f"{name}: {100 * r['generated_share']:.0f}% of {r['frames_sent']} frames")
+        a = r.get("adapt")
+        if a and a.get("started_s") is not None:
+            end = a["ended_s"] if a.get("ended_s") is not None else len(share)
+            ax.axvspan(a["started_s"], end, color="tab:orange", alpha=0.15,
+                       label=f"training ({a['state']}, {end - a['started_s']:.0f} s)")
+    c, m = report["config"], report["machine"]
+    ax.set_title(f"{report['model']}: live replay of {c['clip']} {c['size'][0]}x{c['size'][1]}, "
+                 f"{m['cpu']} ({m['cpus_usable']} cpus)", fontsize=9)
+    ax.set_xlabel("seconds of the call")
+    ax.set_ylabel("frames sent edited (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        FigureCanvasAgg(fig).print_png(str(tmp))
+    return out
 
 
 def _print_live(report: dict[str, Any]) -> None:
@@ -454,6 +504,13 @@ def _print_live(report: dict[str, Any]) -> None:
           f"{fmt(lat['p50'])} p90 {fmt(lat['p90'])} p99 {fmt(lat['p99'])} ms | A/V offset "
           f"{fmt(r['av_offset_ms'], '+.0f')} ms | playout delay {fmt(r['playout_delay_ms']['start'])} -> "
           f"{fmt(r['playout_delay_ms']['end'])} ms | warm-up {report['warm_up']['seconds']:.1f} s")
+    if "live_adapt" in report:
+        a = report["live_adapt"]
+        ad = a.get("adapt") or {}
+        print(f"  adapting to the caller: generated {100 * a['generated_share']:.0f}% of {a['frames_sent']} frames "
+              f"sent (x{report['generated_share_vs_baseline'] or 0:.2f} the baseline) | {ad.get('state')}: "
+              f"training from {fmt(ad.get('started_s'), '.1f')} s to {fmt(ad.get('ended_s'), '.1f')} s | "
+              f"{ad.get('note', '')}")
 
 
 # --------------------------------------------------------------------------- plot
@@ -545,6 +602,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="--live: longest side of the replayed video (default 512)")
     p.add_argument("--playout-delay", type=float, default=None, metavar="S",
                    help="--live: playout delay at the start (default: from the warm-up, as tccp serve)")
+    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                   help="--live: replay a second time with the call adapting stage 1 to the clip's speaker "
+                        "(N steps), reported beside the first (what the adaptation costs the call)")
+    p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
+                   help="--live --adapt-steps: how much of the call the adaptation learns from (default 15)")
     p.add_argument("--steps-sweep", action="store_true",
                    help="instead: quality vs stage-2 steps study (export/steps_study.py)")
     p.add_argument("--prepared", metavar="DIR", default="data_prepared",
@@ -626,14 +688,20 @@ def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
         raise TCCPError(f"{args.clip}: no such file")
     if args.steps is not None and args.steps < 0:
         raise TCCPError(f"--steps {args.steps}: must be at least 0")
+    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
+        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
+                        "steps must be >= 0 and seconds > 0")
     with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
         pack, label = resolve_pack(args.model, args.config, scratch)
         if args.config:
             console.print(f"[bold red]benchmarking RANDOM WEIGHTS of config {args.config!r} (speed only)[/]")
         report = run_live_bench(pack, label, args.clip, args.seconds, args.size, args.device, args.threads,
-                                args.playout_delay, args.steps, log=lambda m: console.print(m))
+                                args.playout_delay, args.steps, log=lambda m: console.print(m),
+                                adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
     with atomic_path(Path(args.json)) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_live(report, args.plot)
     _print_live(report)
     return 0
 

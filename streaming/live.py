@@ -459,7 +459,20 @@ async def replay(model: Any, frames: np.ndarray, audio: np.ndarray, cfg: EngineC
     gen = [s for s in sent if s[2]]
     pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else None  # noqa: E731
     st = sess.stats
+    extra: dict[str, Any] = {}
+    if getattr(sess, "adapter", None) is not None:  # EngineConfig.live_adapt: when and how it adapted
+        ad = sess.adapter
+        rel = lambda t: None if t is None else round(t - origin, 2)  # noqa: E731
+        extra["adapt"] = {**ad.summary(), "started_s": rel(ad.collected_at), "ended_s": rel(ad.done_at)}
+    bins = int(np.ceil(seconds))
+    made, edited = np.zeros(bins), np.zeros(bins)
+    for s, _, g in sent:
+        b = min(bins - 1, max(0, int(s - origin)))
+        made[b] += 1
+        edited[b] += bool(g)
     return {
+        **extra,
+        "generated_share_per_s": [round(float(e / m), 3) if m else None for e, m in zip(edited, made)],
         "seconds": seconds,
         "frames_in": n_total,
         "frames_sent": len(sent),

@@ -164,10 +164,17 @@ def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_p
     errors are one line, nothing written."""
     out = tmp_path / "live.json"
     pack = tiny_pack(cache, stage2=False)
+    plot = tmp_path / "live.png"
     argv = ["bench", "--live", "--model", str(pack), "--seconds", "3", "--size", "192", "--threads", "1",
-            "--json", str(out)]
+            "--json", str(out), "--plot", str(plot), "--adapt-steps", "5", "--adapt-seconds", "1"]
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
+    # the second replay adapted (or said why not: 1 s of the call holds under 3 s of speech)
+    ad = report["live_adapt"]["adapt"]
+    assert ad["state"] in ("adapted", "not adapted") and ad["started_s"] <= ad["ended_s"], ad
+    assert ad["state"] == "adapted" or "of speech" in ad["note"], ad
+    assert report["adapt_config"] == {"steps": 5, "seconds": 1.0}
+    assert len(report["live"]["generated_share_per_s"]) == 3 and plot.stat().st_size > 10_000
     assert report["mode"] == "live" and report["config"]["steps"] == 0 and report["config"]["size"] == [192, 192]
     assert report["warm_up"]["windows"] >= 2 and report["warm_up"]["window_ms"] > 0
     live = report["live"]
@@ -183,7 +190,7 @@ def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_p
     assert "generated" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     for extra in (["--seconds", "0"], ["--size", "8"], ["--clip", str(tmp_path / "none.mp4")],
-                  ["--playout-delay", "-1"]):
+                  ["--playout-delay", "-1"], ["--adapt-steps", "-2"]):
         assert cli_main(["bench", "--live", "--model", str(pack), "--json", str(bad), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 4 and "Traceback" not in err and not bad.exists()
+    assert err.count("error:") == 5 and "Traceback" not in err and not bad.exists()
