@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "adapt_net", "adapt_from_video", "adapt_from_videos",
+__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
            "clips_from_video", "face_runs", "trainable_stage1"]
 
 
@@ -62,6 +62,30 @@ class AdaptResult:
                 "speech_s": round(self.speech_s, 2), "seconds": round(self.seconds, 2),
                 "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None}
+
+
+def check_adapt_options(steps: int | None, seconds: float) -> None:
+    """The `--adapt-steps N` / `--adapt-seconds S` of every command (`run`, `serve`,
+    `avatar create`, `bench --live`): a one-line `TCCPError` unless N >= 0 (None: not
+    given) and S > 0."""
+    from tccp.errors import TCCPError
+
+    if (steps or 0) < 0 or not seconds > 0:
+        raise TCCPError(f"--adapt-steps {steps} / --adapt-seconds {seconds}: "
+                        "steps must be 0 (off) or more, seconds positive")
+
+
+def adaptable_pipeline(model: Any, cfg: Any) -> Any:
+    """The model's pipeline when a run with `cfg` (an `EngineConfig`) has a stage 1 that
+    adapting can replace: mouth region, generated landmarks, no stage 1 of its own,
+    `adapt_steps > 0`, and a pipeline with a stage 1 and a Whisper encoder (not a random
+    test model or a stand-in runner); else None. File runs and live sessions both ask."""
+    if not (cfg.adapt_steps > 0 and cfg.region == "mouth" and cfg.landmarks == "generated" and cfg.stage1 is None):
+        return None
+    pipe = getattr(getattr(model, "runner", None), "pipeline", None)
+    if getattr(pipe, "stage1", None) is None or getattr(pipe, "whisper", None) is None:
+        return None
+    return pipe
 
 
 def face_runs(has_face: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -286,7 +310,6 @@ class LiveAdapter:
         self._ok = np.zeros(self._n, bool)
         self._audio = AudioBuffer(16000)
         self._p0: float | None = None  # session time of the first face frame
-        self._thread: Any = None
         self._stop = False
         self.generator: Any = None
         self.result: AdaptResult | None = None
@@ -322,8 +345,7 @@ class LiveAdapter:
         if end is not None and float(pts[-1]) + 1.0 / self.fps >= end and self._audio.end_time >= end - 0.5:
             self.state = "adapting"
             self.collected_at = time.monotonic()
-            self._thread = threading.Thread(target=self._run, name=f"{self.name}-adapt", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._run, name=f"{self.name}-adapt", daemon=True).start()
 
     def close(self) -> None:
         """The call ended: a training still running stops at its next step."""
@@ -332,24 +354,25 @@ class LiveAdapter:
     def _run(self) -> None:
         _one_core()
         try:
-            # one call trains at a time (a server's calls share the CPU); the others wait
-            while not _TRAINING.acquire(timeout=0.5):
-                if self._stop:
-                    self.result = AdaptResult(note="the call ended before its adaptation's turn")
-                    self.state = "not adapted"
-                    return
-            try:
-                self.result = self._adapt()
-            finally:
-                _TRAINING.release()
+            self.result = self._in_turn()
         except Exception as exc:  # an adaptation failure must never end the call
             self.result = AdaptResult(note=f"adaptation failed ({type(exc).__name__}: {exc}): not adapted")
         self.generator = self.result.generator
         self.done_at = time.monotonic()
         self.state = "adapted" if self.generator is not None else "not adapted"
 
+    def _in_turn(self) -> AdaptResult:
+        """`_adapt` once no other call of this process is training (they share the CPU)."""
+        while not _TRAINING.acquire(timeout=0.5):
+            if self._stop:
+                return AdaptResult(note="the call ended before its adaptation's turn")
+        try:
+            return self._adapt()
+        finally:
+            _TRAINING.release()
+
     def _adapt(self) -> AdaptResult:
-        from tccp.media import whisper as wh
+        from tccp.data.landmarks import view_features
         from tccp.media.vad import frame_voice_activity
         from tccp.pipelines.landmarks import LandmarkGenerator
 
@@ -365,10 +388,7 @@ class LiveAdapter:
             res.note = (f"{res.speech_s:.1f} s of speech in the first {cfg.seconds:.0f} s of the call "
                         f"(under {cfg.min_speech_s:.0f} s): not adapted")
             return res
-        views = {"full": lambda: wh.full_features(self._whisper, audio),
-                 "stream0": lambda: wh.stream_features(self._whisper, audio, lookahead_s=0.0),
-                 "stream2": lambda: wh.stream_features(self._whisper, audio, lookahead_s=0.2)}
-        feats = {k: views[k]() for k in cfg.mix}
+        feats = {k: view_features(self._whisper, audio, k) for k in cfg.mix}
         clips = _clips(self.name, self._meshes, self._ok, vad, feats, gen.codec)
         res.frames = int(sum(c.n for c in clips))
         if res.frames < 2 * self.fps:

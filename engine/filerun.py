@@ -208,19 +208,17 @@ async def run_file_async(
         if builder is not None:
             cfg = cfg.with_(references=builder.bank)
 
-    adapt = None
-    if cfg.landmarks == "generated" and cfg.region == "mouth" and cfg.stage1 is None and cfg.adapt_steps > 0 \
-            and cfg.adapt_start_s is not None and tracker is None:
-        pipe = getattr(model.runner, "pipeline", None)
-        if getattr(pipe, "stage1", None) is not None and getattr(pipe, "whisper", None) is not None:
-            from engine.adapt import AdaptConfig, adapt_from_video, trainable_stage1
+    from engine.adapt import AdaptConfig, adapt_from_video, adaptable_pipeline, trainable_stage1
 
-            acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
-            gen1 = await loop.run_in_executor(None, trainable_stage1, pipe)
-            adapt = await loop.run_in_executor(None, adapt_from_video, video, gen1, pipe.whisper, acfg,
-                                               cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)
-            if adapt.generator is not None:
-                cfg = cfg.with_(stage1=adapt.generator)
+    adapt = None
+    pipe = adaptable_pipeline(model, cfg) if cfg.adapt_start_s is not None and tracker is None else None
+    if pipe is not None:
+        acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
+        gen1 = await loop.run_in_executor(None, trainable_stage1, pipe)
+        adapt = await loop.run_in_executor(None, adapt_from_video, video, gen1, pipe.whisper, acfg,
+                                           cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)
+        if adapt.generator is not None:
+            cfg = cfg.with_(stage1=adapt.generator)
 
     keep = preview_frames > 0
     sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")

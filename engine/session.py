@@ -130,14 +130,13 @@ class Session:
         (`EngineConfig.live_adapt`); None otherwise, or when the model has no stage 1
         and Whisper encoder to adapt (a random test model, a stand-in runner)."""
         c = self.cfg
-        if not (c.live and c.live_adapt and c.adapt_steps > 0 and c.region == "mouth"
-                and c.landmarks == "generated" and c.stage1 is None):
+        if not (c.live and c.live_adapt):
             return None
-        pipe = getattr(self.model.runner, "pipeline", None)
-        if getattr(pipe, "stage1", None) is None or getattr(pipe, "whisper", None) is None:
-            return None
-        from engine.adapt import AdaptConfig, LiveAdapter, trainable_stage1
+        from engine.adapt import AdaptConfig, LiveAdapter, adaptable_pipeline, trainable_stage1
 
+        pipe = adaptable_pipeline(self.model, c)
+        if pipe is None:
+            return None
         acfg = AdaptConfig(steps=c.adapt_steps, seconds=c.adapt_seconds, seed=c.seed, batch=8,
                            mix={"stream0": 0.5, "stream2": 0.5})  # the views a call runs on (docs/lipsync.md)
         return LiveAdapter(lambda: trainable_stage1(pipe), pipe.whisper, acfg, fps=c.fps, name=self.name)

@@ -688,9 +688,9 @@ def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
         raise TCCPError(f"{args.clip}: no such file")
     if args.steps is not None and args.steps < 0:
         raise TCCPError(f"--steps {args.steps}: must be at least 0")
-    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
-                        "steps must be >= 0 and seconds > 0")
+    from engine.adapt import check_adapt_options
+
+    check_adapt_options(args.adapt_steps, args.adapt_seconds)
     with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
         pack, label = resolve_pack(args.model, args.config, scratch)
         if args.config:

@@ -699,9 +699,9 @@ def main(args: argparse.Namespace) -> int:
             raise TCCPError(f"{name} {v}: must be between 0.05 and 10 seconds")
     if args.threads is not None and args.threads < 1:
         raise TCCPError(f"--threads {args.threads}: must be at least 1")
-    if args.adapt_steps < 0 or args.adapt_seconds <= 0:
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
-                        "steps must be >= 0 and seconds > 0")
+    from engine.adapt import check_adapt_options
+
+    check_adapt_options(args.adapt_steps, args.adapt_seconds)
     ctx = _ssl_context(args.cert, args.key)
     limit_malloc_arenas()  # before the model and any session thread exist (see trim_heap)
     threads = set_threads(args.threads)

@@ -113,11 +113,9 @@ def _create(args: argparse.Namespace) -> int:
         from tccp.errors import TCCPError
 
         raise TCCPError(f"--eval-seconds {args.eval_seconds}: must be positive")
-    if args.adapt_steps < 0 or not args.adapt_seconds > 0:
-        from tccp.errors import TCCPError
+    from engine.adapt import check_adapt_options
 
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: steps must be "
-                        f"0 (off) or more, seconds positive")
+    check_adapt_options(args.adapt_steps, args.adapt_seconds)
     cfg = AvatarConfig(
         videos=list(args.video), out=args.out, minutes=args.minutes, steps=args.steps, device=args.device,
         init=args.init, refs=args.refs, max_seconds=args.max_seconds, tail=args.tail,

@@ -200,7 +200,9 @@ def main(args: argparse.Namespace) -> int:
         model.close()
         raise
     caught: list = []
-    if not args.quiet and cfg.adapt_steps > 0 and cfg.landmarks == "generated" and cfg.region == "mouth":
+    from engine.adapt import adaptable_pipeline
+
+    if not args.quiet and adaptable_pipeline(model, cfg) is not None:  # what run_file then adapts
         print(f"adapting stage 1 to the person in {Path(args.video).name} first ({cfg.adapt_steps} steps on up to "
               f"{cfg.adapt_seconds:g} s of it; --adapt-steps 0 skips) ...", flush=True)
     try:
@@ -231,11 +233,9 @@ def _camera_spec(value: str) -> bool:
 
 
 def _check_adapt_options(args: argparse.Namespace) -> None:
-    from tccp.errors import TCCPError
+    from engine.adapt import check_adapt_options
 
-    if (args.adapt_steps or 0) < 0 or args.adapt_seconds <= 0:
-        raise TCCPError(f"--adapt-steps {args.adapt_steps} / --adapt-seconds {args.adapt_seconds}: "
-                        f"steps must be 0 (off) or more, seconds positive")
+    check_adapt_options(args.adapt_steps, args.adapt_seconds)
 
 
 def _adapt_live(model, video: Path, args: argparse.Namespace):

@@ -123,11 +123,21 @@ def _variant_audio(audio: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray,
     return audio, None
 
 
+def view_features(encoder, audio: np.ndarray, kind: str) -> np.ndarray:
+    """Whisper features (T50, layers + 1, width) of 16 kHz `audio` as the `kind` sees
+    them: streamed like a live session ('stream0' / 'stream2': 0 / 0.2 s of look-ahead)
+    or Whisper's full view (every other kind; their audio variant is made before)."""
+    from tccp.media import whisper
+
+    if kind in ("stream0", "stream2"):
+        return whisper.stream_features(encoder, audio, lookahead_s=0.2 if kind == "stream2" else 0.0)
+    return whisper.full_features(encoder, audio)
+
+
 def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.PathLike | None,
                   model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(features (T50, L, D) fp16, per-frame voice activity (N,), silenced-frame mask or
     None) of one clip and variant, cached under `cache_dir` when given."""
-    from tccp.media import whisper
     from tccp.media.vad import frame_voice_activity
 
     key = hashlib.sha1(f"{clip.meta.get('source')}|{clip.meta.get('created')}|{model_name}|{kind}".encode()).hexdigest()[:12]
@@ -137,10 +147,7 @@ def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.Pa
             return z["features"], z["vad"], (z["silent"] if "silent" in z.files else None)
     seed = int(key[:8], 16)
     audio, mask = _variant_audio(clip.audio, kind, seed)
-    if kind in ("stream0", "stream2"):
-        feats = whisper.stream_features(encoder, audio, lookahead_s=0.2 if kind == "stream2" else 0.0)
-    else:
-        feats = whisper.full_features(encoder, audio)
+    feats = view_features(encoder, audio, kind)
     n = int(clip.meta["n_frames"])
     vad = clip.voice if kind in ("full", "stream0", "stream2") else frame_voice_activity(audio, n, clip.fps)
     silent = None
