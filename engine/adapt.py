@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
+__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
            "clips_from_video", "face_runs", "trainable_stage1"]
 
 
@@ -46,6 +46,31 @@ class AdaptConfig:
     mix: dict = field(default_factory=lambda: {"full": 1.0})
     """Audio-feature views trained on (`tccp.data.landmarks` kinds): files run on full
     Whisper features; a live call's stage 1 sees streamed ones ('stream0'/'stream2')."""
+    keep_track: bool = False
+    """Keep what tracking the source's start gave (`AdaptResult.track`, one video from
+    its start only): a file run's session replays it instead of tracking it again."""
+
+
+@dataclass
+class TrackedStart:
+    """The first frames of a video as the adaptation tracked them, with the tracker
+    that made them (in its state after the last one): `engine.prep.ReplayTracker`
+    material. Whoever takes it closes it (`replay()` hands the tracker over)."""
+
+    observations: list
+    keys: list
+    tracker: Any
+
+    def replay(self) -> Any:
+        from engine.prep import ReplayTracker
+
+        tr, self.tracker = self.tracker, None
+        return ReplayTracker(self.observations, self.keys, tr)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 @dataclass
@@ -56,6 +81,7 @@ class AdaptResult:
     speech_s: float = 0.0
     seconds: float = 0.0  # wall time
     losses: list = field(default_factory=list, repr=False)
+    track: TrackedStart | None = field(default=None, repr=False)  # with `AdaptConfig.keep_track`
 
     def summary(self) -> dict:
         return {"adapted": self.generator is not None, "note": self.note, "frames": self.frames,
@@ -124,31 +150,50 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig,
     return m.eval().requires_grad_(False), losses
 
 
-def _track(video: Path, start: int, n: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 478, 2) image-px meshes (zeros where no face) and the (n,) has-face mask."""
+def _track(video: Path, start: int, n: int, fps: float, keep: bool = False
+           ) -> tuple[np.ndarray, np.ndarray, TrackedStart | None]:
+    """(n, 478, 2) image-px meshes (zeros where no face), the (n,) has-face mask, and
+    with `keep` (from the start only) the observations and the open tracker. The
+    tracker is configured as a session's (`engine.prep.WindowPreparer`) and fed the
+    same frames with the same times, so a session can continue from it."""
+    from engine.prep import frame_key
     from tccp.face.track import FaceTracker, FaceTrackerConfig
     from tccp.media import io as media
 
+    keep = keep and start == 0
     meshes = np.zeros((n, 478, 2), np.float32)
     ok = np.zeros(n, bool)
-    with FaceTracker(FaceTrackerConfig(fps=fps)) as tr:
-        for i, (_, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=start + n)):
+    observations, keys = [], []
+    tr = FaceTracker(FaceTrackerConfig(fps=fps))
+    try:
+        for i, (t, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=start + n)):
             if i < start:
                 continue
-            obs = tr.update(frame)
+            obs = tr.update(frame, float(t))
+            if keep:
+                observations.append(obs)
+                keys.append(frame_key(frame))
             if obs is not None:
                 meshes[i - start], ok[i - start] = obs.landmarks[:, :2], True
-    return meshes, ok
+    except BaseException:
+        tr.close()
+        raise
+    if not keep:
+        tr.close()
+        return meshes, ok, None
+    return meshes, ok, TrackedStart(observations, keys, tr)
 
 
 def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float, start_s: float = 0.0,
                      fps: float = 25.0, min_speech_s: float = 3.0,
-                     audio_path: str | Path | None = None) -> tuple[list, float, str]:
+                     audio_path: str | Path | None = None, keep_track: bool = False
+                     ) -> tuple[list, float, str, TrackedStart | None]:
     """Training clips (`LandmarkClip`, 'full' features) from `seconds` of `video` from
     `start_s`: its tracked mouths paired with its own audio (its track, or `audio_path`:
     the same speech as a separate file, aligned with the video from its start). Returns
-    (clips, seconds of speech, note); no clips (and a note saying why) when there is
-    nothing to learn."""
+    (clips, seconds of speech, note, tracked start); no clips (and a note saying why)
+    when there is nothing to learn. The tracked start (`keep_track`, `start_s` 0, when
+    the video was tracked) belongs to the caller, who closes it."""
     from tccp.media import io as media
     from tccp.media import whisper as wh
     from tccp.media.vad import frame_voice_activity
@@ -157,11 +202,11 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     info = media.probe(video)
     source = Path(audio_path) if audio_path is not None else video
     if audio_path is None and not info.has_audio:
-        return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from"
+        return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from", None
     seconds = max(0.0, min(seconds, info.duration - start_s))
     n = int(seconds * fps)
     if n < 2 * 8:
-        return [], 0.0, f"{video.name}: under a second of video after {start_s:.1f} s"
+        return [], 0.0, f"{video.name}: under a second of video after {start_s:.1f} s", None
     sr = 16000
     audio = media.read_audio(source, sr=sr, max_seconds=start_s + seconds)[int(round(start_s * sr)):]
     audio = audio[: int(round(seconds * sr))]
@@ -169,13 +214,18 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     speech_s = float((vad > 0.5).sum() / fps)
     if speech_s < min_speech_s:
         return [], speech_s, (f"{video.name}: {speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
-                              f"(under {min_speech_s:.0f} s)")
-    meshes, ok = _track(video, int(round(start_s * fps)), n, fps)
-    clips = _clips(video.stem, meshes, ok, vad, {"full": wh.full_features(whisper, audio)}, codec)
+                              f"(under {min_speech_s:.0f} s)"), None
+    meshes, ok, tracked = _track(video, int(round(start_s * fps)), n, fps, keep=keep_track)
+    try:
+        clips = _clips(video.stem, meshes, ok, vad, {"full": wh.full_features(whisper, audio)}, codec)
+    except BaseException:
+        if tracked is not None:
+            tracked.close()
+        raise
     frames = sum(c.n for c in clips)
     if frames < 2 * fps:
-        return [], speech_s, f"{video.name}: a face in only {frames} of {n} frames learned from"
-    return clips, speech_s, ""
+        return [], speech_s, f"{video.name}: a face in only {frames} of {n} frames learned from", tracked
+    return clips, speech_s, "", tracked
 
 
 def _clips(name: str, meshes: np.ndarray, ok: np.ndarray, vad: np.ndarray, features: dict, codec: Any) -> list:
@@ -246,8 +296,10 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
         return res
     net = generator.net
     clips, notes = [], []
+    keep = cfg.keep_track and len(videos) == 1 and start_s == 0
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
-        c, speech, note = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps, cfg.min_speech_s, a)
+        c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
+                                                      cfg.min_speech_s, a, keep_track=keep)
         clips += c
         res.speech_s += speech
         if note:
@@ -257,7 +309,12 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     if not clips:
         res.note = "; ".join(notes) + ": not adapted"
         return res
-    adapted, res.losses = adapt_net(net, generator.codec, clips, cfg)
+    try:
+        adapted, res.losses = adapt_net(net, generator.codec, clips, cfg)
+    except BaseException:
+        if res.track is not None:
+            res.track.close()
+        raise
     res.generator = LandmarkGenerator(adapted, generator.codec, generator.schedule, steps=generator.steps,
                                       sampler=generator.sampler)
     res.seconds = time.monotonic() - t0

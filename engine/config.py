@@ -85,10 +85,11 @@ class EngineConfig:
     stage1: Any = field(default=None, repr=False)
     """A session's own stage-1 generator (mouth mode), e.g. the pack's adapted to the
     person by `engine.adapt`; None: the pack's."""
-    adapt_steps: int = 100
+    adapt_steps: int = 50
     """File runs with generated landmarks: fine-tune a copy of stage 1 on the source
-    video's own speech for this many steps before generating (`engine.adapt`; 0: off).
-    Live sessions adapt only with `live_adapt`."""
+    video's own speech for this many steps before generating (`engine.adapt`; 0: off;
+    50 measured as good as 100 at half the wait, docs/lipsync.md). Live sessions adapt
+    only with `live_adapt`, and want 100 (streamed features: 50 steps measured no gain)."""
     adapt_seconds: float = 15.0
     """How much of the source video (or of a live call) the adaptation learns from."""
     live_adapt: bool = False
@@ -103,6 +104,10 @@ class EngineConfig:
     adapt_start_s: float | None = 0.0
     """Where in the source that part starts; None: no adaptation (e.g. an evaluation
     whose clip has nothing outside the judged seconds)."""
+    replay_tracking: bool = True
+    """File runs that adapt: the session replays the adaptation's tracking of the
+    source's start instead of tracking those frames again (`engine.prep.ReplayTracker`;
+    the same observations). Off only to measure what it saves (`tccp bench --startup`)."""
     seed: int = 0
     colour_match: bool = True
     feather: float = 0.06

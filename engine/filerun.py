@@ -213,15 +213,24 @@ async def run_file_async(
     adapt = None
     pipe = adaptable_pipeline(model, cfg) if cfg.adapt_start_s is not None and tracker is None else None
     if pipe is not None:
-        acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed)
+        # keep_track: the session replays the start the adaptation tracked (engine.prep.ReplayTracker)
+        acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed,
+                           keep_track=cfg.replay_tracking)
         gen1 = await loop.run_in_executor(None, trainable_stage1, pipe)
         adapt = await loop.run_in_executor(None, adapt_from_video, video, gen1, pipe.whisper, acfg,
                                            cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)
         if adapt.generator is not None:
             cfg = cfg.with_(stage1=adapt.generator)
+        if adapt.track is not None:
+            tracker = adapt.track.replay()  # the session closes it
 
     keep = preview_frames > 0
-    sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")
+    try:
+        sess = Session(model, cfg, tracker=tracker, keep_debug=keep, name=f"file:{video.name}")
+    except BaseException:
+        if adapt is not None and tracker is not None:
+            tracker.close()
+        raise
     preview: list = []
     preview_at = set(np.linspace(0, n_out - 1, preview_frames).round().astype(int).tolist()) if keep else set()
     originals: dict[int, np.ndarray] = {}
@@ -278,6 +287,7 @@ async def run_file_async(
     summary = stats.summary()
     if adapt is not None:
         summary["adapt"] = adapt.summary()
+        summary["adapt"]["frames_replayed"] = int(getattr(tracker, "replayed", 0))  # tracked once, not twice
     return RunResult(
         out=out,
         frames=written,

@@ -598,13 +598,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true",
                    help="instead: replay --clip in real time through a live session and its playout "
                         "(first frame, first generated frame, generated share, latency, A/V offset)")
-    p.add_argument("--seconds", type=float, default=20.0, help="--live: how long to replay (default 20)")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: time a file run (--clip with its own audio) to its first frame, with and without "
+                        "adapting stage 1 and with the source's start tracked once or twice (export/startup.py)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="--live: how long to replay (default 20); --startup: seconds of output (default 6)")
     p.add_argument("--size", type=int, default=512, help="--live: longest side of the replayed video (default 512)")
     p.add_argument("--playout-delay", type=float, default=None, metavar="S",
                    help="--live: playout delay at the start (default: from the warm-up, as tccp serve)")
-    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+    p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
                    help="--live: replay a second time with the call adapting stage 1 to the clip's speaker "
-                        "(N steps), reported beside the first (what the adaptation costs the call)")
+                        "(N steps), reported beside the first (what the adaptation costs the call); --startup: "
+                        "the steps compared with 100 (default: tccp run's)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
                    help="--live --adapt-steps: how much of the call the adaptation learns from (default 15)")
     p.add_argument("--steps-sweep", action="store_true",
@@ -633,6 +638,8 @@ def main(args: argparse.Namespace) -> int:
         from export.steps_study import study_from_args
 
         return study_from_args(args)
+    if getattr(args, "startup", False):
+        return _startup_main(args, console)
     if getattr(args, "live", False):
         return _live_main(args, json_out, console)
     for name, v in (("--streams", args.streams), ("--windows", args.windows), ("--repeat", args.repeat),
@@ -669,6 +676,37 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _startup_main(args: argparse.Namespace, console: Any) -> int:
+    import json
+    import tempfile
+
+    from engine.adapt import check_adapt_options
+    from engine.config import EngineConfig
+    from export.packs import resolve_pack
+    from export.startup import plot_startup, print_startup, run_startup_bench
+    from tccp.io_utils import atomic_path
+
+    seconds = 6.0 if args.seconds is None else args.seconds
+    if not 1.0 <= seconds <= 600:
+        raise TCCPError(f"--seconds {seconds}: must be between 1 and 600")
+    if args.clip and not Path(args.clip).is_file():
+        raise TCCPError(f"{args.clip}: no such file")
+    if args.repeat < 1:
+        raise TCCPError(f"--repeat {args.repeat}: must be at least 1")
+    steps = EngineConfig().adapt_steps if not args.adapt_steps else args.adapt_steps
+    check_adapt_options(steps, args.adapt_seconds)
+    with tempfile.TemporaryDirectory(prefix="tccp-bench-") as scratch:
+        pack, label = resolve_pack(args.model, args.config, scratch)
+        report = run_startup_bench(pack, label, args.clip, seconds, steps, args.adapt_seconds,
+                                   repeat=args.repeat, log=lambda m: console.print(m))
+    with atomic_path(Path(args.json)) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_startup(report, args.plot)
+    print_startup(report)
+    return 0
+
+
 def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
     import json
     import tempfile
@@ -676,6 +714,8 @@ def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
     from export.packs import resolve_pack
     from tccp.io_utils import atomic_path
 
+    args.seconds = 20.0 if args.seconds is None else args.seconds
+    args.adapt_steps = args.adapt_steps or 0
     if not 1.0 <= args.seconds <= 3600:
         raise TCCPError(f"--seconds {args.seconds}: must be between 1 and 3600")
     if not 64 <= args.size <= 4096:

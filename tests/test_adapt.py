@@ -108,6 +108,8 @@ def test_a_file_run_uses_its_adapted_stage1_and_batches_it_alone(tmp_path):
         res = run_file(video, tmp_path / "a.mp4", model, audio=speech, config=cfg, max_seconds=1.5)
         assert res.summary["adapt"]["adapted"] and res.stage1 is not None
         assert res.stage1.net is not pack_net
+        # the session replayed the frames the adaptation had tracked instead of tracking them again
+        assert res.summary["adapt"]["frames_replayed"] == res.frames
         assert all(torch.equal(before[k], v) for k, v in pack_net.state_dict().items())
         plain = run_file(video, tmp_path / "b.mp4", model, audio=speech, config=cfg.with_(adapt_steps=0),
                          max_seconds=1.5)
@@ -295,3 +297,38 @@ def test_calls_adapt_one_at_a_time(pack):
         assert ad.state == "not adapted" and "before its adaptation's turn" in ad.summary()["note"]
     finally:
         ad_mod._TRAINING.release()
+
+
+def test_the_replayed_start_is_what_tracking_all_along_gives():
+    """A file run's session replays the adaptation's tracking of the source's start and
+    continues with the same tracker (engine.prep.ReplayTracker): the observations equal
+    a fresh tracker's over the whole stream; a frame that is not the recorded one ends
+    the replay and is tracked from scratch."""
+    from engine.adapt import _track
+    from tccp.face.track import FaceTracker, FaceTrackerConfig
+
+    video, _ = media.sample_paths()
+    frames = list(media.iter_video(video, fps=25.0, max_frames=50))
+    _, ok, start = _track(video, 0, 30, 25.0, keep=True)
+    assert ok.all() and len(start.observations) == 30
+    replay = start.replay()
+    try:
+        with FaceTracker(FaceTrackerConfig(fps=25.0)) as ref:
+            for t, f in frames:
+                a, b = replay.update(f, t), ref.update(f, t)
+                assert np.array_equal(a.landmarks, b.landmarks) and np.array_equal(a.face_box, b.face_box)
+        assert replay.replayed == 30
+    finally:
+        replay.close()
+    # another stream: the first frame differs from the recording -> tracked, not replayed
+    _, _, start = _track(video, 0, 10, 25.0, keep=True)
+    replay = start.replay()
+    try:
+        with FaceTracker(FaceTrackerConfig(fps=25.0)) as ref:
+            for t, f in frames[20:26]:
+                a, b = replay.update(f, t), ref.update(f, t)
+                assert np.array_equal(a.landmarks, b.landmarks)
+        assert replay.replayed == 0
+    finally:
+        replay.close()
+    assert _track(video, 5, 10, 25.0, keep=True)[2] is None  # only a start from frame 0 is kept

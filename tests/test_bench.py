@@ -194,3 +194,35 @@ def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_p
         assert cli_main(["bench", "--live", "--model", str(pack), "--json", str(bad), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 5 and "Traceback" not in err and not bad.exists()
+
+
+def test_bench_startup_times_a_file_run_to_its_first_frame(cache: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """`tccp bench --startup`: the same file run without adapting, adapting with the
+    start tracked twice, and tracked once (the session replays the adaptation's
+    tracking), in one sitting: every variant reported, the replay where it should be."""
+    out, plot = tmp_path / "startup.json", tmp_path / "startup.png"
+    pack = tiny_pack(cache, stage2=False)
+    argv = ["bench", "--startup", "--model", str(pack), "--seconds", "1", "--adapt-steps", "100", "--repeat", "1",
+            "--adapt-seconds", "4", "--json", str(out), "--plot", str(plot)]
+    assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "startup" and report["config"]["adapt_steps"] == 100 and report["machine"]["cpu"]
+    names = list(report["runs"])  # (any other --adapt-steps N adds N's two variants beside 100's)
+    assert names == ["no adaptation", "adapt 100 steps, start tracked twice", "adapt 100 steps, start tracked once"]
+    for name, (r,) in report["runs"].items():
+        assert r["frames"] == 25 and 0 < r["first_frame_s"] <= r["total_s"], (name, r)
+        if name == "no adaptation":
+            assert r["adapted"] is None and r["frames_replayed"] is None
+        else:
+            assert r["adapted"], r["note"]
+            # tracked once: the session took every frame it needed from the adaptation's pass
+            assert r["frames_replayed"] == (25 if name.endswith("once") else 0), (name, r)
+            assert r["adapt_s"] < r["first_frame_s"]
+    assert report["summary"]["adapt 100 steps, start tracked twice"]["first_frame_vs_tracked_twice"] == 1.0
+    assert plot.stat().st_size > 10_000 and "first frame" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    for extra in (["--seconds", "0"], ["--clip", str(tmp_path / "none.mp4")], ["--adapt-steps", "-2"]):
+        assert cli_main(["bench", "--startup", "--model", str(pack), "--json", str(bad), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err and not bad.exists()

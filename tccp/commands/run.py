@@ -48,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the first S seconds of the driving audio")
     p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
                    help="first fine-tune a copy of stage 1 for N steps on the video's own speech, so the mouth moves "
-                        "the way this person's does (file runs: default 100, ~10-30 s on a 2-core CPU; 0: off; "
-                        "--live: off unless given; a video file adapts before the call, a camera on the call's "
-                        "first --adapt-seconds, in the background; docs/lipsync.md)")
+                        "the way this person's does (file runs: default 50, ~10-20 s on a 2-core CPU; 0: off; "
+                        "--live: off unless given, 100 recommended; a video file adapts before the call, a camera "
+                        "on the call's first --adapt-seconds, in the background; docs/lipsync.md)")
     p.add_argument("--adapt-seconds", type=float, default=15.0, metavar="S",
                    help="how much of the video (from its start), or of a camera call, the adaptation learns from "
                         "(default 15)")
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"--max-seconds {args.max_seconds}: must be positive")
     guard_output(args.out, inputs=(args.video, args.audio, args.identity, args.adapt_audio))
     if args.adapt_steps is None:
-        args.adapt_steps = 100
+        args.adapt_steps = EngineConfig().adapt_steps
     _check_adapt_options(args)
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
                        region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
