@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -62,11 +63,13 @@ def suite_section(suite: dict) -> list[str]:
     clips = ", ".join(sorted(suite["clips"]))
     overlap = [k for k, c in suite["clips"].items() if c.get("bank_overlap")]
     adapted = [k for k, c in suite["clips"].items() if ((c.get("run_stats") or {}).get("adapt") or {}).get("adapted")]
+    notes = [c["run_stats"]["adapt"].get("note", "") for k, c in suite["clips"].items() if k in adapted]
+    steps = sorted({m.group(1) for m in (re.search(r"(\d+) steps", n) for n in notes) if m})  # as the runs said
     return [
         "## End to end (`tccp eval --suite`, reconstruction, same run, same codec)",
         f"Clips: {clips}; {suite['seconds']:g} s each; the reference bank comes from the clip's frames after the "
         "evaluated seconds" + (f" (from the whole clip for {', '.join(overlap)}, too short)" if overlap else "") + "."
-        + (f" Stage 1 is adapted to the person (`engine.adapt`, 100 steps) on up to 15 s after the evaluated "
+        + (f" Stage 1 is adapted to the person (`engine.adapt`, {'/'.join(steps) or '?'} steps) on up to 15 s after the evaluated "
            f"seconds for {', '.join(sorted(adapted))}; the other clips have too little after them and run the "
            "pack's stage 1 (their `unadapted` row is the same run)." if adapted else ""),
         "",
