@@ -198,8 +198,9 @@ def scan_video(video: str | Path, template: np.ndarray, size: int = 8, crop: int
     want = set(np.linspace(first, n - 1, min(samples, n - first)).round().astype(int).tolist())
     frames, lms, boxes = [], [], []
     with FaceTracker(FaceTrackerConfig(fps=fps)) as tr:
-        for i, (_, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=n)):
-            if i not in want:
+        # only the sampled frames are converted to RGB (media.iter_video's keep)
+        for i, (_, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=n, keep=want)):
+            if frame is None:
                 continue
             tr.reset() if hasattr(tr, "reset") else None
             obs = tr.update(frame)

@@ -459,10 +459,7 @@ def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, 
 def plot_live(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """The share of frames sent that were edited, per second of the replay: the baseline
     and (when measured) the call adapting stage 1, with the adaptation's training span."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from tccp.io_utils import atomic_path
 
     fig = Figure(figsize=(9, 3.6))
     ax = fig.add_subplot(1, 1, 1)
@@ -485,10 +482,7 @@ def plot_live(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
-    return out
+    return save_png(fig, path)
 
 
 def _print_live(report: dict[str, Any]) -> None:
@@ -514,6 +508,18 @@ def _print_live(report: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- plot
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """A matplotlib figure written as PNG, atomically (no half-written plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tccp.io_utils import atomic_path
+
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        FigureCanvasAgg(fig).print_png(str(tmp))
+    return out
+
+
 def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Per-window latency distribution per backend, and the per-part breakdown as
     stacked bars with fps on top, one PNG."""
@@ -619,13 +625,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import json
     import tempfile
 
     from rich.console import Console
 
     from export.packs import resolve_pack
-    from tccp.io_utils import atomic_path, guard_output
+    from tccp.io_utils import guard_output
 
     console = Console(stderr=True)
     if not args.json:
@@ -668,23 +673,30 @@ def main(args: argparse.Namespace) -> int:
             size = int(read_pack_config(pack).get("crop_size", 128))  # the crop size the pack runs at
             clip = load_real_clip(args.clip, frames=min(125, (cfg.windows + 1) * 7), size=size)
         report = run_bench(pack, label, cfg, clip=clip, log=lambda m: console.print(m))
+    return _write_report(args, report, plot_bench, _print)
+
+
+def _write_report(args: argparse.Namespace, report: dict[str, Any], plot: Any, show: Any) -> int:
+    """Every bench mode ends alike: the JSON (atomically), the plot when asked, the summary."""
+    import json
+
+    from tccp.io_utils import atomic_path
+
     with atomic_path(Path(args.json)) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        plot_bench(report, args.plot)
-    _print(report)
+        plot(report, args.plot)
+    show(report)
     return 0
 
 
 def _startup_main(args: argparse.Namespace, console: Any) -> int:
-    import json
     import tempfile
 
     from engine.adapt import check_adapt_options
     from engine.config import EngineConfig
     from export.packs import resolve_pack
     from export.startup import plot_startup, print_startup, run_startup_bench
-    from tccp.io_utils import atomic_path
 
     seconds = 6.0 if args.seconds is None else args.seconds
     if not 1.0 <= seconds <= 600:
@@ -699,20 +711,13 @@ def _startup_main(args: argparse.Namespace, console: Any) -> int:
         pack, label = resolve_pack(args.model, args.config, scratch)
         report = run_startup_bench(pack, label, args.clip, seconds, steps, args.adapt_seconds,
                                    repeat=args.repeat, log=lambda m: console.print(m))
-    with atomic_path(Path(args.json)) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot_startup(report, args.plot)
-    print_startup(report)
-    return 0
+    return _write_report(args, report, plot_startup, print_startup)
 
 
 def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
-    import json
     import tempfile
 
     from export.packs import resolve_pack
-    from tccp.io_utils import atomic_path
 
     args.seconds = 20.0 if args.seconds is None else args.seconds
     args.adapt_steps = args.adapt_steps or 0
@@ -738,12 +743,7 @@ def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
         report = run_live_bench(pack, label, args.clip, args.seconds, args.size, args.device, args.threads,
                                 args.playout_delay, args.steps, log=lambda m: console.print(m),
                                 adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
-    with atomic_path(Path(args.json)) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot_live(report, args.plot)
-    _print_live(report)
-    return 0
+    return _write_report(args, report, plot_live, _print_live)
 
 
 def _print(report: dict[str, Any]) -> None:

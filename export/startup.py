@@ -120,10 +120,9 @@ def plot_startup(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Per variant: the time to the first frame (the adaptation's share marked) and the
     rest of the run, medians over the repeats."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from tccp.io_utils import atomic_path
+    from export.bench import save_png
 
     names = list(report["runs"])
     med = lambda xs: float(np.median([x for x in xs if x is not None])) if any(x is not None for x in xs) else 0.0  # noqa: E731
@@ -146,10 +145,7 @@ def plot_startup(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xlabel("seconds from the start of the run")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.4, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
-    return out
+    return save_png(fig, path)
 
 
 def print_startup(report: dict[str, Any]) -> None:

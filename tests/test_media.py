@@ -205,6 +205,20 @@ def test_streaming_iterator_matches_read_video(tmp_path: Path) -> None:
     assert [t for t, _ in native] == pytest.approx(times, abs=1e-3)
 
 
+def test_kept_frames_only_are_converted_and_equal_the_full_stream(tmp_path: Path) -> None:
+    """`iter_video(keep=...)` (a scan sampling a long video): the same frames at the same
+    indices, None for the others; also for a rotated clip and at native rate."""
+    times = [0.0, 0.07, 0.1, 0.33, 0.4, 0.41, 0.6, 0.61, 0.8]
+    for path in (make_vfr_clip(tmp_path / "vfr.mp4", times), make_rotated_clip(tmp_path / "rot.mp4", 90)):
+        for fps in (25, None):
+            full = list(media.iter_video(path, fps=fps))
+            keep = {0, 3, len(full) - 1}
+            part = list(media.iter_video(path, fps=fps, keep=keep))
+            assert [t for t, _ in part] == [t for t, _ in full]
+            assert all((f is None) == (i not in keep) for i, (_, f) in enumerate(part))
+            assert all(np.array_equal(part[i][1], full[i][1]) for i in keep)
+
+
 def test_thirty_fps_shared_clip_resampled_to_25() -> None:
     path = shared_file("data", "clips", "vx_emo_emotion.mp4")  # 30 fps, 4.6 s
     info = media.probe(path)

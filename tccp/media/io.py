@@ -29,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 import numpy as np
 
@@ -343,8 +343,28 @@ def _orientation(frame, fallback_ccw: int) -> Callable[[np.ndarray], np.ndarray]
 # --------------------------------------------------------------------------- video
 
 
-def _decode_video(path: Path, max_seconds: float | None) -> Iterator[tuple[float, np.ndarray, float]]:
-    """Yield `(pts_seconds, upright RGB frame, frame_duration)` in presentation order.
+class _Deferred:
+    """A decoded frame converted to an upright RGB array only when asked (`()`): the
+    YUV -> RGB conversion costs as much as decoding at 1080p, and a scan that keeps
+    one frame in fifty need not pay it for the rest."""
+
+    __slots__ = ("_frame", "_orient", "_img")
+
+    def __init__(self, frame: Any, orient: Callable | None) -> None:
+        self._frame, self._orient, self._img = frame, orient, None
+
+    def __call__(self) -> np.ndarray:
+        if self._img is None:
+            img = self._frame.to_ndarray(format="rgb24")
+            self._img = np.ascontiguousarray(self._orient(img)) if self._orient is not None else img
+            self._frame = None
+        return self._img
+
+
+def _decode_video(path: Path, max_seconds: float | None, deferred: bool = False
+                  ) -> Iterator[tuple[float, Any, float]]:
+    """Yield `(pts_seconds, upright RGB frame, frame_duration)` in presentation order
+    (`deferred`: a `_Deferred` in place of the frame).
 
     Decode errors after at least one frame end the stream with a `MediaWarning`;
     errors before any frame are `TCCPError`.
@@ -378,9 +398,12 @@ def _decode_video(path: Path, max_seconds: float | None) -> Iterator[tuple[float
                     return
                 if orient is False:
                     orient = _orientation(frame, fallback_rot)
-                img = frame.to_ndarray(format="rgb24")
-                if orient is not None:
-                    img = np.ascontiguousarray(orient(img))
+                if deferred:
+                    img = _Deferred(frame, orient)
+                else:
+                    img = frame.to_ndarray(format="rgb24")
+                    if orient is not None:
+                        img = np.ascontiguousarray(orient(img))
                 dt = (
                     float(frame.duration * frame.time_base)
                     if frame.duration and frame.time_base is not None
@@ -416,12 +439,15 @@ def iter_video(
     max_frames: int | None = None,
     max_seconds: float | None = None,
     min_frames: int = MIN_FRAMES,
-) -> Iterator[tuple[float, np.ndarray]]:
+    keep: Container[int] | None = None,
+) -> Iterator[tuple[float, np.ndarray | None]]:
     """Stream `(t_seconds, frame)` resampled to `fps` by timestamp.
 
     `t` is the output time relative to the first frame (k / fps). Holds at most two
     decoded frames, so it suits files of any length. `fps=None` yields the source
-    frames with their own (start-relative) timestamps. Raises `TCCPError` before the
+    frames with their own (start-relative) timestamps. `keep`: only output frames whose
+    index is in it are converted to RGB, the others come as None (a scan that samples a
+    few frames of a long video). Raises `TCCPError` before the
     first yield for unreadable inputs, and at the end if the file gave fewer than
     `min_frames` frames (or fewer than were asked for, if that is less).
     """
@@ -437,7 +463,11 @@ def iter_video(
         wanted = min(wanted, int(math.ceil(max_seconds * fps - 1e-9)))
     count = 0
     start: float | None = None
-    src = _decode_video(p, limit_s)
+    src = _decode_video(p, limit_s, deferred=keep is not None)
+
+    def out(img: Any, k: int) -> np.ndarray | None:
+        return img if keep is None else (img() if k in keep else None)
+
     try:
         if not fps:
             for t, img, _ in src:
@@ -445,7 +475,7 @@ def iter_video(
                     start = t
                 if max_frames is not None and count >= max_frames:
                     break
-                yield t - start, img
+                yield t - start, out(img, count)
                 count += 1
         else:
             prev: np.ndarray | None = None
@@ -462,7 +492,7 @@ def iter_video(
                         if max_frames is not None and count >= max_frames:
                             full = True
                             break
-                        yield count / fps, prev
+                        yield count / fps, out(prev, count)
                         count += 1
                     if full:
                         break
@@ -474,7 +504,7 @@ def iter_video(
             if prev is not None and not full:
                 stop = end if max_seconds is None else min(end, max_seconds)
                 while count / fps < stop - _TS_EPS and (max_frames is None or count < max_frames):
-                    yield count / fps, prev
+                    yield count / fps, out(prev, count)
                     count += 1
     finally:
         src.close()
