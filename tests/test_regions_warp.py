@@ -76,6 +76,37 @@ def test_warp_puts_reference_landmarks_on_the_target_within_a_pixel(face):
         assert np.linalg.norm(c - dst[i]) < 1.0, (i, c, dst[i])
 
 
+def test_a_warp_map_of_part_of_the_frame_is_that_part_of_the_whole_map(face):
+    """warp_map only draws the triangles that reach its output rectangle and solves
+    their affines in one batch: a sub-rectangle's map equals the same slice of the
+    whole frame's (to float32 rounding), and every triangle's affine takes its target
+    corners onto its reference corners."""
+    from tccp.face.warp import _affines, _with_anchors, warp_map
+
+    frame, src = face
+    h, w = frame.shape[:2]
+    dst = src.copy()
+    dst[LIPS, 1] += 6.0  # the mouth opens
+    tri = triangulate(src, sorted(set(LIPS) | set(OVAL_INDICES) | {1, 4, 33, 263, 152, 13, 14}))
+    mx, my, inside = warp_map(tri, src, dst, (h, w))
+    x0, y0 = int(dst[LIPS, 0].min()) - 20, int(dst[LIPS, 1].min()) - 15
+    sx, sy, sin = warp_map(tri, src, dst, (60, 140), (float(x0), float(y0)))
+    assert np.array_equal(sin, inside[y0:y0 + 60, x0:x0 + 140])
+    # a pixel on an edge two triangles share may be drawn by either (rasterisation of a
+    # polygon clipped at the image border differs): their maps agree there to ~0.1 px
+    for part, whole in ((sx, mx), (sy, my)):
+        diff = np.abs(part - whole[y0:y0 + 60, x0:x0 + 140])
+        assert np.percentile(diff, 99.5) < 1e-3 and diff.max() < 0.2
+    d, r = _with_anchors(tri, dst)[tri.triangles[:5]], _with_anchors(tri, src)[tri.triangles[:5]]
+    mats, live = _affines(d, r)
+    assert live.all()
+    ones = np.concatenate([d, np.ones((5, 3, 1))], axis=2)
+    assert np.abs(np.einsum("tij,tkj->tki", mats, ones) - r).max() < 1e-9
+    flat = np.array([[[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]])  # degenerate: flagged, zero map
+    m0, l0 = _affines(flat, flat)
+    assert not l0[0] and not m0.any()
+
+
 def test_pasting_the_edit_changes_nothing_outside_the_region(face):
     from engine.composite import CompositeSettings, crop_box, paste_mouth
 
