@@ -235,20 +235,22 @@ def paste_mouth(
         ring = _ring(mask, max(1, int(round(settings.ring * size * 0.5)))) & (mask > 0.5)
         crop = colour_match(crop, original, ring, settings.max_gain)
     big = hires_size(box)
-    up = cv2.resize(crop, (big, big), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    edited = cv2.resize(crop, (big, big), interpolation=cv2.INTER_CUBIC)  # uint8
     m = np.clip(cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    ys, xs = np.nonzero(m > 1e-3)
     if detail and bank is not None and targets is not None and tri is not None and 0 <= ref_index < len(bank) \
             and bank.hires[ref_index] is not None:
         from tccp.face.warp import warp_map
 
         ref = bank.hires[ref_index]
         rs = ref.shape[0]
-        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        on = m > 1e-3  # the detail goes where the mask reaches: its bounding box only
+        cols, rows = np.flatnonzero(on.any(axis=0)), np.flatnonzero(on.any(axis=1))
+        x0, y0, x1, y1 = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
         mx, my, _ = warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
                              (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align)
         high = _high_pass(bank, ref_index, size)
-        up[y0:y1, x0:x1] += cv2.remap(high, mx, my, settings.resample, borderMode=cv2.BORDER_CONSTANT)
-    edited = np.clip(up + 0.5, 0, 255).astype(np.uint8)
+        part = edited[y0:y1, x0:x1].astype(np.float32) + cv2.remap(high, mx, my, settings.resample,
+                                                                    borderMode=cv2.BORDER_CONSTANT)
+        edited[y0:y1, x0:x1] = np.clip(part + 0.5, 0, 255).astype(np.uint8)
     flat = CompositeSettings(feather=0.0, colour_match=False, resample=settings.resample)
     return paste_back(frame, edited, box, m, flat)
