@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
+__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "preload_training", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
            "clips_from_video", "face_runs", "trainable_stage1"]
 
 
@@ -330,6 +330,16 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
 
 
 _TRAINING = threading.Semaphore(1)
+
+
+def preload_training() -> None:
+    """Import what a process's first optimiser imports (`torch._dynamo`: ~2.5 s of this
+    CPU, holding the GIL). A server or live run that will adapt its calls does it once
+    at start: imported by the first call's adaptation, it froze that call's frames for
+    as long (a 3 s gap of unedited frames in `tccp bench --live --adapt-steps`)."""
+    import importlib
+
+    importlib.import_module("torch._dynamo")
 
 
 def _one_core() -> None:
