@@ -464,6 +464,8 @@ def plot_live(report: dict[str, Any], path: str | os.PathLike) -> Path:
     and (when measured) the call adapting stage 1, with the adaptation's training span."""
     from matplotlib.figure import Figure
 
+    from tccp.io_utils import save_png
+
     fig = Figure(figsize=(9, 3.6))
     ax = fig.add_subplot(1, 1, 1)
     runs = [("live", "baseline")] + ([("live_adapt", "adapting to the caller")] if "live_adapt" in report else [])
@@ -511,18 +513,6 @@ def _print_live(report: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- plot
-def save_png(fig: Any, path: str | os.PathLike) -> Path:
-    """A matplotlib figure written as PNG, atomically (no half-written plot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from tccp.io_utils import atomic_path
-
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
-    return out
-
-
 def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Per-window latency distribution per backend, and the per-part breakdown as
     stacked bars with fps on top, one PNG."""

@@ -122,7 +122,7 @@ def plot_startup(report: dict[str, Any], path: str | os.PathLike) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from export.bench import save_png
+    from tccp.io_utils import save_png
 
     names = list(report["runs"])
     med = lambda xs: float(np.median([x for x in xs if x is not None])) if any(x is not None for x in xs) else 0.0  # noqa: E731

@@ -40,6 +40,7 @@ from tccp.errors import TCCPError
 
 __all__ = [
     "atomic_path",
+    "save_png",
     "atomic_dir",
     "ensure_writable_dir",
     "guard_output",
@@ -213,7 +214,7 @@ def _check_folder(final: Path, shown: str, policy: _Policy, flag: str | None) ->
         marker = read_marker(final)
         what = (f"holds the output of {_who(marker['command'])}" if marker is not None else
                 f"is not empty ({_describe(set(os.listdir(final)))}) and was not written by {_who(policy.kind)}")
-        hint = f"; choose a new or empty folder" + (
+        hint = "; choose a new or empty folder" + (
             f", or pass {flag} to add to it (tccp replaces only what it wrote)" if flag else "")
         raise TCCPError(f"{shown}: {what}{hint}")
 
@@ -286,6 +287,16 @@ def _split_suffix(name: str) -> tuple[str, str]:
     suffix = "".join(p.suffixes) if p.suffixes else ""
     stem = name[: len(name) - len(suffix)] if suffix else name
     return stem, suffix
+
+
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """A matplotlib figure written as PNG through `atomic_path` (no half-written plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        FigureCanvasAgg(fig).print_png(str(tmp))
+    return out
 
 
 @contextlib.contextmanager
