@@ -49,6 +49,9 @@ class AdaptConfig:
     keep_track: bool = False
     """Keep what tracking the source's start gave (`AdaptResult.track`, one video from
     its start only): a file run's session replays it instead of tracking it again."""
+    progress: Callable[[int, int, str], None] | None = field(default=None, repr=False, compare=False)
+    """`progress(done, total, phase)`, phase 'tracking' (frames) then 'training' (steps):
+    the 10-20 s before a file run's first frame is not a silent wait (`tccp run`'s bar)."""
 
 
 @dataclass
@@ -138,19 +141,24 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig,
                            seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     tcfg, schedule, losses = LandmarkTrainConfig(data="", out=""), Schedule(prediction="v"), []
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         if stop is not None and stop():
             return None, losses
+        if cfg.progress is not None:
+            cfg.progress(step, cfg.steps, "training")
         loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+    if cfg.progress is not None:
+        cfg.progress(cfg.steps, cfg.steps, "training")
     return m.eval().requires_grad_(False), losses
 
 
-def _track(video: Path, start: int, n: int, fps: float, keep: bool = False
+def _track(video: Path, start: int, n: int, fps: float, keep: bool = False,
+           progress: Callable[[int, int, str], None] | None = None
            ) -> tuple[np.ndarray, np.ndarray, TrackedStart | None]:
     """(n, 478, 2) image-px meshes (zeros where no face), the (n,) has-face mask, and
     with `keep` (from the start only) the observations and the open tracker. The
@@ -165,6 +173,8 @@ def _track(video: Path, start: int, n: int, fps: float, keep: bool = False
     ok = np.zeros(n, bool)
     observations, keys = [], []
     tr = FaceTracker(FaceTrackerConfig(fps=fps))
+    if progress is not None:
+        progress(0, n, "tracking")
     try:
         for i, (t, frame) in enumerate(media.iter_video(video, fps=fps, max_frames=start + n)):
             if i < start:
@@ -175,6 +185,8 @@ def _track(video: Path, start: int, n: int, fps: float, keep: bool = False
                 keys.append(frame_key(frame))
             if obs is not None:
                 meshes[i - start], ok[i - start] = obs.landmarks[:, :2], True
+            if progress is not None and (i - start + 1) % 25 == 0:
+                progress(i - start + 1, n, "tracking")
     except BaseException:
         tr.close()
         raise
@@ -186,7 +198,8 @@ def _track(video: Path, start: int, n: int, fps: float, keep: bool = False
 
 def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float, start_s: float = 0.0,
                      fps: float = 25.0, min_speech_s: float = 3.0,
-                     audio_path: str | Path | None = None, keep_track: bool = False
+                     audio_path: str | Path | None = None, keep_track: bool = False,
+                     progress: Callable[[int, int, str], None] | None = None
                      ) -> tuple[list, float, str, TrackedStart | None]:
     """Training clips (`LandmarkClip`, 'full' features) from `seconds` of `video` from
     `start_s`: its tracked mouths paired with its own audio (its track, or `audio_path`:
@@ -215,7 +228,7 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     if speech_s < min_speech_s:
         return [], speech_s, (f"{video.name}: {speech_s:.1f} s of speech in the {seconds:.0f} s learned from "
                               f"(under {min_speech_s:.0f} s)"), None
-    meshes, ok, tracked = _track(video, int(round(start_s * fps)), n, fps, keep=keep_track)
+    meshes, ok, tracked = _track(video, int(round(start_s * fps)), n, fps, keep=keep_track, progress=progress)
     try:
         clips = _clips(video.stem, meshes, ok, vad, {"full": wh.full_features(whisper, audio)}, codec)
     except BaseException:
@@ -299,7 +312,7 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     keep = cfg.keep_track and len(videos) == 1 and start_s == 0
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
         c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
-                                                      cfg.min_speech_s, a, keep_track=keep)
+                                                      cfg.min_speech_s, a, keep_track=keep, progress=cfg.progress)
         clips += c
         res.speech_s += speech
         if note:

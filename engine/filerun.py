@@ -160,12 +160,15 @@ async def run_file_async(
     progress: Callable[[int, int], None] | None = None,
     tracker=None,
     preview_frames: int = 0,
+    adapt_progress: Callable[[int, int, str], None] | None = None,
 ) -> RunResult:
     """Edit `video` so the face speaks `audio` (default: the video's own track).
 
     `identity` is an image (path or RGB array) whose face is the identity reference;
     by default the video's own face is used. `preview_frames` > 0 keeps that many
     (original, sketch, generated) triples spread over the run for a preview image.
+    `adapt_progress(done, total, phase)` follows the adaptation before the first frame
+    (`engine.adapt.AdaptConfig.progress`).
     """
     from tccp.media import io as media
 
@@ -215,7 +218,7 @@ async def run_file_async(
     if pipe is not None:
         # keep_track: the session replays the start the adaptation tracked (engine.prep.ReplayTracker)
         acfg = AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed,
-                           keep_track=cfg.replay_tracking)
+                           keep_track=cfg.replay_tracking, progress=adapt_progress)
         gen1 = await loop.run_in_executor(None, trainable_stage1, pipe)
         adapt = await loop.run_in_executor(None, adapt_from_video, video, gen1, pipe.whisper, acfg,
                                            cfg.adapt_start_s, cfg.fps, cfg.adapt_audio)

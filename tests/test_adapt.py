@@ -36,8 +36,12 @@ def test_adapting_on_the_sample_fits_its_mouth_and_leaves_the_pack_alone(pack):
     video, _ = media.sample_paths()
     gen = pack.stage1
     before = _state(gen.net)
-    cfg = AdaptConfig(steps=30, lr=3e-4, seconds=5.0)
+    seen: list = []
+    cfg = AdaptConfig(steps=30, lr=3e-4, seconds=5.0, progress=lambda d, t, p: seen.append((p, d, t)))
     res = adapt_from_video(video, gen, pack.whisper, cfg)
+    # progress: the tracked frames, then every training step up to (30, 30)
+    assert seen[0][0] == "tracking" and seen[-1] == ("training", 30, 30)
+    assert [d for p, d, _ in seen if p == "training"] == list(range(31))
     assert res.generator is not None, res.note
     assert res.frames >= 100 and res.speech_s >= 3.0 and "adapted" in res.note
     assert res.summary()["adapted"] and len(res.losses) == 30
@@ -49,7 +53,7 @@ def test_adapting_on_the_sample_fits_its_mouth_and_leaves_the_pack_alone(pack):
     changed = [k for k, v in res.generator.net.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
     # deterministic for a seed
-    again = adapt_from_video(video, gen, pack.whisper, cfg)
+    again = adapt_from_video(video, gen, pack.whisper, AdaptConfig(steps=30, lr=3e-4, seconds=5.0))
     assert all(torch.equal(v, again.generator.net.state_dict()[k]) for k, v in res.generator.net.state_dict().items())
 
 

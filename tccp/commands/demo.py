@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
         with quiet_native_stderr() as caught, make_progress("demo", quiet=args.quiet) as bar:
             result = run_file(
                 video, out_dir / "demo.mp4", model, audio=speech, config=cfg,
-                max_seconds=args.max_seconds, progress=bar,
+                max_seconds=args.max_seconds, progress=bar, adapt_progress=bar.adapting,
                 preview_frames=max(1, args.preview_frames),
             )
     finally:

@@ -69,11 +69,12 @@ def make_progress(total_label: str, quiet: bool = False):
         def __init__(self) -> None:
             self.progress = None if quiet else Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                 transient=True,
             )
             self.task = None
             self._t0 = None
+            self._phase: tuple | None = None  # (task, phase, t0) of the adaptation's bar
 
         def __enter__(self):
             if self.progress is not None:
@@ -91,9 +92,29 @@ def make_progress(total_label: str, quiet: bool = False):
                 return
             if self.task is None:
                 self._t0 = time.monotonic()
-                self.task = self.progress.add_task(total_label, total=total, fps=0.0)
+                self.task = self.progress.add_task(total_label, total=total, rate="")
+                if self._phase is not None:  # the adaptation is over: its bar goes
+                    self.progress.remove_task(self._phase[0])
+                    self._phase = None
             fps = done / max(1e-6, time.monotonic() - self._t0)
-            self.progress.update(self.task, completed=done, fps=fps)
+            self.progress.update(self.task, completed=done, rate=f"{fps:.1f} fps")
+
+        def adapting(self, done: int, total: int, phase: str) -> None:
+            """`engine.adapt`'s progress (called from its worker thread: rich's
+            Progress locks its own state): tracking frames, then training steps."""
+            import time
+
+            if self.progress is None:
+                return
+            if self._phase is None or self._phase[1] != phase:
+                if self._phase is not None:
+                    self.progress.remove_task(self._phase[0])
+                task = self.progress.add_task(f"adapting stage 1: {phase}", total=total, rate="")
+                self._phase = (task, phase, time.monotonic())
+            task, _, t0 = self._phase
+            unit = "frames/s" if phase == "tracking" else "steps/s"
+            rate = done / max(1e-6, time.monotonic() - t0)
+            self.progress.update(task, completed=done, total=total, rate=f"{rate:.1f} {unit}")
 
     return _Bar()
 
@@ -210,6 +231,7 @@ def main(args: argparse.Namespace) -> int:
             result = run_file(
                 args.video, args.out, model, audio=args.audio, config=cfg,
                 identity=args.identity, max_seconds=args.max_seconds, progress=bar,
+                adapt_progress=bar.adapting,
             )
     finally:
         model.close()
