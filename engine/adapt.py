@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "preload_training", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
+__all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
            "clips_from_video", "face_runs", "trainable_stage1"]
 
 
@@ -134,9 +134,16 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig,
     from tccp.models.landmarks import audio_radius
     from tccp.training.landmarks import LandmarkTrainConfig, _loss
 
+    # torch's functional AdamW, the same update as torch.optim.AdamW(lr, weight_decay=0.01):
+    # the optimiser class's constructor imports torch._dynamo (~2.5 s of this CPU holding
+    # the GIL: a 3 s freeze of a live call's frames, measured; 2.5 s before a file run's
+    # first frame); the function does not
+    from torch.optim.adamw import adamw
+
     torch.manual_seed(cfg.seed)
     m = copy.deepcopy(net).float().train().requires_grad_(True)
-    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.01)
+    params = list(m.parameters())
+    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)) for p in params]
     data = LandmarkWindows(clips, codec, LandmarkDataConfig(mix=dict(cfg.mix), radius=audio_radius(net.cfg)),
                            seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -147,10 +154,15 @@ def adapt_net(net: Any, codec: Any, clips: Sequence[Any], cfg: AdaptConfig,
         if cfg.progress is not None:
             cfg.progress(step, cfg.steps, "training")
         loss = _loss(m, data.sample(cfg.batch), schedule, tcfg, gen)
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        live = [i for i, p in enumerate(params) if p.grad is not None]  # as the class: unused params untouched
+        with torch.no_grad():
+            adamw([params[i] for i in live], [params[i].grad for i in live], [state[i][0] for i in live],
+                  [state[i][1] for i in live], [], [state[i][2] for i in live], foreach=False, amsgrad=False,
+                  beta1=0.9, beta2=0.999, lr=cfg.lr, weight_decay=0.01, eps=1e-8, maximize=False)
         losses.append(float(loss.detach()))
     if cfg.progress is not None:
         cfg.progress(cfg.steps, cfg.steps, "training")
@@ -344,15 +356,6 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
 
 _TRAINING = threading.Semaphore(1)
 
-
-def preload_training() -> None:
-    """Import what a process's first optimiser imports (`torch._dynamo`: ~2.5 s of this
-    CPU, holding the GIL). A server or live run that will adapt its calls does it once
-    at start: imported by the first call's adaptation, it froze that call's frames for
-    as long (a 3 s gap of unedited frames in `tccp bench --live --adapt-steps`)."""
-    import importlib
-
-    importlib.import_module("torch._dynamo")
 
 
 def _one_core() -> None:

@@ -429,9 +429,6 @@ def run_live_bench(pack: Path, label: str, clip_path: str | Path | None = None, 
                                     tracker=pool.take()))
         adapted = None
         if adapt_steps > 0:
-            from engine.adapt import preload_training
-
-            preload_training()  # as tccp serve --adapt-steps does at start
             say(f"again, adapting stage 1 to the caller ({adapt_steps} steps on the first {adapt_seconds:g} s)")
             acfg = cfg.with_(live_adapt=True, adapt_steps=adapt_steps, adapt_seconds=adapt_seconds)
             adapted = asyncio.run(replay(model, frames, audio, acfg, seconds, delay_s=delay_s,

@@ -582,10 +582,7 @@ class ModelSessions:
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
         self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale, region=region)
         if adapt_steps > 0:  # each call adapts stage 1 to its caller (engine.adapt.LiveAdapter)
-            from engine.adapt import preload_training
-
             self.base = self.base.with_(live_adapt=True, adapt_steps=adapt_steps, adapt_seconds=adapt_seconds)
-            preload_training()  # now, not in the middle of the first call
         if steps is not None:
             self.base = self.base.with_(steps=steps, min_steps=min(self.base.min_steps, steps))
         self.default = model if model is not None else load_model(pack, device, avatar=avatar)

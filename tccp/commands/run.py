@@ -322,10 +322,7 @@ def main_live(args: argparse.Namespace) -> int:
         check_region(model, args.region, args.landmarks)
         if args.adapt_steps and args.region == "mouth" and args.landmarks == "generated":
             if camera_adapt:  # no speech before the call: adapt on its first seconds, in the call
-                from engine.adapt import preload_training
-
                 cfg = cfg.with_(live_adapt=True, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds)
-                preload_training()  # before the call, not in it
                 print(f"stage 1 adapts to you after the first {args.adapt_seconds:g} s of the call with your face "
                       f"({args.adapt_steps} steps, in the background)", flush=True)
             else:
