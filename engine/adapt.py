@@ -321,7 +321,7 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
         return res
     net = generator.net
     clips, notes = [], []
-    keep = cfg.keep_track and len(videos) == 1 and start_s == 0
+    keep = cfg.keep_track and len(videos) == 1  # _track keeps only a start from frame 0
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
         c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
                                                       cfg.min_speech_s, a, keep_track=keep, progress=cfg.progress)
@@ -355,7 +355,6 @@ def adapt_from_video(video: str | Path, generator: Any, whisper: Any, cfg: Adapt
 
 
 _TRAINING = threading.Semaphore(1)
-
 
 
 def _one_core() -> None:

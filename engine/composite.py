@@ -94,6 +94,14 @@ def feather_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.clip(m, 0.0, 1.0)
 
 
+def _support(on: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), end-exclusive, of the True pixels of a 2-D mask; None if none."""
+    cols, rows = np.flatnonzero(on.any(axis=0)), np.flatnonzero(on.any(axis=1))
+    if not cols.size:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 def _ring(mask: np.ndarray, width_px: int) -> np.ndarray:
     hard = (np.asarray(mask, np.float32) > 0.5).astype(np.uint8)
     k = max(1, width_px)
@@ -158,13 +166,14 @@ def paste_back(
     alpha = feather_mask(mask, settings.feather * size)
     # only the frame pixels under the alpha's support change: shrink the ROI to it (a
     # mouth region is ~40 % of the box), with a crop pixel of margin for interpolation
-    cols, rows = np.flatnonzero(alpha.max(axis=0) > 0), np.flatnonzero(alpha.max(axis=1) > 0)
-    if not cols.size:
+    box_a = _support(alpha > 0)
+    if box_a is None:
         return out
-    x0 = max(x0, int(np.floor(m[0, 0] * (cols[0] - 1) + m[0, 2])) - 1)
-    x1 = min(x1, int(np.ceil(m[0, 0] * (cols[-1] + 1) + m[0, 2])) + 2)
-    y0 = max(y0, int(np.floor(m[1, 1] * (rows[0] - 1) + m[1, 2])) - 1)
-    y1 = min(y1, int(np.ceil(m[1, 1] * (rows[-1] + 1) + m[1, 2])) + 2)
+    u0, v0, u1, v1 = box_a  # crop px; u1 - 1 is the last column with alpha
+    x0 = max(x0, int(np.floor(m[0, 0] * (u0 - 1) + m[0, 2])) - 1)
+    x1 = min(x1, int(np.ceil(m[0, 0] * u1 + m[0, 2])) + 2)
+    y0 = max(y0, int(np.floor(m[1, 1] * (v0 - 1) + m[1, 2])) - 1)
+    y1 = min(y1, int(np.ceil(m[1, 1] * v1 + m[1, 2])) + 2)
     if x1 <= x0 or y1 <= y0:
         return out
 
@@ -243,9 +252,7 @@ def paste_mouth(
 
         ref = bank.hires[ref_index]
         rs = ref.shape[0]
-        on = m > 1e-3  # the detail goes where the mask reaches: its bounding box only
-        cols, rows = np.flatnonzero(on.any(axis=0)), np.flatnonzero(on.any(axis=1))
-        x0, y0, x1, y1 = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+        x0, y0, x1, y1 = _support(m > 1e-3)  # the detail goes where the mask reaches: its box only
         mx, my, _ = warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
                              (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align)
         high = _high_pass(bank, ref_index, size)

@@ -80,11 +80,11 @@ class ReplayTracker:
     def update(self, frame: np.ndarray, t: float | None = None):
         i, self._i = self._i, self._i + 1
         if self._obs is not None:
-            if i < len(self._obs) and frame_key(frame) == self._keys[i]:
-                self.replayed += 1
-                return self._obs[i]
-            if i < len(self._obs):  # not the recorded frame: the tracker's state is not this stream's
-                self.tracker.reset()
+            if i < len(self._obs):
+                if frame_key(frame) == self._keys[i]:
+                    self.replayed += 1
+                    return self._obs[i]
+                self.tracker.reset()  # not the recorded frame: the tracker's state is not this stream's
             self._obs = None
         return self.tracker.update(frame, t)
 

@@ -516,7 +516,7 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from tccp.io_utils import atomic_path
+    from tccp.io_utils import save_png
 
     runs = report["runs"]
     names = [r["backend"] for r in runs]
@@ -556,9 +556,7 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
     fig.suptitle(f"tccp bench: {report['model']} on {m['cpu']} ({m['cpus_usable']} cpus)"
                  + (f", {m['gpu']}" if m.get("gpu") else ""), fontsize=10)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return Path(path)
+    return save_png(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -636,7 +634,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "startup", False):
         return _startup_main(args, console)
     if getattr(args, "live", False):
-        return _live_main(args, json_out, console)
+        return _live_main(args, console)
     for name, v in (("--streams", args.streams), ("--windows", args.windows), ("--repeat", args.repeat),
                     ("--threads", args.threads)):
         if v is not None and v < 1:
@@ -704,7 +702,7 @@ def _startup_main(args: argparse.Namespace, console: Any) -> int:
     return _write_report(args, report, plot_startup, print_startup)
 
 
-def _live_main(args: argparse.Namespace, json_out: Any, console: Any) -> int:
+def _live_main(args: argparse.Namespace, console: Any) -> int:
     import tempfile
 
     from export.packs import resolve_pack

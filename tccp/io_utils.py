@@ -289,13 +289,15 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return stem, suffix
 
 
-def save_png(fig: Any, path: str | os.PathLike) -> Path:
-    """A matplotlib figure written as PNG through `atomic_path` (no half-written plot)."""
+def save_png(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> Path:
+    """A matplotlib figure written as PNG through `atomic_path` (no half-written plot);
+    `dpi` None: the figure's own."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(path)
+    FigureCanvasAgg(fig)
     with atomic_path(out) as tmp:
-        FigureCanvasAgg(fig).print_png(str(tmp))
+        fig.savefig(str(tmp), format="png", dpi=dpi or fig.dpi)
     return out
 
 

@@ -82,10 +82,10 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
     src[-tri.n_anchor :] = dst[-tri.n_anchor :]
     h, w = shape
     ox, oy = offset
-    mats, live = _affines(dst[tri.triangles], src[tri.triangles])
-    # only triangles that reach the output rectangle are drawn (a mouth region needs
-    # about half of the face's); the per-triangle matrices come from one batched solve
     d = dst[tri.triangles]
+    mats, live = _affines(d, src[tri.triangles])  # all triangles at once
+    # only triangles that reach the output rectangle are drawn (a mouth region needs
+    # about half of the face's)
     lo, hi = d.min(1), d.max(1)
     live &= (hi[:, 0] >= ox - 1) & (lo[:, 0] <= ox + w + 1) & (hi[:, 1] >= oy - 1) & (lo[:, 1] <= oy + h + 1)
     label = np.full((h, w), -1, np.int32)

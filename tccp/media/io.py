@@ -398,12 +398,9 @@ def _decode_video(path: Path, max_seconds: float | None, deferred: bool = False
                     return
                 if orient is False:
                     orient = _orientation(frame, fallback_rot)
-                if deferred:
-                    img = _Deferred(frame, orient)
-                else:
-                    img = frame.to_ndarray(format="rgb24")
-                    if orient is not None:
-                        img = np.ascontiguousarray(orient(img))
+                img = _Deferred(frame, orient)
+                if not deferred:
+                    img = img()
                 dt = (
                     float(frame.duration * frame.time_base)
                     if frame.duration and frame.time_base is not None
