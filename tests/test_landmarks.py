@@ -224,3 +224,37 @@ def test_gate_and_mouth_opening_on_coordinates():
     ap = [hf.aperture(scale_opening(heads, rest, s)).mean() for s in (0.0, 1.0, 2.0)]
     np.testing.assert_allclose(ap[0], hf.aperture(rest[None])[0], atol=1e-6)  # 0: the rest mouth
     np.testing.assert_allclose(ap[2] - ap[0], 2 * (ap[1] - ap[0]), rtol=1e-4)  # 2: twice the opening
+
+
+def test_speed_perturbation_moves_audio_and_landmarks_together(tmp_path):
+    """A clip played 1.25x faster: frame j is the source's frame 1.25 j (landmarks
+    interpolated) and the audio's events come 1.25x earlier in its Whisper features."""
+    from types import SimpleNamespace
+
+    from tccp.data.landmarks import LandmarkClip, speed_clip
+    from tccp.media.whisper import full_features, load_whisper
+
+    sr, fps, n = 16000, 25.0, 100
+    t = np.arange(4 * sr) / sr
+    audio = np.where(((t > 1.0) & (t < 1.4)) | ((t > 2.5) & (t < 2.9)), 0.3 * np.sin(2 * np.pi * 220 * t), 0.0)
+    clip = SimpleNamespace(audio=audio.astype(np.float32), fps=fps, name="synthetic",
+                           meta={"source": "synthetic", "created": "test"})
+    rng = np.random.default_rng(0)
+    heads = rng.normal(0, 0.1, (n, hf.N_MESH, 2)).astype(np.float32)
+    pose = rng.normal(0, 0.1, (n, 4)).astype(np.float32)
+    base = LandmarkClip("synthetic", heads, pose, {}, {}, heads[0], np.zeros(n, bool))
+    enc = load_whisper()
+    fast = speed_clip(clip, base, 1.25, enc, ("full",), tmp_path)
+    assert fast.name == "synthetic@1.25" and fast.n == 80
+    np.testing.assert_allclose(fast.heads[8], heads[10], atol=1e-6)  # 8 * 1.25 = 10
+    np.testing.assert_allclose(fast.heads[1], 0.75 * heads[1] + 0.25 * heads[2], atol=1e-6)
+    np.testing.assert_allclose(fast.pose[4], pose[5], atol=1e-6)
+    f = fast.features["full"].astype(np.float32)[:, 0]  # (T50, width): the embedding layer
+    assert abs(len(f) - 2 * fast.n) <= 2 and fast.vad["full"].shape == (fast.n,)
+    silent = full_features(enc, np.zeros(int(len(audio) / 1.25), np.float32))[:, 0]  # same positions, no sound
+    change = np.linalg.norm(f - silent[: len(f)], axis=1)
+    burst = np.r_[41:55, 101:115]  # 0.82-1.1 s and 2.02-2.3 s: the bursts at 1.25x speed
+    gap = np.r_[62:92]  # 1.24-1.84 s: silent at 1.25x speed (not at 1x: the first burst lasted to 1.4 s)
+    assert change[burst].mean() > 1.5 * change[gap].mean()
+    again = speed_clip(clip, base, 1.25, None, ("full",), tmp_path)  # from the cache: no encoder needed
+    np.testing.assert_array_equal(again.features["full"], fast.features["full"])

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the bundled pack: see its config's stage1.audio.radius)")
     o.add_argument("--audio-mask", type=float, default=0.0, metavar="P",
                    help="stage 1: blank each audio token with probability P in training (default 0)")
+    o.add_argument("--speed-perturb", default="", metavar="S1,S2",
+                   help="stage 1: also train on every clip played at these speeds, e.g. 0.9,1.1 (audio resampled, "
+                        "landmarks resampled in time; default none)")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
     o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
@@ -128,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
             motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
-            mode=args.mode))
+            mode=args.mode, speeds=_speeds(args.speed_perturb)))
         print(res["run"])
         return 0
 
@@ -165,3 +168,16 @@ def main(args: argparse.Namespace) -> int:
     elif result.checkpoint is not None:
         print(result.checkpoint)
     return 0
+
+
+def _speeds(text: str) -> tuple[float, ...]:
+    """'0.9,1.1' -> (0.9, 1.1); a one-line error for anything else."""
+    from tccp.errors import TCCPError
+
+    try:
+        out = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise TCCPError(f"--speed-perturb {text!r}: give speeds like 0.9,1.1") from None
+    if any(not 0.5 <= s <= 2.0 for s in out):
+        raise TCCPError(f"--speed-perturb {text!r}: speeds must lie in 0.5-2")
+    return out

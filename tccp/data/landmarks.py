@@ -39,7 +39,7 @@ from tccp.face.context import mirror_tokens
 from tccp.models.landmarks import LandmarkCodec
 
 __all__ = ["FEATURE_KINDS", "LandmarkDataConfig", "LandmarkClip", "load_landmark_clips", "clip_features",
-           "LandmarkWindows", "rest_shape", "reference_frames", "mirror_pose"]
+           "LandmarkWindows", "speed_clip", "rest_shape", "reference_frames", "mirror_pose"]
 
 FEATURE_KINDS = ("full", "stream0", "stream2", "noisy", "silenced")
 
@@ -138,21 +138,30 @@ def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.Pa
                   model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(features (T50, L, D) fp16, per-frame voice activity (N,), silenced-frame mask or
     None) of one clip and variant, cached under `cache_dir` when given."""
+    return _features(clip.audio, int(clip.meta["n_frames"]), clip.fps, clip.voice, clip.name,
+                     f"{clip.meta.get('source')}|{clip.meta.get('created')}", encoder, kind, cache_dir, model_name)
+
+
+def _features(audio: np.ndarray, n: int, fps: float, voice: np.ndarray | None, name: str, ident: str, encoder,
+              kind: str, cache_dir: str | os.PathLike | None,
+              model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`clip_features` of any 16 kHz track of `n` frames (`ident` names it in the cache
+    key); `voice`: its stored voice activity, or None to run the detector."""
     from tccp.media.vad import frame_voice_activity
 
-    key = hashlib.sha1(f"{clip.meta.get('source')}|{clip.meta.get('created')}|{model_name}|{kind}".encode()).hexdigest()[:12]
-    cache = Path(cache_dir) / f"{clip.name}-{kind}-{key}.npz" if cache_dir is not None else None
+    key = hashlib.sha1(f"{ident}|{model_name}|{kind}".encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"{name}-{kind}-{key}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
             return z["features"], z["vad"], (z["silent"] if "silent" in z.files else None)
     seed = int(key[:8], 16)
-    audio, mask = _variant_audio(clip.audio, kind, seed)
+    audio, mask = _variant_audio(audio, kind, seed)
     feats = view_features(encoder, audio, kind)
-    n = int(clip.meta["n_frames"])
-    vad = clip.voice if kind in ("full", "stream0", "stream2") else frame_voice_activity(audio, n, clip.fps)
+    stored = voice is not None and kind in ("full", "stream0", "stream2")
+    vad = voice if stored else frame_voice_activity(audio, n, fps)
     silent = None
     if mask is not None:
-        t = ((np.arange(n) + 0.5) / clip.fps * 16000).astype(int).clip(0, len(mask) - 1)
+        t = ((np.arange(n) + 0.5) / fps * 16000).astype(int).clip(0, len(mask) - 1)
         silent = mask[t]
     out = {"features": feats.astype(np.float16), "vad": vad.astype(np.float32)}
     if silent is not None:
@@ -167,11 +176,48 @@ def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.Pa
     return out["features"], out["vad"], silent
 
 
+def _resample_frames(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Rows of `a` (frames first) linearly interpolated at fractional frame times `t`."""
+    i0 = np.floor(t).astype(int).clip(0, len(a) - 1)
+    i1 = (i0 + 1).clip(0, len(a) - 1)
+    w = (t - i0).astype(np.float32).reshape((-1,) + (1,) * (a.ndim - 1))
+    return (a[i0] * (1 - w) + a[i1] * w).astype(a.dtype)
+
+
+def speed_clip(clip: PreparedClip, base: LandmarkClip, speed: float, encoder, kinds: Sequence[str],
+               cache_dir: str | os.PathLike | None) -> LandmarkClip:
+    """Speed perturbation (Kaldi's 3-way recipe for small speech corpora): the clip played
+    `speed` times faster, audio resampled (tempo and pitch move together) and the
+    landmark track resampled in time to match, so the network hears more voices and
+    speaking rates than the 50 clips have. Frame j of the result is the source's frame
+    j * speed; its Whisper features are computed on the resampled audio (cached)."""
+    import librosa
+
+    audio = clip.audio
+    fast = librosa.resample(audio, orig_sr=round(16000 * speed), target_sr=16000).astype(np.float32)
+    n = int(np.floor((base.n - 1) / speed)) + 1
+    t = np.arange(n) * speed
+    feats, vads, silent = {}, {}, np.zeros(n, bool)
+    for kind in kinds:
+        f, v, s = _features(fast, n, clip.fps, None, f"{clip.name}@{speed:g}",
+                            f"{clip.meta.get('source')}|{clip.meta.get('created')}|speed {speed:g}",
+                            encoder, kind, cache_dir)
+        feats[kind], vads[kind] = f, v[:n]
+        if s is not None:
+            silent = s[:n]
+    heads = _resample_frames(base.heads, t)
+    ctx = None if base.context is None else _resample_frames(base.context, t)
+    return LandmarkClip(f"{base.name}@{speed:g}", heads, _resample_frames(base.pose, t), vads, feats, base.rest,
+                        silent, ctx)
+
+
 def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarray, encoder=None,
                         kinds: Sequence[str] = FEATURE_KINDS, cache_dir: str | os.PathLike | None = None,
-                        only_lipsync: bool = True, progress=None, context: bool = False) -> list[LandmarkClip]:
+                        only_lipsync: bool = True, progress=None, context: bool = False,
+                        speeds: Sequence[float] = ()) -> list[LandmarkClip]:
     """Prepared clip folders -> `LandmarkClip`s (features computed or read from cache);
-    `context`: also the head-masked context tokens (head mode, `tccp.face.context`)."""
+    `context`: also the head-masked context tokens (head mode, `tccp.face.context`);
+    `speeds`: also each clip played at these speeds (`speed_clip`), as clips of their own."""
     from tccp.face.context import context_tokens
     from tccp.media.whisper import load_whisper
 
@@ -191,7 +237,9 @@ def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarr
                 silent = s[: clip.n_frames]
         params = pose.params(clip.size)
         ctx = context_tokens(clip.contexts) if context else None
-        out.append(LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent, ctx))
+        base = LandmarkClip(clip.name, heads, params, vads, feats, rest_shape(heads), silent, ctx)
+        out.append(base)
+        out.extend(speed_clip(clip, base, s, encoder, kinds, cache_dir) for s in speeds if s != 1)
         if progress is not None:
             progress(i + 1, len(folders))
     return out

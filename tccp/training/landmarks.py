@@ -75,6 +75,9 @@ class LandmarkTrainConfig:
     audio_mask: float = 0.0
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
+    speeds: tuple = ()
+    """Speed perturbation: every training clip also played at these speeds
+    (`tccp.data.landmarks.speed_clip`); more voices and speaking rates for the 50 clips."""
     data_cfg: dict = field(default_factory=dict)
 
 
@@ -218,7 +221,7 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
     t0 = time.time()
     log(f"loading {len(train_f)} training + {len(val_f)} validation clips (Whisper features cached in {cache})")
     head = model_cfg.mode == "head"
-    train_clips = load_landmark_clips(train_f, template, cache_dir=cache, context=head)
+    train_clips = load_landmark_clips(train_f, template, cache_dir=cache, context=head, speeds=cfg.speeds)
     val_clips = load_landmark_clips(val_f, template, cache_dir=cache, kinds=("full", "stream0", "stream2"),
                                     context=head)
     log(f"  {len(train_clips)} lip-sync training clips, {sum(c.n for c in train_clips)} frames; "
