@@ -159,3 +159,45 @@ def test_reference_choice_keeps_to_the_allowed_references():
     assert bank.choose(heads).tolist() == [1, 1]
     assert bank.choose(heads, allowed=np.array([True, False, True])).tolist() == [0, 0]
     assert bank.choose(heads, prev=1, stick=0.5, allowed=np.array([True, False, True])).tolist() == [0, 0]
+
+
+def test_teeth_move_with_their_lip_instead_of_stretching_with_the_opening(face, monkeypatch):
+    """Inside the mouth opening a band next to each lip moves rigidly with that lip
+    (`rigid_mouth`): a target that opens 40 px wider than the reference (the sample's
+    mouth, ~57 px open) moves what lies 15 px under the upper lip by nothing and what
+    lies 15 px over the lower lip by 40 px, where the piecewise-affine warp stretches
+    both; a target that opens 30 px less cuts the bands in the middle instead of
+    squashing them."""
+    from tccp.face import warp
+    from tccp.face.warp import LOWER_INNER, UPPER_INNER, warp_map
+
+    frame, mesh = face
+    h, w = frame.shape[:2]
+    tri = triangulate(mesh, sorted(set(LIPS) | set(OVAL_INDICES) | {1, 4, 33, 263, 152, 13, 14}))
+    lower = np.zeros(len(mesh), bool)
+    lower[[i for i in LIPS if i not in UPPER_INNER] + list(LOWER_INNER[1:-1]) + [152]] = True
+    lower[[61, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409]] = False  # the upper outer lip stays
+
+    def opened(px: float) -> np.ndarray:
+        m = mesh.copy()
+        m[lower, 1] += px
+        return m
+
+    src = opened(10.0)
+    top, bot = src[13], src[14]
+    gap = bot[1] - top[1]
+    assert gap > 40.0, gap
+    x = int(round(top[0]))
+    for name, dst, rows in (("wider", opened(50.0), {15.0: 0.0, -15.0: -40.0}),
+                            ("narrower", opened(-20.0), {8.0: 0.0, -8.0: 30.0})):
+        t, b = dst[13, 1], dst[14, 1]
+        for rigid in (True, False):
+            monkeypatch.setattr(warp, "RIGID_TEETH", rigid)
+            _, my, _ = warp_map(tri, src, dst, (h, w))
+            for d, shift in rows.items():
+                y = int(round((t + d) if d > 0 else (b + d)))  # d px under the upper / over the lower lip
+                want = y + shift  # rigid: where the same point of the reference lies (its lip's motion undone)
+                if rigid:
+                    assert abs(my[y, x] - want) < 0.75, (name, d, my[y, x], want)
+                else:  # the piecewise-affine warp stretches instead (this test can tell the two apart)
+                    assert abs(my[y, x] - want) > 1.0, (name, d, my[y, x], want)

@@ -19,7 +19,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points"]
+__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "RIGID_TEETH"]
+
+# Inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle).
+UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
+LOWER_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
+RIGID_TEETH = True
+"""Inside the mouth opening, move what lies next to each lip rigidly with that lip
+(`rigid_mouth`) instead of stretching the whole opening with the lips' gap: teeth do not
+stretch when a mouth opens. Measured in docs/faces.md ("Teeth move with the lips")."""
+RIGID_SHARE = 0.4
+"""Part of the reference's opening, next to each lip, moved rigidly (the rest, the middle
+of the opening, is stretched or cut)."""
 
 
 @dataclass
@@ -80,6 +91,15 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
     src = _with_anchors(tri, src_mesh, dst_mesh)
     dst = _with_anchors(tri, dst_mesh, dst_mesh)
     src[-tri.n_anchor :] = dst[-tri.n_anchor :]
+    map_x, map_y, inside = _piecewise_affine(tri, src, dst, shape, offset)
+    if RIGID_TEETH and len(src_mesh) > max(UPPER_INNER + LOWER_INNER):
+        rigid_mouth(map_x, map_y, src_mesh, dst_mesh, offset)
+    return map_x, map_y, inside
+
+
+def _piecewise_affine(tri: Triangulation, src: np.ndarray, dst: np.ndarray, shape: tuple[int, int],
+                      offset: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`warp_map`'s piecewise-affine part, on the point lists with their anchors."""
     h, w = shape
     ox, oy = offset
     d = dst[tri.triangles]
@@ -106,6 +126,94 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
         map_x[ys, xs] = c[:, 0] * x + c[:, 1] * y + (c[:, 2] - 0.5)
         map_y[ys, xs] = c[:, 3] * x + c[:, 4] * y + (c[:, 5] - 0.5)
     return map_x, map_y, inside
+
+
+def _contour(points: np.ndarray, c0: np.ndarray, e: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A lip contour in the mouth's frame: (along the corner axis, across it), sorted along."""
+    rel = points - c0
+    a, b = rel @ e, rel @ n
+    order = np.argsort(a, kind="stable")
+    return a[order], b[order]
+
+
+def _mouth_frame(mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(left corner, unit axis to the right corner, unit normal towards the chin, corner
+    distance), or None for a degenerate mouth."""
+    c0, c1 = mesh[UPPER_INNER[0]], mesh[UPPER_INNER[-1]]
+    length = float(np.linalg.norm(c1 - c0))
+    if length < 1e-6:
+        return None
+    e = (c1 - c0) / length
+    n = np.array([-e[1], e[0]])
+    if (mesh[152] - mesh[13]) @ n < 0:  # 152: the chin
+        n = -n
+    return c0, e, n, length
+
+
+def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_mesh: np.ndarray,
+                offset: tuple[float, float] = (0.0, 0.0), share: float | None = None) -> None:
+    """Redo a backward map (in place) inside the target's mouth opening so that teeth move
+    with the lips instead of stretching with the gap between them.
+
+    The piecewise-affine warp maps the opening between the inner lips linearly: a target
+    opening twice the reference's stretches the reference's teeth to twice their height
+    (the "bent teeth" of docs/faces.md). Here, along each column of the opening (the
+    corners' axis, matched corner to corner), a band next to each lip (`share` of the
+    reference's opening, at the reference's scale) moves rigidly with that lip, as upper
+    teeth move with the upper jaw and lower teeth with the chin; the middle of the
+    opening (usually the dark inside of the mouth) takes up the difference, stretched,
+    and a target that opens less than the reference cuts into the bands from the middle
+    (the teeth disappear behind the lips, as they do). On the lip contours the map is the
+    piecewise-affine one's, so nothing moves at the boundary."""
+    share = RIGID_SHARE if share is None else share
+    src, dst = np.asarray(src_mesh, np.float64), np.asarray(dst_mesh, np.float64)
+    fs, fd = _mouth_frame(src), _mouth_frame(dst)
+    if fs is None or fd is None:
+        return
+    c0, e, n, length = fd
+    ua, ub = _contour(dst[list(UPPER_INNER)], c0, e, n)
+    la, lb = _contour(dst[list(LOWER_INNER)], c0, e, n)
+    sc0, se, sn, slength = fs
+    sua, sub = _contour(src[list(UPPER_INNER)], sc0, se, sn)
+    sla, slb = _contour(src[list(LOWER_INNER)], sc0, se, sn)
+    # the reference's scale over the target's (teeth keep their size in the head frame)
+    eyes = np.linalg.norm(src[33] - src[263]) / max(np.linalg.norm(dst[33] - dst[263]), 1e-9)
+    # the target's opening in output pixels
+    poly = np.concatenate([dst[list(UPPER_INNER)], dst[list(LOWER_INNER)][::-1]]) - np.asarray(offset)
+    h, w = map_x.shape
+    x0, y0 = np.floor(poly.min(0)).astype(int)
+    x1, y1 = np.ceil(poly.max(0)).astype(int) + 1
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    p = np.stack([xs + offset[0] + 0.5, ys + offset[1] + 0.5], -1).reshape(-1, 2) - c0  # pixel centres
+    a, b = p @ e, p @ n
+    top, bot = np.interp(a, ua, ub), np.interp(a, la, lb)
+    gap = bot - top
+    keep = (a > 0) & (a < length) & (b > top) & (b < bot) & (gap > 1e-3)
+    if not keep.any():
+        return
+    a, b, top, gap = a[keep], b[keep], top[keep], gap[keep]
+    sa = a / length * slength  # the same place along the reference's mouth
+    stop = np.interp(sa, sua, sub)
+    sgap = np.maximum(np.interp(sa, sla, slb) - stop, 0.0)
+    d = b - top  # distance below the target's upper lip
+    band = share * sgap / eyes  # a rigid band, in target px
+    cut = gap < 2 * band  # the target opens less than the two bands: cut them in the middle
+    band = np.where(cut, gap / 2, band)
+    upper = d <= band
+    lower = d >= gap - band
+    sd = np.where(upper, d * eyes, np.where(lower, sgap - (gap - d) * eyes, 0.0))
+    mid = ~(upper | lower)
+    if mid.any():  # stretch the reference's middle onto the target's
+        t = (d[mid] - band[mid]) / np.maximum(gap[mid] - 2 * band[mid], 1e-9)
+        s_lo = share * sgap[mid]
+        sd[mid] = s_lo + t * (sgap[mid] - 2 * s_lo)
+    q = sc0 + sa[:, None] * se + (stop + sd)[:, None] * sn
+    rows, cols = ys.reshape(-1)[keep], xs.reshape(-1)[keep]
+    map_x[rows, cols] = q[:, 0] - 0.5
+    map_y[rows, cols] = q[:, 1] - 0.5
 
 
 def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
