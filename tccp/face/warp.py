@@ -186,14 +186,22 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 <= x0 or y1 <= y0:
         return
-    ys, xs = np.mgrid[y0:y1, x0:x1]
-    p = np.stack([xs + offset[0] + 0.5, ys + offset[1] + 0.5], -1).reshape(-1, 2) - c0  # pixel centres
-    a, b = p @ e, p @ n
+    # candidate pixels: the opening's polygon, drawn one pixel wider (the exact test follows)
+    cand = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(cand, [np.round((poly - [x0 + 0.5, y0 + 0.5]) * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    cand = cv2.dilate(cand, np.ones((3, 3), np.uint8))
+    ys, xs = np.nonzero(cand)
+    if not ys.size:
+        return
+    ys, xs = ys + y0, xs + x0
+    px, py = xs + (offset[0] + 0.5 - c0[0]), ys + (offset[1] + 0.5 - c0[1])  # pixel centres
+    a, b = px * e[0] + py * e[1], px * n[0] + py * n[1]
     top, bot = np.interp(a, ua, ub), np.interp(a, la, lb)
     gap = bot - top
     keep = (a > 0) & (a < length) & (b > top) & (b < bot) & (gap > 1e-3)
     if not keep.any():
         return
+    ys, xs = ys[keep], xs[keep]
     a, b, top, gap = a[keep], b[keep], top[keep], gap[keep]
     sa = a / length * slength  # the same place along the reference's mouth
     stop = np.interp(sa, sua, sub)
@@ -210,10 +218,9 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
         t = (d[mid] - band[mid]) / np.maximum(gap[mid] - 2 * band[mid], 1e-9)
         s_lo = share * sgap[mid]
         sd[mid] = s_lo + t * (sgap[mid] - 2 * s_lo)
-    q = sc0 + sa[:, None] * se + (stop + sd)[:, None] * sn
-    rows, cols = ys.reshape(-1)[keep], xs.reshape(-1)[keep]
-    map_x[rows, cols] = q[:, 0] - 0.5
-    map_y[rows, cols] = q[:, 1] - 0.5
+    depth = stop + sd
+    map_x[ys, xs] = sc0[0] + sa * se[0] + depth * sn[0] - 0.5
+    map_y[ys, xs] = sc0[1] + sa * se[1] + depth * sn[1] - 0.5
 
 
 def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
