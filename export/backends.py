@@ -45,6 +45,7 @@ from tccp.errors import TCCPError
 __all__ = [
     "BACKENDS",
     "NETWORKS",
+    "HEAD_NETWORKS",
     "Backend",
     "Timings",
     "TorchBackend",
@@ -63,7 +64,8 @@ __all__ = [
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 NETWORKS = ("whisper", "stage1_condition", "stage1_denoiser", "stage2_condition", "stage2_denoiser",
-            "ae_encoder", "ae_decoder")
+            "ae_encoder", "ae_decoder")  # a mouth-region window's networks; head mode's stage 1 adds HEAD_NETWORKS
+HEAD_NETWORKS = ("stage1_head_condition", "stage1_head_denoiser")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -143,10 +145,10 @@ class Backend(Protocol):
         """TAEF2 decoder: (B,32,h,w) -> (B,3,8h,8w) in [0,1]."""
 
 
-def _stage1_cfg(pack_config: dict[str, Any]) -> Any:
+def _stage1_cfg(pack_config: dict[str, Any], key: str = "stage1") -> Any:
     from tccp.models.landmarks import LandmarkNetConfig
 
-    return LandmarkNetConfig.from_dict(pack_config["stage1"]["model"])
+    return LandmarkNetConfig.from_dict(pack_config[key]["model"])
 
 
 def _stage2_cfg(pack_config: dict[str, Any]) -> Any:
@@ -303,6 +305,7 @@ class _GraphBackend:
         self.timings = Timings(sync=self.device.type == "cuda")
         consts = load_file(str(self.folder / self.manifest["constants"]["file"]))
         self.template = consts["stage1.template"]
+        self.head_template = consts.get("stage1_head.template")  # None: no head-mode stage 1 in this export
         self.null = torch.from_numpy(consts["stage2.null"]).to(self.device) if "stage2.null" in consts else None
         self.graph_inputs = {n: [i["name"] for i in g["inputs"]] for n, g in self.manifest["graphs"].items()}
         self.max_batch: dict[str, int] = {}
@@ -331,6 +334,12 @@ class _GraphBackend:
         if c_v is None:
             raise ValueError(f"{self.name}: the exported stage-1 network always takes its control input c_v")
         return self._run("stage1_denoiser", x=x, t=t.float(), ctx=ctx, c_v=c_v, flags=flags)
+
+    def stage1_head_condition(self, audio, vad, refs) -> torch.Tensor:  # noqa: ANN001
+        return self._run("stage1_head_condition", audio=audio, vad=vad, refs=refs)
+
+    def stage1_head_denoise(self, x, t, ctx, c_v, flags) -> torch.Tensor:  # noqa: ANN001
+        return self._run("stage1_head_denoiser", x=x, t=t.float(), ctx=ctx, c_v=c_v, flags=flags)
 
     def stage2_condition(self, mel, ref) -> torch.Tensor:  # noqa: ANN001
         if ref is None and "ref" in self.graph_inputs.get("stage2_condition", []):
@@ -414,20 +423,26 @@ class _Anchored(nn.Module):
 
 
 class BackendLandmarkNet(_Anchored):
-    """Looks like a `LandmarkNet` to `LandmarkGenerator`; every call goes to the backend."""
+    """Looks like a `LandmarkNet` to `LandmarkGenerator`; every call goes to the backend
+    (`head`: head mode's stage 1, an export's `stage1_head_*` graphs)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, head: bool = False) -> None:
         super().__init__(backend)
-        self.cfg = _stage1_cfg(backend.pack_config)
+        self.head = head
+        self.cfg = _stage1_cfg(backend.pack_config, "stage1_head" if head else "stage1")
 
     def condition_tokens(self, audio: torch.Tensor, vad: torch.Tensor, refs: torch.Tensor,
                          drop_audio: torch.Tensor | None = None) -> torch.Tensor:
         if drop_audio is not None:
             raise ValueError("condition dropout is a training feature; backends only run inference")
+        if self.head:
+            return self.backend.stage1_head_condition(audio, vad, refs)
         return self.backend.stage1_condition(audio, vad, refs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, c_v: torch.Tensor | None,
                 flags: torch.Tensor) -> torch.Tensor:
+        if self.head:
+            return self.backend.stage1_head_denoise(x, t, ctx, c_v, flags)
         return self.backend.stage1_denoise(x, t, ctx, c_v, flags)
 
 
@@ -567,7 +582,24 @@ def backend_pipeline(backend: Backend) -> Any:
     )
     pipe.pack_config = dict(pc)
     pipe.backend = backend
+    pipe.stage1_head = _head_generator(backend)
     return pipe
+
+
+def _head_generator(backend: Backend) -> Any:
+    """Head mode's stage 1 on an export's `stage1_head_*` graphs (None when the export
+    has none, and for the torch backend, whose pipeline loads it from the pack)."""
+    template = getattr(backend, "head_template", None)
+    ch = backend.pack_config.get("stage1_head")
+    if template is None or not isinstance(ch, dict):
+        return None
+    from tccp.diffusion.schedule import Schedule
+    from tccp.models.landmarks import LandmarkCodec
+    from tccp.pipelines.landmarks import LandmarkGenerator
+
+    net = BackendLandmarkNet(backend, head=True)
+    codec = LandmarkCodec(np.asarray(template, np.float32), net.cfg.mode, float(ch.get("scale", 0.05)))
+    return LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=int(ch.get("steps", 4)))
 
 
 # --------------------------------------------------------------------------- factory
@@ -651,15 +683,16 @@ def load_pipeline(pack: str | os.PathLike | None = None, backend: str = "torch",
                   **options: Any) -> Any:
     """`backend_pipeline(get_backend(backend, pack, device, **options))`: an
     `EditPipeline` on any backend, ready for `engine.runner.PipelineRunner`. A pack's
-    head-mode stage 1 (`--region head`) is not exported: it runs on torch beside the
-    backend (one ~2 ms call per window on this CPU); a file run's stage 1 adapted to the
-    person (`engine.adapt`) is likewise a torch copy of the pack's stage 1."""
+    head-mode stage 1 (`--region head`) runs on the backend's `stage1_head_*` graphs
+    when exported (export format 3), else on torch beside it; a file run's stage 1
+    adapted to the person (`engine.adapt`) is a torch copy of the pack's stage 1."""
     from tccp.pack import DEFAULT_PACK, load_head_generator
 
     pipe = backend_pipeline(get_backend(backend, pack, device, **options))
     folder = Path(pack) if pack is not None else DEFAULT_PACK
     if not _is_export(folder):
-        pipe.stage1_head = load_head_generator(folder, "cpu")
+        if pipe.stage1_head is None:
+            pipe.stage1_head = load_head_generator(folder, "cpu")
         pipe.pack_folder = folder  # engine.adapt trains a torch copy of the pack's stage 1 from here
     return pipe
 

@@ -49,7 +49,8 @@ __all__ = ["BenchConfig", "PARTS", "parse_backend", "add_arguments", "main", "ru
            "run_live_bench"]
 
 PARTS = ("audio", "stage1", "ae_encode", "stage2", "ae_decode", "other", "composite")
-_NET_PARTS = {"stage1_condition": "stage1", "stage1_denoiser": "stage1", "ae_encoder": "ae_encode",
+_NET_PARTS = {"stage1_condition": "stage1", "stage1_denoiser": "stage1", "stage1_head_condition": "stage1",
+              "stage1_head_denoiser": "stage1", "ae_encoder": "ae_encode",
               "stage2_condition": "stage2", "stage2_denoiser": "stage2", "ae_decoder": "ae_decode"}
 
 

@@ -11,6 +11,9 @@ serves any sampler setting, and the first-frame step (N = 1) and the window step
                        -> ctx (B,N,La+K,width)          (LandmarkNet.condition_tokens)
     stage1_denoiser    x (B,N,gen_dim), t (B,), ctx, c_v (B,N,cv_dim), flags (B,N)
                        -> out (B,N,gen_dim)             (trunk + control branch)
+    stage1_head_condition, stage1_head_denoiser
+                       the same two for head mode's stage 1 (`--region head`), when
+                       the pack has one (c_v: the head-masked context, CONTEXT_DIM)
     stage2_condition   mel (B,N,16,80), ref (B,C,h,w) -> tokens (B,N,L,D)
     stage2_denoiser    x (B,C,N,h,w), t (B,), tokens, c_v (B,C,N,h,w), flags (B,N),
                        extra (B,E,N,h,w) -> out (B,C,N,h,w)
@@ -19,8 +22,8 @@ serves any sampler setting, and the first-frame step (N = 1) and the window step
     ae_decoder         latents -> images in [0,1]
 
 A warp-only pack (no stage 2) exports whisper and the stage-1 graphs only: nothing
-else runs for it. Constants (`constants.safetensors`): the head-frame template of the
-landmark codec and stage 2's learned null tokens (classifier-free guidance). `t` is a
+else runs for it. Constants (`constants.safetensors`): the head-frame templates of the
+landmark codecs (mouth and head mode) and stage 2's learned null tokens (classifier-free guidance). `t` is a
 float input (the networks only use it through a sinusoidal embedding of `t.float()`),
 which keeps int64 tensors out of the graphs for TensorRT's sake.
 
@@ -73,7 +76,7 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "tccp-export"
-EXPORT_VERSION = 2  # 2: landmark stage 1 + mouth stage 2 + Whisper (pack format 2)
+EXPORT_VERSION = 3  # 2: landmark stage 1 + mouth stage 2 + Whisper (pack format 2); 3: + head-mode stage 1
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnx 1.17 / ORT 1.31 run up to 22
 MAX_OPSET = 20  # highest opset the TorchScript exporter emits that onnx<1.18 checks cleanly
 TOLERANCE: dict[str, dict[str, float]] = {
@@ -202,6 +205,30 @@ def _crop_size(pipeline: Any) -> int:
     return int(pipeline.pack_config.get("crop_size") or pipeline.crop_size)
 
 
+def _stage1_specs(prefix: str, net: nn.Module) -> list[GraphSpec]:
+    """The condition and denoiser graphs of one `LandmarkNet` (mouth or head mode)."""
+    c1 = net.cfg
+    feat = c1.audio_layers * c1.audio_width
+    return [
+        GraphSpec(
+            f"{prefix}_condition", Stage1ConditionGraph(net),
+            [("audio", ("batch", "frames", c1.audio_tokens, feat)), ("vad", ("batch", "frames")),
+             ("refs", ("batch", "refs", c1.ref_dim))],
+            [("ctx", ("batch", "frames", "ctx_tokens", c1.width))],
+            sizes={"refs": 4}, ranges={"refs": (1, 16)},
+        ),
+        GraphSpec(
+            f"{prefix}_denoiser", Stage1DenoiserGraph(net),
+            [("x", ("batch", "frames", c1.gen_dim)), ("t", ("batch",)),
+             ("ctx", ("batch", "frames", "ctx_tokens", c1.width)), ("c_v", ("batch", "frames", c1.cv_dim)),
+             ("flags", ("batch", "frames"))],
+            [("out", ("batch", "frames", c1.gen_dim))],
+            sizes={"ctx_tokens": c1.audio_tokens + 4},
+            ranges={"ctx_tokens": (c1.audio_tokens + 1, c1.audio_tokens + 16)}, time_input="t",
+        ),
+    ]
+
+
 def graph_specs(pipeline: Any) -> list[GraphSpec]:
     """The graphs of an `EditPipeline` (fp32 torch modules); see the module docstring."""
     from tccp.models.autoencoder import LATENT_CHANNELS
@@ -213,25 +240,10 @@ def graph_specs(pipeline: Any) -> list[GraphSpec]:
         [("features", ("batch", "feature_frames", wh.n_layers + 1, wh.width))],
         sizes={"mel_frames": 300}, ranges={"mel_frames": (2, 3000)},
     ))
-    net = pipeline.stage1.net
-    c1 = net.cfg
-    feat = c1.audio_layers * c1.audio_width
-    specs.append(GraphSpec(
-        "stage1_condition", Stage1ConditionGraph(net),
-        [("audio", ("batch", "frames", c1.audio_tokens, feat)), ("vad", ("batch", "frames")),
-         ("refs", ("batch", "refs", c1.ref_dim))],
-        [("ctx", ("batch", "frames", "ctx_tokens", c1.width))],
-        sizes={"refs": 4}, ranges={"refs": (1, 16)},
-    ))
-    specs.append(GraphSpec(
-        "stage1_denoiser", Stage1DenoiserGraph(net),
-        [("x", ("batch", "frames", c1.gen_dim)), ("t", ("batch",)),
-         ("ctx", ("batch", "frames", "ctx_tokens", c1.width)), ("c_v", ("batch", "frames", c1.cv_dim)),
-         ("flags", ("batch", "frames"))],
-        [("out", ("batch", "frames", c1.gen_dim))],
-        sizes={"ctx_tokens": c1.audio_tokens + 4},
-        ranges={"ctx_tokens": (c1.audio_tokens + 1, c1.audio_tokens + 16)}, time_input="t",
-    ))
+    specs += _stage1_specs("stage1", pipeline.stage1.net)
+    head = getattr(pipeline, "stage1_head", None)
+    if head is not None:
+        specs += _stage1_specs("stage1_head", head.net)
     model = pipeline.stage2.model
     if model is None:  # warp-only pack: neither a denoiser nor the autoencoder ever runs
         return specs
@@ -290,7 +302,7 @@ def pack_hash(pack: str | os.PathLike) -> str:
         name = "tiny.en"
     h = hashlib.sha256()
     files = [folder / "config.json", folder / "stage1.safetensors", folder / "stage2.safetensors",
-             ASSET_DIR / "encoder.safetensors", ASSET_DIR / "decoder.safetensors", WHISPER_DIR / f"{name}.safetensors"]
+             folder / "stage1_head.safetensors", ASSET_DIR / "encoder.safetensors", ASSET_DIR / "decoder.safetensors", WHISPER_DIR / f"{name}.safetensors"]
     for f in files:
         h.update(f.name.encode())
         h.update(_sha256(f).encode() if f.is_file() else b"missing")
@@ -469,6 +481,9 @@ def _save_constants(pipeline: Any, path: Path) -> list[str]:
     from safetensors.numpy import save_file
 
     consts = {"stage1.template": np.ascontiguousarray(pipeline.stage1.codec.template, np.float32)}
+    head = getattr(pipeline, "stage1_head", None)
+    if head is not None:
+        consts["stage1_head.template"] = np.ascontiguousarray(head.codec.template, np.float32)
     model = pipeline.stage2.model
     if model is not None:
         with torch.no_grad():
@@ -499,11 +514,12 @@ def export_onnx(
     import onnx
 
     from tccp.io_utils import atomic_dir
-    from tccp.pack import load_pack
+    from tccp.pack import load_head_generator, load_pack
 
     say = log or (lambda msg: None)
     pack = Path(pack)
     pipe = load_pack(pack, device="cpu", dtype=torch.float32)
+    pipe.stage1_head = load_head_generator(pack, "cpu")
     precision = "fp16" if fp16 else "fp32"
     crop = _crop_size(pipe)
     manifest: dict[str, Any] = {
@@ -518,6 +534,7 @@ def export_onnx(
         "pack_config": pipe.pack_config,
         "crop_size": crop,
         "stage2": pipe.stage2.model is not None,
+        "stage1_head": pipe.stage1_head is not None,
         "frames": int(pipe.stage1.net.cfg.frames),
         "whisper": {"layers": int(pipe.whisper.n_layers), "width": int(pipe.whisper.width),
                     "heads": int(pipe.whisper.heads)},
@@ -582,16 +599,20 @@ def record_calls(pipeline: Any):
     def pre(name: str, n: int):  # noqa: ANN202
         return lambda module, args: keep(name, args, n)
 
-    net = pipeline.stage1.net
     hooks.append(pipeline.whisper.register_forward_pre_hook(pre("whisper", 1)))
-    hooks.append(net.register_forward_pre_hook(pre("stage1_denoiser", 5)))
-    original = net.condition_tokens
+    nets = [("stage1", pipeline.stage1.net)]
+    if getattr(pipeline, "stage1_head", None) is not None:
+        nets.append(("stage1_head", pipeline.stage1_head.net))
 
-    def condition_tokens(audio, vad, refs, drop_audio=None):  # noqa: ANN001, ANN202
-        keep("stage1_condition", (audio, vad, refs), 3)
-        return original(audio, vad, refs, drop_audio)
+    def conditions(prefix: str, original):  # noqa: ANN001, ANN202
+        def condition_tokens(audio, vad, refs, drop_audio=None):  # noqa: ANN001, ANN202
+            keep(f"{prefix}_condition", (audio, vad, refs), 3)
+            return original(audio, vad, refs, drop_audio)
+        return condition_tokens
 
-    net.condition_tokens = condition_tokens
+    for prefix, net in nets:
+        hooks.append(net.register_forward_pre_hook(pre(f"{prefix}_denoiser", 5)))
+        net.condition_tokens = conditions(prefix, net.condition_tokens)
     model = pipeline.stage2.model
     if model is not None:
         n_cond = 2 if model.cfg.identity_tokens else 1
@@ -605,7 +626,8 @@ def record_calls(pipeline: Any):
     finally:
         for h in hooks:
             h.remove()
-        del net.condition_tokens
+        for _, net in nets:
+            del net.condition_tokens
 
 
 @torch.inference_mode()
@@ -642,6 +664,8 @@ def parity_inputs(pipeline: Any, clip: Any, steps: int = 2, max_cases: int = 3) 
         s = new
         runner.run_batch([window_request(clip, slice(s, s + new), refs[0], res[0].state, tokens=tokens[s:s + new],
                                          steps=steps, seed=0)])
+        if getattr(pipeline, "stage1_head", None) is not None:
+            _head_calls(pipeline.stage1_head, clip, tokens, new, steps)
     specs = {sp.name: sp for sp in graph_specs(pipeline)}
     cases: dict[str, list[dict[str, np.ndarray]]] = {}
     for name, spec in specs.items():
@@ -658,6 +682,32 @@ def parity_inputs(pipeline: Any, clip: Any, steps: int = 2, max_cases: int = 3) 
         if name not in cases:
             raise TCCPError(f"parity: the pipeline never called {name} on {clip.name}")
     return cases
+
+
+def _head_calls(gen: Any, clip: Any, tokens: np.ndarray, new: int, steps: int) -> None:
+    """Head mode's stage 1 on the clip as a head-region session calls it: its c_v, the
+    head-masked context of each frame (`tccp.face.context`, as `tccp prepare` and the
+    session make it), references from the clip; a first-frame step (N = 1) and a window
+    for two streams, then one stream's next window."""
+    from tccp.data.landmarks import reference_frames
+    from tccp.face import geometry as fg
+    from tccp.face import headframe as hf
+    from tccp.face.context import context_tokens, masked_context
+
+    n = 3 * new + 1
+    cv = context_tokens(np.stack([masked_context(clip.frames[k], clip.landmarks[k], fg.context_box(clip.landmarks[k]),
+                                                 clip.size) for k in range(n)])).astype(np.float32)
+    heads, pose = hf.to_head(clip.meshes[:n], gen.codec.template)
+    idx = reference_frames(heads, 4)
+    refs = gen.references(heads[idx], pose.params(clip.size)[idx])
+    tok, vad = tokens[:n].astype(np.float32), clip.vad[:n].astype(np.float32)
+    w = new + 1
+    starts = (0, 2 * new)
+    pick = lambda a, hi: np.stack([a[s:s + hi] for s in starts])  # noqa: E731
+    first = gen.window(pick(tok, 1), pick(vad, 1), pick(cv, 1), [refs, refs], None, seed=[0, 1], steps=steps)
+    x = gen.window(pick(tok, w), pick(vad, w), pick(cv, w), [refs, refs], first[:, 0], seed=[0, 1], steps=steps)
+    gen.window(tok[None, new:new + w], vad[None, new:new + w], cv[None, new:new + w], [refs], x[:1, new], seed=0,
+               steps=steps)
 
 
 def _ort_runner(folder: Path, entry: dict[str, Any]) -> Any:

@@ -243,6 +243,55 @@ def test_warp_only_pack_exports_what_exists(cache: Path) -> None:
         pipe.stage2.autoencoder.encode(torch.zeros(1, 3, 40, 40))
 
 
+def test_head_mode_stage1_is_exported_checked_and_run_by_the_backend(cache: Path, tmp_path: Path) -> None:
+    """A pack with a head-mode stage 1 exports its two graphs too, checked on real
+    inputs (the sample's head-masked contexts and tokens), and an export folder runs
+    `--region head` on them: the backend's head generator gives torch's landmarks."""
+    from engine.runner import PipelineRunner
+    from export.backends import BackendLandmarkNet, load_pipeline
+    from export.onnx_export import load_manifest
+    from tccp.face.context import CONTEXT_DIM
+    from tccp.media.io import sample_paths
+    from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
+    from tccp.pack import load_pack, save_pack
+
+    runner = PipelineRunner.random(size=64, stage2=False)
+    torch.manual_seed(3)
+    hc = LandmarkCodec(runner.template, "head")
+    hn = LandmarkNet(LandmarkNetConfig(mode="head", gen_dim=hc.gen_dim, cv_dim=hc.cv_dim, ref_dim=hc.ref_dim,
+                                       width=32, depth=1, control_depth=1, heads=2))
+    with torch.no_grad():
+        for p in hn.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    pack = save_pack(tmp_path / "pack", runner.pipeline.stage1.net, runner.pipeline.stage1.codec, None,
+                     stage1_head=(hn, hc), crop_size=64, dtype=torch.float32)
+    out = tmp_path / "export"
+    assert cli_main(["export", "--model", str(pack), "--format", "onnx", "--out", str(out),
+                     "--parity-clip", str(sample_paths()[0])]) == 0
+    m = load_manifest(out)
+    assert set(m["graphs"]) == STAGE1_GRAPHS | {"stage1_head_condition", "stage1_head_denoiser"}
+    assert m["stage1_head"] is True and m["parity"]["passed"]
+    for name in ("stage1_head_condition", "stage1_head_denoiser"):
+        shapes = [c["shapes"] for c in m["parity"]["graphs"][name]["cases"]]
+        assert {s["flags" if "flags" in s else "vad"][0] for s in shapes} == {1, 2}, shapes  # batch 1 and 2
+    den = [c["shapes"] for c in m["parity"]["graphs"]["stage1_head_denoiser"]["cases"]]
+    assert {s["c_v"][2] for s in den} == {CONTEXT_DIM} and {s["x"][1] for s in den} == {1, 8}  # N = 1 and 8
+    ort = load_pipeline(out, backend="onnxruntime")
+    assert isinstance(ort.stage1_head.net, BackendLandmarkNet) and ort.stage1_head.codec.mode == "head"
+    ref = load_pack(pack, with_autoencoder=False).stage1_head
+    rng = np.random.default_rng(0)
+    heads = np.asarray(runner.template, np.float32)[None] + rng.normal(0, 0.01, (4, *runner.template.shape))
+    pose = rng.normal(0, 0.05, (4, 4)).astype(np.float32)
+    cfg = hn.cfg
+    audio = rng.normal(0, 1, (1, 8, cfg.audio_tokens, cfg.audio_layers * cfg.audio_width)).astype(np.float32)
+    vad, cv = np.ones((1, 8), np.float32), rng.uniform(0, 1, (1, 8, CONTEXT_DIM)).astype(np.float32)
+    outs = [g.window(audio, vad, cv, [g.references(heads.astype(np.float32), pose)], None, seed=0, steps=2)
+            for g in (ref, ort.stage1_head)]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-3)
+    assert np.abs(outs[0]).max() > 1e-3  # a network that outputs something
+
+
 def test_export_cli_errors(tmp_path: Path, pack: Path, capsys: pytest.CaptureFixture) -> None:
     """(The successful `tccp export` run is the `exported` fixture.) A bad or old pack,
     a bad opset and --max-batch with onnx are one-line errors leaving nothing behind."""
