@@ -550,7 +550,8 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> Path:
         txt = f"{r['fps']:.1f} fps" + (f" (x{ratio['fps_ratio']:.2f})" if ratio else "")
         ax2.annotate(txt, (i, bottom[i]), ha="center", textcoords="offset points", xytext=(0, 2), fontsize=8)
     ax2.set_ylabel("mean ms per window")
-    ax2.legend(fontsize=7, loc="upper right")
+    ax2.set_ylim(0, bottom.max() * 1.35)  # headroom: the legend never covers an fps label
+    ax2.legend(fontsize=7, loc="upper right", ncol=4)
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=8, rotation=15)
     m = report["machine"]
