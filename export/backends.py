@@ -211,6 +211,7 @@ class TorchBackend:
         self.precision = precision
         self.pack_config = dict(pipeline.pack_config)
         self.codec = pipeline.stage1.codec
+        self.stage1_head = pipeline.stage1_head  # head mode's stage 1 stays as loaded (CPU, fp32): ~2 ms a window
         self.timings = Timings(sync=self.device.type == "cuda")
         dev, dt = self.device, self.dtype
         self.net = pipeline.stage1.net.to(dev, dt).eval()
@@ -587,8 +588,10 @@ def backend_pipeline(backend: Backend) -> Any:
 
 
 def _head_generator(backend: Backend) -> Any:
-    """Head mode's stage 1 on an export's `stage1_head_*` graphs (None when the export
-    has none, and for the torch backend, whose pipeline loads it from the pack)."""
+    """Head mode's stage 1: the torch backend's own (the pack's, as loaded), else one on
+    an export's `stage1_head_*` graphs; None when there is none."""
+    if isinstance(backend, TorchBackend):
+        return backend.stage1_head
     template = getattr(backend, "head_template", None)
     ch = backend.pack_config.get("stage1_head")
     if template is None or not isinstance(ch, dict):
@@ -683,16 +686,14 @@ def load_pipeline(pack: str | os.PathLike | None = None, backend: str = "torch",
                   **options: Any) -> Any:
     """`backend_pipeline(get_backend(backend, pack, device, **options))`: an
     `EditPipeline` on any backend, ready for `engine.runner.PipelineRunner`. A pack's
-    head-mode stage 1 (`--region head`) runs on the backend's `stage1_head_*` graphs
-    when exported (export format 3), else on torch beside it; a file run's stage 1
-    adapted to the person (`engine.adapt`) is a torch copy of the pack's stage 1."""
-    from tccp.pack import DEFAULT_PACK, load_head_generator
+    head-mode stage 1 (`--region head`) runs on the backend too (exported graphs since
+    export format 3); a file run's stage 1 adapted to the person (`engine.adapt`) is a
+    torch copy of the pack's stage 1."""
+    from tccp.pack import DEFAULT_PACK
 
     pipe = backend_pipeline(get_backend(backend, pack, device, **options))
     folder = Path(pack) if pack is not None else DEFAULT_PACK
     if not _is_export(folder):
-        if pipe.stage1_head is None:
-            pipe.stage1_head = load_head_generator(folder, "cpu")
         pipe.pack_folder = folder  # engine.adapt trains a torch copy of the pack's stage 1 from here
     return pipe
 

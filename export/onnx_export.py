@@ -514,12 +514,11 @@ def export_onnx(
     import onnx
 
     from tccp.io_utils import atomic_dir
-    from tccp.pack import load_head_generator, load_pack
+    from tccp.pack import load_pack
 
     say = log or (lambda msg: None)
     pack = Path(pack)
-    pipe = load_pack(pack, device="cpu", dtype=torch.float32)
-    pipe.stage1_head = load_head_generator(pack, "cpu")
+    pipe = load_pack(pack, device="cpu", dtype=torch.float32)  # with its head-mode stage 1, if any
     precision = "fp16" if fp16 else "fp32"
     crop = _crop_size(pipe)
     manifest: dict[str, Any] = {

@@ -24,11 +24,12 @@ noise (the `noisy` variant). Only lip-sync clips (`PreparedClip.lipsync`) give w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -138,15 +139,16 @@ def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.Pa
                   model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(features (T50, L, D) fp16, per-frame voice activity (N,), silenced-frame mask or
     None) of one clip and variant, cached under `cache_dir` when given."""
-    return _features(clip.audio, int(clip.meta["n_frames"]), clip.fps, clip.voice, clip.name,
+    return _features(lambda: clip.audio, int(clip.meta["n_frames"]), clip.fps, lambda: clip.voice, clip.name,
                      f"{clip.meta.get('source')}|{clip.meta.get('created')}", encoder, kind, cache_dir, model_name)
 
 
-def _features(audio: np.ndarray, n: int, fps: float, voice: np.ndarray | None, name: str, ident: str, encoder,
-              kind: str, cache_dir: str | os.PathLike | None,
+def _features(audio: Callable[[], np.ndarray], n: int, fps: float, voice: Callable[[], np.ndarray] | None,
+              name: str, ident: str, encoder, kind: str, cache_dir: str | os.PathLike | None,
               model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`clip_features` of any 16 kHz track of `n` frames (`ident` names it in the cache
-    key); `voice`: its stored voice activity, or None to run the detector."""
+    key). `audio()` and `voice()` (its stored voice activity; None: run the detector)
+    are called only when the variant is not cached."""
     from tccp.media.vad import frame_voice_activity
 
     key = hashlib.sha1(f"{ident}|{model_name}|{kind}".encode()).hexdigest()[:12]
@@ -155,10 +157,10 @@ def _features(audio: np.ndarray, n: int, fps: float, voice: np.ndarray | None, n
         with np.load(cache) as z:
             return z["features"], z["vad"], (z["silent"] if "silent" in z.files else None)
     seed = int(key[:8], 16)
-    audio, mask = _variant_audio(audio, kind, seed)
+    audio, mask = _variant_audio(audio(), kind, seed)
     feats = view_features(encoder, audio, kind)
     stored = voice is not None and kind in ("full", "stream0", "stream2")
-    vad = voice if stored else frame_voice_activity(audio, n, fps)
+    vad = voice() if stored else frame_voice_activity(audio, n, fps)
     silent = None
     if mask is not None:
         t = ((np.arange(n) + 0.5) / fps * 16000).astype(int).clip(0, len(mask) - 1)
@@ -191,10 +193,13 @@ def speed_clip(clip: PreparedClip, base: LandmarkClip, speed: float, encoder, ki
     landmark track resampled in time to match, so the network hears more voices and
     speaking rates than the 50 clips have. Frame j of the result is the source's frame
     j * speed; its Whisper features are computed on the resampled audio (cached)."""
-    import librosa
 
-    audio = clip.audio
-    fast = librosa.resample(audio, orig_sr=round(16000 * speed), target_sr=16000).astype(np.float32)
+    @functools.cache
+    def fast() -> np.ndarray:  # resampled only if a variant is not cached yet
+        import librosa
+
+        return librosa.resample(clip.audio, orig_sr=round(16000 * speed), target_sr=16000).astype(np.float32)
+
     n = int(np.floor((base.n - 1) / speed)) + 1
     t = np.arange(n) * speed
     feats, vads, silent = {}, {}, np.zeros(n, bool)

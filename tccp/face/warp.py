@@ -92,7 +92,7 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
     dst = _with_anchors(tri, dst_mesh, dst_mesh)
     src[-tri.n_anchor :] = dst[-tri.n_anchor :]
     map_x, map_y, inside = _piecewise_affine(tri, src, dst, shape, offset)
-    if RIGID_TEETH and len(src_mesh) > max(UPPER_INNER + LOWER_INNER):
+    if RIGID_TEETH:
         rigid_mouth(map_x, map_y, src_mesh, dst_mesh, offset)
     return map_x, map_y, inside
 
