@@ -687,13 +687,16 @@ def load_pipeline(pack: str | os.PathLike | None = None, backend: str = "torch",
     """`backend_pipeline(get_backend(backend, pack, device, **options))`: an
     `EditPipeline` on any backend, ready for `engine.runner.PipelineRunner`. A pack's
     head-mode stage 1 (`--region head`) runs on the backend too (exported graphs since
-    export format 3); a file run's stage 1 adapted to the person (`engine.adapt`) is a
-    torch copy of the pack's stage 1."""
-    from tccp.pack import DEFAULT_PACK
+    export format 3; with an older `export_dir` beside a pack, on torch from the pack);
+    a file run's stage 1 adapted to the person (`engine.adapt`) is a torch copy of the
+    pack's stage 1."""
+    from tccp.pack import DEFAULT_PACK, load_head_generator
 
     pipe = backend_pipeline(get_backend(backend, pack, device, **options))
     folder = Path(pack) if pack is not None else DEFAULT_PACK
     if not _is_export(folder):
+        if pipe.stage1_head is None:
+            pipe.stage1_head = load_head_generator(folder, "cpu")
         pipe.pack_folder = folder  # engine.adapt trains a torch copy of the pack's stage 1 from here
     return pipe
 
