@@ -1,6 +1,11 @@
-"""Soak: one `tccp serve` process, 20 rounds of clients that connect, stream a real
+"""Soak: one `tccp serve` process, rounds of clients that connect, stream a real
 talking-head clip and vanish (no BYE, no DTLS close: the server finds out by its media
 timeout). The server's RSS must stay flat after warm-up (within 50 MB).
+
+Rounds: `TCCP_SOAK_ROUNDS` (default 10 in the suite, after 3 warm-up rounds: RSS is flat
+from round 2, and before the fix it grew ~28 MB a round, ~200 MB over the 7 measured;
+the 20-round run of docs/streaming.md: `TCCP_SOAK_ROUNDS=20 .venv/bin/python -m pytest -q
+tests/test_soak.py`).
 
 The server runs in a subprocess so that its RSS is its own. It is the real app
 (`streaming.server.create_app`), with the same start-up memory settings as `tccp serve`
@@ -28,7 +33,8 @@ from conftest import drop_transport, rss_mb, shared_file
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS, CLIENTS, WARMUP, FLAT_MB = 20, 4, 5, 50.0
+ROUNDS = int(os.environ.get("TCCP_SOAK_ROUNDS", "10"))
+CLIENTS, WARMUP, FLAT_MB = 4, 3, 50.0
 MEDIA_TIMEOUT_S = 0.6
 
 SERVER = f"""
@@ -70,7 +76,7 @@ def clip():
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS read from /proc")
-def test_server_rss_is_flat_over_20_rounds_of_abandoned_sessions(clip):
+def test_server_rss_is_flat_over_rounds_of_abandoned_sessions(clip):
     import aiohttp
 
     from streaming.client import ClipAudioTrack, ClipVideoTrack, connect
