@@ -248,16 +248,18 @@ def paste_mouth(
     m = np.clip(cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     if detail and bank is not None and targets is not None and tri is not None and 0 <= ref_index < len(bank) \
             and bank.hires[ref_index] is not None:
-        from tccp.face.warp import warp_map
+        from tccp.face import warp as fw
 
         ref = bank.hires[ref_index]
         rs = ref.shape[0]
         x0, y0, x1, y1 = _support(m > 1e-3)  # the detail goes where the mask reaches: its box only
-        mx, my, _ = warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
-                             (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align)
-        high = _high_pass(bank, ref_index, size)
-        part = edited[y0:y1, x0:x1].astype(np.float32) + cv2.remap(high, mx, my, settings.resample,
-                                                                    borderMode=cv2.BORDER_CONSTANT)
+        cavity = np.zeros((y1 - y0, x1 - x0), np.float32) if fw.MOUTH_CAVITY > 0 else None
+        mx, my, _ = fw.warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
+                                (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align, cavity=cavity)
+        high = cv2.remap(_high_pass(bank, ref_index, size), mx, my, settings.resample, borderMode=cv2.BORDER_CONSTANT)
+        if cavity is not None:  # no smeared detail where the mouth's inside is darkened
+            high = fw.darken(high, cavity)
+        part = edited[y0:y1, x0:x1].astype(np.float32) + high
         edited[y0:y1, x0:x1] = np.clip(part + 0.5, 0, 255).astype(np.uint8)
     flat = CompositeSettings(feather=0.0, colour_match=False, resample=settings.resample)
     return paste_back(frame, edited, box, m, flat)

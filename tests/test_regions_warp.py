@@ -201,3 +201,50 @@ def test_teeth_move_with_their_lip_instead_of_stretching_with_the_opening(face, 
                     assert abs(my[y, x] - want) < 0.75, (name, d, my[y, x], want)
                 else:  # the piecewise-affine warp stretches instead (this test can tell the two apart)
                     assert abs(my[y, x] - want) > 1.0, (name, d, my[y, x], want)
+
+
+def test_a_mouth_opened_far_past_its_reference_darkens_inside(face):
+    """`cavity`: where the target opens far wider than the reference (the middle of the
+    opening is then a smear of the few pixels between the reference's lips), the middle
+    gets a darkening weight that peaks mid-opening and is 0 next to the lips (the teeth
+    bands); a target that opens no wider gets none; `warp_image` darkens a picture by it
+    and leaves a mask alone."""
+    from tccp.face import warp
+    from tccp.face.warp import LOWER_INNER, UPPER_INNER, warp_image, warp_map
+
+    frame, mesh = face
+    h, w = frame.shape[:2]
+    tri = triangulate(mesh, sorted(set(LIPS) | set(OVAL_INDICES) | {1, 4, 33, 263, 152, 13, 14}))
+    lower = np.zeros(len(mesh), bool)
+    lower[[i for i in LIPS if i not in UPPER_INNER] + list(LOWER_INNER[1:-1]) + [152]] = True
+    lower[[61, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409]] = False
+
+    def opened(px: float) -> np.ndarray:
+        m = mesh.copy()
+        m[lower, 1] += px
+        return m
+
+    src = opened(-45.0)  # nearly closed: ~2 px between the inner lips (the sample's mouth is ~47 px open)
+    x = int(round(src[13, 0]))
+    for ref, dst, expect in ((src, opened(40.0), "dark"), (src, src, "none"), (opened(10.0), opened(-20.0), "none"),
+                             (opened(10.0), opened(15.0), "light")):  # 57 -> 62 px: little the reference lacks
+        cav = np.zeros((h, w), np.float32)
+        warp.rigid_mouth(*warp_map(tri, ref, dst, (h, w))[:2], ref, dst, cavity=cav, strength=0.8)
+        col = cav[:, x]
+        if expect != "dark":
+            assert cav.max() <= (0.0 if expect == "none" else 0.3), (expect, cav.max())
+            continue
+        t, b = dst[13, 1], dst[14, 1]
+        mid = int(round((t + b) / 2))
+        assert col[mid] > 0.5 and col.max() <= 0.8 + 1e-6
+        assert col[int(round(t)) + 2] < 0.25 * col[mid] and col[int(round(b)) - 2] < 0.25 * col[mid]
+        assert (cav[: int(t) - 2] == 0).all() and (cav[int(b) + 3 :] == 0).all()  # only inside the opening
+    pic = np.full((h, w, 3), 200, np.uint8)
+    old = warp.MOUTH_CAVITY
+    try:
+        warp.MOUTH_CAVITY = 0.8
+        dark = warp_image(pic, tri, src, opened(40.0))
+        mask = warp_image(pic, tri, src, opened(40.0), picture=False)
+    finally:
+        warp.MOUTH_CAVITY = old
+    assert dark[mid, x].max() < 100 and (mask == 200).all()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "RIGID_TEETH"]
+__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "RIGID_TEETH",
+           "MOUTH_CAVITY"]
 
 # Inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle).
 UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
@@ -31,6 +32,10 @@ stretch when a mouth opens. Measured in docs/faces.md ("Teeth move with the lips
 RIGID_SHARE = 0.4
 """Part of the reference's opening, next to each lip, moved rigidly (the rest, the middle
 of the opening, is stretched or cut)."""
+MOUTH_CAVITY = 0.0
+"""Darkening (0..1, at the middle of the opening) where the target's mouth opens far wider
+than the reference's: the stretched middle is then a smear of the few pixels between the
+reference's lips, where a real mouth shows its dark inside (`rigid_mouth`'s `cavity`)."""
 
 
 @dataclass
@@ -68,7 +73,7 @@ def _with_anchors(tri: Triangulation, mesh: np.ndarray, ref_shape: np.ndarray | 
 
 
 def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, shape: tuple[int, int],
-             offset: tuple[float, float] = (0.0, 0.0), align: bool = False
+             offset: tuple[float, float] = (0.0, 0.0), align: bool = False, cavity: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward map for an output of `shape` (h, w) whose pixel (0, 0) sits at `offset`
     in dst coordinates: (map_x, map_y) in src coordinates (continuous px, cv2.remap's
@@ -79,13 +84,14 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
     target heads stand where the reference's did; `align` (head mode, where the whole
     head moves) first moves the source by the similarity that best fits its skull
     points (`tccp.face.headframe.STABLE`) onto the target's, so hair, ears and the
-    background around the head follow the head instead of staying behind."""
+    background around the head follow the head instead of staying behind. `cavity`, an
+    (h, w) float32 array, receives `rigid_mouth`'s darkening weights."""
     if align:
         from tccp.face.headframe import STABLE, apply_similarity, similarity
 
         idx = list(STABLE)
         a, b = similarity(np.asarray(src_mesh, np.float64)[idx], np.asarray(dst_mesh, np.float64)[idx])
-        mx, my, inside = warp_map(tri, apply_similarity(a, b, src_mesh), dst_mesh, shape, offset)
+        mx, my, inside = warp_map(tri, apply_similarity(a, b, src_mesh), dst_mesh, shape, offset, cavity=cavity)
         z = ((mx.astype(np.float64) + 0.5) + 1j * (my.astype(np.float64) + 0.5) - b) / a
         return (z.real - 0.5).astype(np.float32), (z.imag - 0.5).astype(np.float32), inside
     src = _with_anchors(tri, src_mesh, dst_mesh)
@@ -93,7 +99,7 @@ def warp_map(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, sha
     src[-tri.n_anchor :] = dst[-tri.n_anchor :]
     map_x, map_y, inside = _piecewise_affine(tri, src, dst, shape, offset)
     if RIGID_TEETH:
-        rigid_mouth(map_x, map_y, src_mesh, dst_mesh, offset)
+        rigid_mouth(map_x, map_y, src_mesh, dst_mesh, offset, cavity=cavity)
     return map_x, map_y, inside
 
 
@@ -151,7 +157,8 @@ def _mouth_frame(mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_mesh: np.ndarray,
-                offset: tuple[float, float] = (0.0, 0.0), share: float | None = None) -> None:
+                offset: tuple[float, float] = (0.0, 0.0), share: float | None = None,
+                cavity: np.ndarray | None = None, strength: float | None = None) -> None:
     """Redo a backward map (in place) inside the target's mouth opening so that teeth move
     with the lips instead of stretching with the gap between them.
 
@@ -164,8 +171,17 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
     opening (usually the dark inside of the mouth) takes up the difference, stretched,
     and a target that opens less than the reference cuts into the bands from the middle
     (the teeth disappear behind the lips, as they do). On the lip contours the map is the
-    piecewise-affine one's, so nothing moves at the boundary."""
+    piecewise-affine one's, so nothing moves at the boundary.
+
+    `cavity` (h, w, like the maps) receives, where the middle is stretched to more than
+    1.5x the reference's middle, a darkening weight: `strength` (default MOUTH_CAVITY) times
+    the share of the middle that is new (its target height less 1.5x its reference height,
+    over its target height), times that new height against a tenth of the mouth's width (a
+    few new pixels near a corner stay light), times a bump across the middle that is 0 at
+    the teeth bands. The caller darkens the
+    warped image by it (`darken`)."""
     share = RIGID_SHARE if share is None else share
+    strength = MOUTH_CAVITY if strength is None else strength
     src, dst = np.asarray(src_mesh, np.float64), np.asarray(dst_mesh, np.float64)
     fs, fd = _mouth_frame(src), _mouth_frame(dst)
     if fs is None or fd is None:
@@ -218,6 +234,12 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
         t = (d[mid] - band[mid]) / np.maximum(gap[mid] - 2 * band[mid], 1e-9)
         s_lo = share * sgap[mid]
         sd[mid] = s_lo + t * (sgap[mid] - 2 * s_lo)
+        if cavity is not None and strength > 0:
+            tmid = gap[mid] - 2 * band[mid]  # the middle's height in the target, px
+            smid = (1 - 2 * share) * sgap[mid] / eyes  # the reference's, in target px
+            grown = tmid - 1.5 * smid  # opening the reference cannot show, px
+            new = np.clip(grown / np.maximum(tmid, 1e-9), 0.0, 1.0) * np.clip(grown / (0.1 * length), 0.0, 1.0)
+            cavity[ys[mid], xs[mid]] = strength * new * np.sin(np.pi * np.clip(t, 0.0, 1.0))
     depth = stop + sd
     map_x[ys, xs] = sc0[0] + sa * se[0] + depth * sn[0] - 0.5
     map_y[ys, xs] = sc0[1] + sa * se[1] + depth * sn[1] - 0.5
@@ -244,15 +266,27 @@ def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mats, live
 
 
+def darken(image: np.ndarray, cavity: np.ndarray) -> np.ndarray:
+    """`image` (h, w[, c], uint8 or float) times (1 - cavity), in its own dtype."""
+    if not (cavity > 0).any():
+        return image
+    c = cavity if image.ndim == 2 else cavity[..., None]
+    out = image.astype(np.float32) * (1.0 - c)
+    return np.clip(np.round(out), 0, 255).astype(image.dtype) if image.dtype == np.uint8 else out.astype(image.dtype)
+
+
 def warp_image(image: np.ndarray, tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray,
                shape: tuple[int, int] | None = None, offset: tuple[float, float] = (0.0, 0.0),
-               src_offset: tuple[float, float] = (0.0, 0.0), align: bool = False) -> np.ndarray:
+               src_offset: tuple[float, float] = (0.0, 0.0), align: bool = False, picture: bool = True) -> np.ndarray:
     """Warp `image` (whose pixel (0, 0) sits at `src_offset` in src coordinates) so that
     src_mesh lands on dst_mesh; output `shape` (default: image's) at `offset`; `align`
-    as in `warp_map`."""
+    as in `warp_map`. A `picture` (not a mask) gets the mouth's cavity darkening
+    (`MOUTH_CAVITY`)."""
     shape = shape or image.shape[:2]
-    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset, align=align)
-    return cv2.remap(image, mx - src_offset[0], my - src_offset[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cavity = np.zeros(shape, np.float32) if picture and MOUTH_CAVITY > 0 else None
+    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset, align=align, cavity=cavity)
+    out = cv2.remap(image, mx - src_offset[0], my - src_offset[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out if cavity is None else darken(out, cavity)
 
 
 def warp_points(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -120,7 +120,8 @@ class HeadWarper:
             j = int(ref[k])
             warped = warp_image(bank.crops[j], self.tri, bank.meshes[j], targets[k], align=True)
             m = region_mask([sources[k], targets[k]], (s, s), "head", dilate=HEAD_DILATE, feather=HEAD_FEATHER)
-            hair = warp_image(self.hair_mask(bank, j), self.tri, bank.meshes[j], targets[k], align=True)
+            hair = warp_image(self.hair_mask(bank, j), self.tri, bank.meshes[j], targets[k], align=True,
+                              picture=False)
             m = np.maximum(m, _inner_feather(hair, HEAD_FEATHER * s) * self.border)
             out = crops[k].astype(np.float32) * (1 - m[..., None]) + warped.astype(np.float32) * m[..., None]
             faces.append(np.clip(out + 0.5, 0, 255).astype(np.uint8))
