@@ -266,12 +266,23 @@ def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mats, live
 
 
-def darken(image: np.ndarray, cavity: np.ndarray) -> np.ndarray:
-    """`image` (h, w[, c], uint8 or float) times (1 - cavity), in its own dtype."""
+CAVITY_TONE = 0.0
+"""What the darkened middle fades to: this share of the mean colour under it (0: black,
+a multiplication that keeps the smear's texture, fainter; > 0: a flat dark tone of the
+person's own mouth colour, which hides the texture)."""
+
+
+def darken(image: np.ndarray, cavity: np.ndarray, tone: float | None = None) -> np.ndarray:
+    """`image` (h, w[, c], uint8 or float) faded by `cavity` towards `tone` (default
+    CAVITY_TONE) times its mean colour under the cavity, in its own dtype."""
     if not (cavity > 0).any():
         return image
+    tone = CAVITY_TONE if tone is None else tone
     c = cavity if image.ndim == 2 else cavity[..., None]
     out = image.astype(np.float32) * (1.0 - c)
+    if tone > 0:
+        under = cavity > 0
+        out += c * (tone * image[under].astype(np.float32).mean(0))
     return np.clip(np.round(out), 0, 255).astype(image.dtype) if image.dtype == np.uint8 else out.astype(image.dtype)
 
 
