@@ -248,3 +248,9 @@ def test_a_mouth_opened_far_past_its_reference_darkens_inside(face):
     finally:
         warp.MOUTH_CAVITY = old
     assert dark[mid, x].max() < 100 and (mask == 200).all()
+    # a tone: the faded middle goes to that share of the colour under it, not to black
+    cav = np.zeros((4, 4), np.float32)
+    cav[1:3, 1:3] = 1.0
+    img = np.full((4, 4, 3), (200, 100, 50), np.uint8)
+    assert warp.darken(img, cav, tone=0.5)[1, 1].tolist() == [100, 50, 25]
+    assert warp.darken(img, cav, tone=0.0)[1, 1].tolist() == [0, 0, 0] and warp.darken(img, cav)[0, 0].tolist() == [200, 100, 50]
