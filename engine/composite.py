@@ -258,7 +258,7 @@ def paste_mouth(
                                 (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align, cavity=cavity)
         high = cv2.remap(_high_pass(bank, ref_index, size), mx, my, settings.resample, borderMode=cv2.BORDER_CONSTANT)
         if cavity is not None:  # no smeared detail where the mouth's inside is darkened
-            high = fw.darken(high, cavity)
+            high = fw.darken(high, cavity, tone=0.0)
         part = edited[y0:y1, x0:x1].astype(np.float32) + high
         edited[y0:y1, x0:x1] = np.clip(part + 0.5, 0, 255).astype(np.uint8)
     flat = CompositeSettings(feather=0.0, colour_match=False, resample=settings.resample)

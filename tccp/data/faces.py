@@ -117,7 +117,7 @@ def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, templa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tccp.face.warp import MOUTH_CAVITY, RIGID_SHARE, RIGID_TEETH, triangulate
+    from tccp.face.warp import CAVITY_TONE, MOUTH_CAVITY, RIGID_SHARE, RIGID_TEETH, triangulate
 
     tri = triangulate(template, SKETCH_INDICES)
     out = Path(out_file)
@@ -130,7 +130,7 @@ def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, templa
         key = [clip.meta.get("source"), clip.meta.get("created"), max_frames, MASK_DILATE, BANK_SIZE]
         key += [MASK_FEATHER, MASK_INSIDE] if MASK_INSIDE else []  # the mask the inputs were made with
         key += [f"rigid teeth {RIGID_SHARE}"] if RIGID_TEETH else []  # ... and the warp
-        key += [f"mouth cavity {MOUTH_CAVITY}"] if RIGID_TEETH and MOUTH_CAVITY > 0 else []
+        key += [f"mouth cavity {MOUTH_CAVITY} {CAVITY_TONE}"] if RIGID_TEETH and MOUTH_CAVITY > 0 else []
         fp = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
         part = parts / f"{clip.name}.safetensors"
         tensors = None

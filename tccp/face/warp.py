@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 __all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "RIGID_TEETH",
-           "MOUTH_CAVITY"]
+           "MOUTH_CAVITY", "CAVITY_TONE"]
 
 # Inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle).
 UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
@@ -35,7 +35,12 @@ of the opening, is stretched or cut)."""
 MOUTH_CAVITY = 0.0
 """Darkening (0..1, at the middle of the opening) where the target's mouth opens far wider
 than the reference's: the stretched middle is then a smear of the few pixels between the
-reference's lips, where a real mouth shows its dark inside (`rigid_mouth`'s `cavity`)."""
+reference's lips, where a real mouth shows its dark inside (`rigid_mouth`'s `cavity`).
+Measured and off: docs/faces.md ("Mouth cavity")."""
+CAVITY_TONE = 0.0
+"""What the darkened middle fades to: this share of the mean colour under it (0: black,
+a multiplication that keeps the smear's texture, fainter; > 0: a flat dark tone of the
+person's own mouth colour, which hides the texture)."""
 
 
 @dataclass
@@ -178,8 +183,7 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
     the share of the middle that is new (its target height less 1.5x its reference height,
     over its target height), times that new height against a tenth of the mouth's width (a
     few new pixels near a corner stay light), times a bump across the middle that is 0 at
-    the teeth bands. The caller darkens the
-    warped image by it (`darken`)."""
+    the teeth bands. The caller darkens the warped image by it (`darken`)."""
     share = RIGID_SHARE if share is None else share
     strength = MOUTH_CAVITY if strength is None else strength
     src, dst = np.asarray(src_mesh, np.float64), np.asarray(dst_mesh, np.float64)
@@ -264,12 +268,6 @@ def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mats[:, r, 2] = s[:, 0, r] - mats[:, r, 0] * d[:, 0, 0] - mats[:, r, 1] * d[:, 0, 1]
     mats[~live] = 0.0
     return mats, live
-
-
-CAVITY_TONE = 0.0
-"""What the darkened middle fades to: this share of the mean colour under it (0: black,
-a multiplication that keeps the smear's texture, fainter; > 0: a flat dark tone of the
-person's own mouth colour, which hides the texture)."""
 
 
 def darken(image: np.ndarray, cavity: np.ndarray, tone: float | None = None) -> np.ndarray:
