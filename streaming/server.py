@@ -82,6 +82,16 @@ class ServerState:
 
     @property
     def active(self) -> int:
+        """Calls that hold a slot: open peers and offers being answered. A peer that is
+        closing no longer does (its engine session is dropped at once; aiortc's teardown
+        of a vanished peer can take seconds, 1.9 s measured under 4-call load), so a caller
+        whose connection dropped gets back in as soon as the server noticed."""
+        return sum(1 for p in self.peers.values() if not getattr(p, "closing", False)) + self.pending
+
+    @property
+    def held(self) -> int:
+        """Everything not yet torn down, closing peers included (the idle memory pass
+        waits for these)."""
         return len(self.peers) + self.pending
 
 
@@ -175,6 +185,7 @@ async def _healthz(request):
     body = {
         "status": "ok",
         "sessions": st.active,
+        "closing": st.held - st.active,
         "max_sessions": st.config.max_sessions,
         "sessions_kind": st.config.label,
         "uptime_s": round(time.monotonic() - st.started, 1),
@@ -397,7 +408,7 @@ def _schedule_trim(st: ServerState) -> None:
         import gc
 
         st.trim_pending = False
-        if st.active:
+        if st.held:
             loop.run_in_executor(None, trim_heap)  # sessions running: no collection pause
             return
         gc.collect()  # idle: no session to stall

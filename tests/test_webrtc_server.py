@@ -166,6 +166,23 @@ async def test_over_capacity_is_503_until_a_slot_frees(server):
     assert "tccp_sessions_started_total 2.0" in text
 
 
+def test_a_closing_peer_gives_its_slot_back_at_once_but_holds_the_idle_pass():
+    """A peer whose teardown is still running (aiortc's close of a vanished peer can take
+    seconds) no longer counts against max_sessions or /healthz's sessions, but the idle
+    memory pass still waits for it (`held`)."""
+    from types import SimpleNamespace
+
+    from streaming.server import ServerState
+
+    st = ServerState(config=None, session_factory=None, metrics=None)
+    st.peers = {"a": SimpleNamespace(closing=False), "b": SimpleNamespace(closing=True)}
+    st.pending = 1
+    assert (st.active, st.held) == (2, 3)
+    st.peers["a"].closing = True
+    st.pending = 0
+    assert (st.active, st.held) == (0, 2)
+
+
 # --------------------------------------------------------------------------- odd cameras
 
 
