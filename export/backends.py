@@ -564,7 +564,6 @@ def backend_pipeline(backend: Backend) -> Any:
     """An `EditPipeline` whose networks all run on `backend` (codec, sampler, schedule
     and latent normalisation from the backend's pack config)."""
     from tccp.diffusion.schedule import Schedule
-    from tccp.models.landmarks import LandmarkCodec
     from tccp.pipeline import EditPipeline, LatentNorm, SamplerConfig
 
     pc = backend.pack_config
@@ -573,7 +572,7 @@ def backend_pipeline(backend: Backend) -> Any:
     net = BackendLandmarkNet(backend)
     codec = getattr(backend, "codec", None)  # torch: the loaded pack's own codec
     if codec is None:
-        codec = LandmarkCodec(np.asarray(backend.template, np.float32), net.cfg.mode, float(c1.get("scale", 0.05)))
+        codec = _codec(backend.template, net, c1)
     pipe = EditPipeline.build(
         net, codec, BackendMouthNet(backend) if backend.has_stage2 else None, BackendAutoencoder(backend),
         BackendWhisper(backend, *_whisper_shape(backend)), crop_size=int(pc.get("crop_size", 128)),
@@ -597,12 +596,18 @@ def _head_generator(backend: Backend) -> Any:
     if template is None or not isinstance(ch, dict):
         return None
     from tccp.diffusion.schedule import Schedule
-    from tccp.models.landmarks import LandmarkCodec
     from tccp.pipelines.landmarks import LandmarkGenerator
 
     net = BackendLandmarkNet(backend, head=True)
-    codec = LandmarkCodec(np.asarray(template, np.float32), net.cfg.mode, float(ch.get("scale", 0.05)))
-    return LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=int(ch.get("steps", 4)))
+    return LandmarkGenerator(net, _codec(template, net, ch), Schedule(prediction="v"), steps=int(ch.get("steps", 4)))
+
+
+def _codec(template: Any, net: BackendLandmarkNet, stage_config: dict[str, Any]) -> Any:
+    """The landmark codec of an exported stage 1 (mouth or head mode): its template from
+    the export's constants, its scale from the pack config."""
+    from tccp.models.landmarks import LandmarkCodec
+
+    return LandmarkCodec(np.asarray(template, np.float32), net.cfg.mode, float(stage_config.get("scale", 0.05)))
 
 
 # --------------------------------------------------------------------------- factory

@@ -86,7 +86,7 @@ class ServerState:
         closing no longer does (its engine session is dropped at once; aiortc's teardown
         of a vanished peer can take seconds, 1.9 s measured under 4-call load), so a caller
         whose connection dropped gets back in as soon as the server noticed."""
-        return sum(1 for p in self.peers.values() if not getattr(p, "closing", False)) + self.pending
+        return sum(1 for p in self.peers.values() if not p.closing) + self.pending
 
     @property
     def held(self) -> int:

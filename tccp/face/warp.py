@@ -15,11 +15,12 @@ always share connectivity. Pixels outside every triangle are left where they are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
 
-__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "RIGID_TEETH",
+__all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "warp_images", "RIGID_TEETH",
            "MOUTH_CAVITY", "CAVITY_TONE"]
 
 # Inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle).
@@ -243,7 +244,7 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
             smid = (1 - 2 * share) * sgap[mid] / eyes  # the reference's, in target px
             grown = tmid - 1.5 * smid  # opening the reference cannot show, px
             new = np.clip(grown / np.maximum(tmid, 1e-9), 0.0, 1.0) * np.clip(grown / (0.1 * length), 0.0, 1.0)
-            cavity[ys[mid], xs[mid]] = strength * new * np.sin(np.pi * np.clip(t, 0.0, 1.0))
+            cavity[ys[mid], xs[mid]] = strength * new * np.sin(np.pi * t)  # t in (0, 1) in the middle
     depth = stop + sd
     map_x[ys, xs] = sc0[0] + sa * se[0] + depth * sn[0] - 0.5
     map_y[ys, xs] = sc0[1] + sa * se[1] + depth * sn[1] - 0.5
@@ -273,15 +274,34 @@ def _affines(d: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def darken(image: np.ndarray, cavity: np.ndarray, tone: float | None = None) -> np.ndarray:
     """`image` (h, w[, c], uint8 or float) faded by `cavity` towards `tone` (default
     CAVITY_TONE) times its mean colour under the cavity, in its own dtype."""
-    if not (cavity > 0).any():
+    under = cavity > 0
+    if not under.any():
         return image
     tone = CAVITY_TONE if tone is None else tone
     c = cavity if image.ndim == 2 else cavity[..., None]
     out = image.astype(np.float32) * (1.0 - c)
     if tone > 0:
-        under = cavity > 0
         out += c * (tone * image[under].astype(np.float32).mean(0))
     return np.clip(np.round(out), 0, 255).astype(image.dtype) if image.dtype == np.uint8 else out.astype(image.dtype)
+
+
+def warp_images(images: Sequence[np.ndarray], tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray,
+                shape: tuple[int, int] | None = None, offset: tuple[float, float] = (0.0, 0.0),
+                src_offset: tuple[float, float] = (0.0, 0.0), align: bool = False,
+                pictures: Sequence[bool] | None = None) -> list[np.ndarray]:
+    """`warp_image` of several images of one frame (a picture and its masks, say) with one
+    map: the map is the costly part (~3 ms at 128 px). `pictures[i]` False: image i is a
+    mask and never gets the cavity darkening (default: all pictures)."""
+    pictures = [True] * len(images) if pictures is None else list(pictures)
+    shape = shape or images[0].shape[:2]
+    cavity = np.zeros(shape, np.float32) if any(pictures) and MOUTH_CAVITY > 0 else None
+    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset, align=align, cavity=cavity)
+    mx, my = mx - src_offset[0], my - src_offset[1]
+    out = []
+    for image, picture in zip(images, pictures):
+        warped = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out.append(darken(warped, cavity) if picture and cavity is not None else warped)
+    return out
 
 
 def warp_image(image: np.ndarray, tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray,
@@ -291,11 +311,7 @@ def warp_image(image: np.ndarray, tri: Triangulation, src_mesh: np.ndarray, dst_
     src_mesh lands on dst_mesh; output `shape` (default: image's) at `offset`; `align`
     as in `warp_map`. A `picture` (not a mask) gets the mouth's cavity darkening
     (`MOUTH_CAVITY`)."""
-    shape = shape or image.shape[:2]
-    cavity = np.zeros(shape, np.float32) if picture and MOUTH_CAVITY > 0 else None
-    mx, my, _ = warp_map(tri, src_mesh, dst_mesh, shape, offset, align=align, cavity=cavity)
-    out = cv2.remap(image, mx - src_offset[0], my - src_offset[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return out if cavity is None else darken(out, cavity)
+    return warp_images([image], tri, src_mesh, dst_mesh, shape, offset, src_offset, align, [picture])[0]
 
 
 def warp_points(tri: Triangulation, src_mesh: np.ndarray, dst_mesh: np.ndarray, points: np.ndarray) -> np.ndarray:

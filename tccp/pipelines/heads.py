@@ -104,7 +104,7 @@ class HeadWarper:
         head region, `ref` (n,) the reference used, `sketches` (n, S, S, 3), `targets`
         (n, 478, 2) the landmarks warped to (the eyes the reference's)."""
         from tccp.face.sketch import draw_sketch
-        from tccp.face.warp import warp_image
+        from tccp.face.warp import warp_images
         from tccp.pipelines.faces import REF_STICK
 
         heads, pose = hf.to_head(np.asarray(targets, np.float32), self.template)
@@ -118,10 +118,9 @@ class HeadWarper:
         faces, masks, sketches = [], [], []
         for k in range(len(crops)):
             j = int(ref[k])
-            warped = warp_image(bank.crops[j], self.tri, bank.meshes[j], targets[k], align=True)
+            warped, hair = warp_images([bank.crops[j], self.hair_mask(bank, j)], self.tri, bank.meshes[j], targets[k],
+                                       align=True, pictures=(True, False))  # one map for the head and its hair mask
             m = region_mask([sources[k], targets[k]], (s, s), "head", dilate=HEAD_DILATE, feather=HEAD_FEATHER)
-            hair = warp_image(self.hair_mask(bank, j), self.tri, bank.meshes[j], targets[k], align=True,
-                              picture=False)
             m = np.maximum(m, _inner_feather(hair, HEAD_FEATHER * s) * self.border)
             out = crops[k].astype(np.float32) * (1 - m[..., None]) + warped.astype(np.float32) * m[..., None]
             faces.append(np.clip(out + 0.5, 0, 255).astype(np.uint8))
