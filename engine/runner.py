@@ -403,14 +403,10 @@ class PipelineRunner:
 def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, quiet: int = 0
           ) -> tuple[np.ndarray, float, int]:
     """`tccp.pipelines.landmarks.apply_gate` for a stream: the gate's state carries over."""
-    from tccp.face import headframe as hf
-    from tccp.pipelines.landmarks import gate_levels
+    from tccp.pipelines.landmarks import gate_levels, rest_mouth
 
     g, level, quiet = gate_levels(vad, level, quiet)
-    out = np.array(heads, np.float32, copy=True)
-    idx = list(hf.MOUTH)
-    out[:, idx] = rest[idx] + g[:, None, None] * (out[:, idx] - rest[idx])
-    return out, level, quiet
+    return rest_mouth(heads, rest, g), level, quiet
 
 
 def check_region(model: Any, region: str, landmarks: str = "generated") -> str:

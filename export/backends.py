@@ -41,6 +41,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from tccp.errors import TCCPError
+from tccp.pack import STAGE1_SCALE, STAGE1_STEPS
 
 __all__ = [
     "BACKENDS",
@@ -578,7 +579,7 @@ def backend_pipeline(backend: Backend) -> Any:
         BackendWhisper(backend, *_whisper_shape(backend)), crop_size=int(pc.get("crop_size", 128)),
         schedule=Schedule.from_dict(c2.get("schedule", {"prediction": "v"})),
         sampler=SamplerConfig.from_dict(c2.get("sampler", {})), latent_norm=LatentNorm(**c2.get("latent_norm", {})),
-        stage1_steps=int(c1.get("steps", 4)), residual_scale=c2.get("residual_scale"),
+        stage1_steps=int(c1.get("steps", STAGE1_STEPS)), residual_scale=c2.get("residual_scale"),
     )
     pipe.pack_config = dict(pc)
     pipe.backend = backend
@@ -599,7 +600,7 @@ def _head_generator(backend: Backend) -> Any:
     from tccp.pipelines.landmarks import LandmarkGenerator
 
     net = BackendLandmarkNet(backend, head=True)
-    return LandmarkGenerator(net, _codec(template, net, ch), Schedule(prediction="v"), steps=int(ch.get("steps", 4)))
+    return LandmarkGenerator(net, _codec(template, net, ch), Schedule(prediction="v"), steps=int(ch.get("steps", STAGE1_STEPS)))
 
 
 def _codec(template: Any, net: BackendLandmarkNet, stage_config: dict[str, Any]) -> Any:
@@ -607,7 +608,7 @@ def _codec(template: Any, net: BackendLandmarkNet, stage_config: dict[str, Any])
     the export's constants, its scale from the pack config."""
     from tccp.models.landmarks import LandmarkCodec
 
-    return LandmarkCodec(np.asarray(template, np.float32), net.cfg.mode, float(stage_config.get("scale", 0.05)))
+    return LandmarkCodec(np.asarray(template, np.float32), net.cfg.mode, float(stage_config.get("scale", STAGE1_SCALE)))
 
 
 # --------------------------------------------------------------------------- factory

@@ -48,11 +48,16 @@ __all__ = [
     "load_stage2",
     "load_pack",
     "load_head_generator",
+    "STAGE1_SCALE",
+    "STAGE1_STEPS",
 ]
 
 DEFAULT_PACK = Path(__file__).resolve().parent / "assets" / "models" / "default"
 PACK_FORMAT = "tccp-pack"
 PACK_VERSION = 2
+STAGE1_SCALE, STAGE1_STEPS = 0.05, 4
+"""Stage-1 settings a pack's config may leave out (coordinate scale of the codec, sampler
+steps): read here and by the exported backends (`export.backends`)."""
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -181,7 +186,7 @@ def load_stage1(path: str | os.PathLike, device: str | torch.device = "cpu", key
     except RuntimeError as exc:
         raise TCCPError(f"{file}: weights do not match the config "
                         f"({str(exc).splitlines()[0]})") from None
-    codec = LandmarkCodec(template.float().numpy(), cfg.mode, float(c1.get("scale", 0.05)))
+    codec = LandmarkCodec(template.float().numpy(), cfg.mode, float(c1.get("scale", STAGE1_SCALE)))
     return net.requires_grad_(False).to(device).eval(), codec
 
 
@@ -238,7 +243,7 @@ def load_pack(
         model2 = model2.to(dtype)
     pipe = EditPipeline.build(net, codec, model2, autoencoder, whisper, crop_size=int(config.get("crop_size", 128)),
                               schedule=schedule, sampler=sampler, latent_norm=norm,
-                              stage1_steps=int(config["stage1"].get("steps", 4)),
+                              stage1_steps=int(config["stage1"].get("steps", STAGE1_STEPS)),
                               residual_scale=c2.get("residual_scale"))
     pipe.pack_config = config
     pipe.stage1_head = load_head_generator(folder, device)
@@ -254,4 +259,4 @@ def load_head_generator(path: str | os.PathLike, device: str | torch.device = "c
     from tccp.pipelines.landmarks import LandmarkGenerator
 
     net, codec = load_stage1(path, device, key="stage1_head")
-    return LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=int(config["stage1_head"].get("steps", 4)))
+    return LandmarkGenerator(net, codec, Schedule(prediction="v"), steps=int(config["stage1_head"].get("steps", STAGE1_STEPS)))

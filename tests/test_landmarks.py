@@ -15,7 +15,7 @@ from tccp.diffusion.schedule import Schedule
 from tccp.face import headframe as hf
 from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig
 from tccp.face.mouth import scale_opening
-from tccp.pipelines.landmarks import LandmarkGenerator, apply_gate
+from tccp.pipelines.landmarks import GATE_FLOOR, LandmarkGenerator, apply_gate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -218,9 +218,19 @@ def test_gate_and_mouth_opening_on_coordinates():
     heads = np.repeat(t[None], 14, 0)
     lower = [i for i in hf.MOUTH if rest[i, 1] > rest[14, 1] - 1e-6]
     heads[:, lower, 1] += 0.1
-    gated = apply_gate(heads, rest, np.array([0.0] * 8 + [1.0] * 5 + [0.3]))
+    vad = np.array([0.0] * 8 + [1.0] * 5 + [0.3])
+    gated = apply_gate(heads, rest, vad, floor=0.0)
     assert np.allclose(gated[2:8, list(hf.MOUTH)], rest[list(hf.MOUTH)])  # a silent stretch: at rest
     assert np.allclose(gated[8:], heads[8:])  # speech onset: open at once; 0.3 is not silence
+    # the default keeps GATE_FLOOR of the motion in silence, and all of it in speech
+    kept = apply_gate(heads, rest, vad)
+    move = heads[2:8, lower, 1] - rest[lower, 1]
+    np.testing.assert_allclose(kept[2:8, lower, 1] - rest[lower, 1], GATE_FLOOR * move, atol=1e-6)
+    assert np.allclose(kept[8:], heads[8:])
+    assert np.allclose(kept[:, [i for i in range(478) if i not in set(hf.MOUTH)]],
+                       heads[:, [i for i in range(478) if i not in set(hf.MOUTH)]])  # only the mouth moves
+    with pytest.raises(ValueError, match="floor"):
+        apply_gate(heads, rest, vad, floor=1.5)
     ap = [hf.aperture(scale_opening(heads, rest, s)).mean() for s in (0.0, 1.0, 2.0)]
     np.testing.assert_allclose(ap[0], hf.aperture(rest[None])[0], atol=1e-6)  # 0: the rest mouth
     np.testing.assert_allclose(ap[2] - ap[0], 2 * (ap[1] - ap[0]), rtol=1e-4)  # 2: twice the opening
