@@ -79,6 +79,10 @@ class EngineConfig:
     """Mouth-opening factor on stage 1's coordinates (0 closed, 1 as generated, 2 double)."""
     gate: bool = True
     """Rest the mouth where the voice-activity detector hears no speech."""
+    silence_motion: float | None = None
+    """Share of the generated mouth motion the gate keeps in silence (0: fully at rest,
+    1: no rest); None: `tccp.pipelines.landmarks.GATE_FLOOR` (0.2, measured in
+    docs/lipsync.md "Silence")."""
     references: Any = field(default=None, repr=False)
     """A ready reference bank (`tccp.pipelines.faces.ReferenceBank`, e.g. from
     `engine.refs.scan_video` or an image); None: built from the session's own frames."""

@@ -81,6 +81,7 @@ class WindowRequest:
     seed: int = 0
     mouth_scale: float = 1.0
     gate: bool = True
+    silence_motion: float | None = None  # the gate's floor (EngineConfig.silence_motion)
     region: str = "mouth"  # 'head': stage 1's head mode and the whole-head warp
     contexts: np.ndarray | None = None  # (n, CONTEXT_DIM) head-masked context tokens (head region)
     stage1: Any = None  # the session's own stage-1 generator (EngineConfig.stage1); None: the pack's
@@ -300,7 +301,7 @@ class PipelineRunner:
             level = 0.0 if r.state is None else r.state.gate  # a stream starts at rest
             quiet = 0 if r.state is None else r.state.quiet
             if r.gate:
-                gen_heads, level, quiet = _gate(gen_heads, ref.rest, vad[i], level, quiet)
+                gen_heads, level, quiet = _gate(gen_heads, ref.rest, vad[i], level, quiet, r.silence_motion)
             gain = r.mouth_scale * self.articulation
             if gain != 1.0:
                 gen_heads = scale_opening(gen_heads, ref.rest, gain)
@@ -400,13 +401,14 @@ class PipelineRunner:
         return results
 
 
-def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, quiet: int = 0
-          ) -> tuple[np.ndarray, float, int]:
-    """`tccp.pipelines.landmarks.apply_gate` for a stream: the gate's state carries over."""
-    from tccp.pipelines.landmarks import gate_levels, rest_mouth
+def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, quiet: int = 0,
+          floor: float | None = None) -> tuple[np.ndarray, float, int]:
+    """`tccp.pipelines.landmarks.apply_gate` for a stream: the gate's state carries over;
+    `floor` None: the default share of motion kept in silence (`GATE_FLOOR`)."""
+    from tccp.pipelines.landmarks import GATE_FLOOR, gate_levels, rest_mouth
 
     g, level, quiet = gate_levels(vad, level, quiet)
-    return rest_mouth(heads, rest, g), level, quiet
+    return rest_mouth(heads, rest, g, GATE_FLOOR if floor is None else floor), level, quiet
 
 
 def check_region(model: Any, region: str, landmarks: str = "generated") -> str:

@@ -463,6 +463,7 @@ class Session:
             seed=c.seed + win.index,
             mouth_scale=c.mouth_scale,
             gate=c.gate,
+            silence_motion=c.silence_motion,
             region=c.region,
             stage1=self._stage1() if c.region == "mouth" else None,
             contexts=None if c.region != "head" else await loop.run_in_executor(None, _context_tokens, win, self.model.size),

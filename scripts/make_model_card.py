@@ -95,6 +95,48 @@ def suite_section(suite: dict) -> list[str]:
     ]
 
 
+def stage1_section(v: dict, when: str) -> list[str]:
+    """The card's stage-1 table from validation summaries per feature view
+    (`tccp.training.landmarks.validate`: {"full": ..., "stream0": ..., "stream2": ...})."""
+    vf, vs0, vs2 = v.get("full", {}), v.get("stream0", {}), v.get("stream2", {})
+
+    def row(name: str, m: dict) -> str:
+        return (f"| {name} | {fmt(m.get('aperture_corr'))} | {fmt(m.get('lip_lmd'), '.4f')} | "
+                f"{fmt(m.get('abs_lag'), '.2f')} | {fmt(m.get('silence_ratio'))} |")
+
+    return [
+        f"## Stage 1 on the held-out clips with speech (reconstruction, {when})",
+        "| features | mouth-aperture r | LipLMD | |lag| (frames) | silence ratio |",
+        "| --- | --- | --- | --- | --- |",
+        row("full context (files)", vf), row("live, no look-ahead", vs0), row("live, 0.2 s look-ahead", vs2),
+        f"| baseline: mean lips held | - | {fmt(vf.get('baseline_mean_lips_lmd'), '.4f')} | - | - |",
+        "",
+    ]
+
+
+def update_stage1(pack: Path, data: Path) -> Path:
+    """Validate the pack's stage 1 as the engine runs it today (its voice-activity gate
+    included) on the held-out clips of `data` and replace only the card's stage-1 table:
+    a change of the gate changes these numbers without any retraining."""
+    from tccp.data.datasets import find_prepared, split_clips
+    from tccp.data.landmarks import load_landmark_clips
+    from tccp.pack import load_stage1
+    from tccp.training.landmarks import validate
+
+    net, codec = load_stage1(pack)
+    _, val = split_clips(find_prepared(str(data)))
+    clips = load_landmark_clips(val, codec.template, kinds=("full", "stream0", "stream2"),
+                                cache_dir=str(data / ".cache-whisper"))
+    v = {kind: validate(net, codec, clips, kind=kind)["summary"] for kind in ("full", "stream0", "stream2")}
+    card = pack / "MODEL_CARD.md"
+    text = card.read_text()
+    head, rest = text.split("## Stage 1 on the held-out clips", 1)
+    _, tail = rest.split("## End to end", 1)
+    when = f"the pack as the engine runs it on {time.strftime('%Y-%m-%d')}, `--update-stage1`"
+    card.write_text(head + "\n".join(stage1_section(v, when)) + "\n## End to end" + tail)
+    return card
+
+
 def update_suite(pack: Path, suite_json: Path) -> Path:
     """Replace only the end-to-end section of an existing card (the training runs it was
     written from need not exist any more)."""
@@ -117,12 +159,18 @@ def main() -> int:
     ap.add_argument("--suite-json", type=Path, default=None, help="a finished `tccp eval --suite --json` result")
     ap.add_argument("--update-suite", type=Path, default=None, metavar="SUITE_JSON",
                     help="only replace the end-to-end section of the pack's existing card with this suite result")
+    ap.add_argument("--update-stage1", type=Path, default=None, metavar="PREPARED",
+                    help="only replace the stage-1 table of the pack's card with a validation of the pack as the "
+                         "engine runs it now, on the held-out clips of this prepared folder")
     ap.add_argument("--stage1-head", type=Path, default=None, help="the head-mode stage-1 run (when the pack has one)")
     ap.add_argument("--head-suite-json", type=Path, default=None, help="`tccp eval --suite --region head` result")
     ap.add_argument("--machine", default=f"{platform.machine()}, 2 CPU cores shared with other jobs, no GPU")
     args = ap.parse_args()
+    if args.update_stage1 is not None:
+        print(update_stage1(args.pack, args.update_stage1))
     if args.update_suite is not None:
         print(update_suite(args.pack, args.update_suite))
+    if args.update_stage1 is not None or args.update_suite is not None:
         return 0
     if args.stage1 is None or args.suite_json is None:
         ap.error("--stage1 and --suite-json are required (or --update-suite)")
@@ -139,7 +187,6 @@ def main() -> int:
             shutil.copyfile(run / "loss.png", args.pack / f"loss_{name}.png")
     m1 = s1["config"]["model"]
     v = (s1["val"] or {})
-    vf, vs0, vs2 = v.get("full", {}), v.get("stream0", {}), v.get("stream2", {})
     lines = [
         "# Model card: the bundled pack (`tccp/assets/models/default`)",
         "",
@@ -181,17 +228,7 @@ def main() -> int:
     lines += [
         f"- Held out, never trained on: {', '.join(s1['config'].get('val_clips', []))}.",
         "",
-        "## Stage 1 on the held-out clips with speech (reconstruction, at the end of training)",
-        "| features | mouth-aperture r | LipLMD | |lag| (frames) | silence ratio |",
-        "| --- | --- | --- | --- | --- |",
-        f"| full context (files) | {fmt(vf.get('aperture_corr'))} | {fmt(vf.get('lip_lmd'), '.4f')} | "
-        f"{fmt(vf.get('abs_lag'), '.2f')} | {fmt(vf.get('silence_ratio'))} |",
-        f"| live, no look-ahead | {fmt(vs0.get('aperture_corr'))} | {fmt(vs0.get('lip_lmd'), '.4f')} | "
-        f"{fmt(vs0.get('abs_lag'), '.2f')} | {fmt(vs0.get('silence_ratio'))} |",
-        f"| live, 0.2 s look-ahead | {fmt(vs2.get('aperture_corr'))} | {fmt(vs2.get('lip_lmd'), '.4f')} | "
-        f"{fmt(vs2.get('abs_lag'), '.2f')} | {fmt(vs2.get('silence_ratio'))} |",
-        f"| baseline: mean lips held | - | {fmt(vf.get('baseline_mean_lips_lmd'), '.4f')} | - | - |",
-        "",
+        *stage1_section(v, "at the end of training"),
         *suite_section(suite),
         "## Limits",
         "- Trained on about 15 minutes of public footage on a CPU: it has seen few people and few mouths.",

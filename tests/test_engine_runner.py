@@ -128,6 +128,29 @@ def test_mouth_scale_acts_on_the_coordinates(runner, clip):
     assert aps[2.0] > 1.5 * aps[1.0] - 0.01
 
 
+def test_silence_motion_sets_how_much_of_the_mouth_moves_in_silence(runner, clip):
+    """In silence (voice activity 0) the gate keeps `silence_motion` of the generated
+    lips' motion about the rest mouth: 0 rests them, 1 keeps all of it (as with the
+    gate off), the default (None) GATE_FLOOR of it; nothing but the mouth changes."""
+    from tccp.pipelines.landmarks import GATE_FLOOR
+
+    def run(**kw):
+        req = _req(runner, clip, steps=0)
+        req.vad = np.zeros(req.n, np.float32)
+        for k, v in kw.items():
+            setattr(req, k, v)
+        return runner.run_batch([req])[0].targets
+
+    rest, full, off, default = run(silence_motion=0.0), run(silence_motion=1.0), run(gate=False), run()
+    np.testing.assert_allclose(full, off, atol=1e-4)
+    mouth = list(hf.MOUTH)
+    assert np.abs(full[:, mouth] - rest[:, mouth]).max() > 0.05  # the untrained net moves the lips
+    np.testing.assert_allclose(default[:, mouth] - rest[:, mouth], GATE_FLOOR * (full[:, mouth] - rest[:, mouth]),
+                               atol=1e-3)
+    others = [i for i in range(default.shape[1]) if i not in set(mouth)]
+    np.testing.assert_allclose(default[:, others], rest[:, others], atol=1e-5)
+
+
 def test_pack_articulation_scales_generated_lips_only(runner, clip):
     """`stage1.articulation` of a pack's config multiplies --mouth-scale on generated
     lips (the bundled pack's 1.25 undoes stage 1's damping) and leaves tracked ones."""

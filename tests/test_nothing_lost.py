@@ -192,6 +192,15 @@ def test_run_refuses_to_write_over_its_input(tmp_path, capfd, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "voice.m4a"]
 
 
+def test_run_refuses_a_silence_motion_outside_0_to_1(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.mp4").write_bytes(b"the user's video")
+    for bad in ("-0.1", "1.5", "nan"):
+        code, lines = _cli(["run", "--video", "a.mp4", "--out", "o.mp4", "--silence-motion", bad], capfd)
+        _one_error(code, lines, "--silence-motion", "between 0 and 1")
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4"]
+
+
 def test_eval_refuses_json_over_the_video_and_a_bad_max_seconds(tmp_path, capfd):
     gen = tmp_path / "v.mp4"
     gen.write_bytes(b"video bytes")

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
                    help="scale the lip opening: 0 closed, 1 as the pack renders it (default), >1 exaggerated "
                         "(max 4; multiplies the pack's articulation gain, 1.25 for the bundled pack)")
+    p.add_argument("--silence-motion", type=float, default=None, metavar="F",
+                   help="share of the generated mouth motion kept where nobody speaks: 0 rests the mouth fully, "
+                        "1 turns the rest off (default 0.2: lips still open before a phrase and close after it)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="only the first S seconds of the driving audio")
     p.add_argument("--adapt-steps", type=int, default=None, metavar="N",
@@ -211,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
     _check_adapt_options(args)
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
                        region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
-                       adapt_audio=args.adapt_audio)
+                       adapt_audio=args.adapt_audio, silence_motion=_silence_motion(args))
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
@@ -252,6 +255,16 @@ def _loader(backend: str):
 def _camera_spec(value: str) -> bool:
     v = value.strip().lower()
     return v.isdigit() or v == "camera" or v.startswith("camera:")
+
+
+def _silence_motion(args: argparse.Namespace) -> float | None:
+    """--silence-motion if given and in [0, 1], else a one-line error; None: the default."""
+    from tccp.errors import TCCPError
+
+    v = args.silence_motion
+    if v is not None and not 0.0 <= v <= 1.0:
+        raise TCCPError(f"--silence-motion {v}: must be between 0 and 1")
+    return v
 
 
 def _check_adapt_options(args: argparse.Namespace) -> None:
@@ -303,7 +316,7 @@ def main_live(args: argparse.Namespace) -> int:
         guard_output(out, inputs=(None if _camera_spec(video) else video, args.audio, args.identity))
     audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
     cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks,
-                       mouth_scale=args.mouth_scale, region=args.region)
+                       mouth_scale=args.mouth_scale, region=args.region, silence_motion=_silence_motion(args))
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     if args.identity is not None:
