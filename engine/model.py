@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-__all__ = ["Runner", "SharedModel", "ModelStats", "load_model", "check_mouth_scale", "check_region"]
+__all__ = ["Runner", "SharedModel", "ModelStats", "load_model", "check_mouth_scale", "check_silence_motion", "check_region"]
 
 from engine.runner import check_region  # noqa: E402,F401 - the commands' import point
 
@@ -229,6 +229,16 @@ class SharedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_silence_motion(value: float | None) -> float | None:
+    """`value` if it is a valid share of mouth motion kept in silence (0..1, or None for
+    the default), else a one-line `TCCPError` (--silence-motion)."""
+    from tccp.errors import TCCPError
+
+    if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+        raise TCCPError(f"--silence-motion {value}: must be between 0 and 1")
+    return value
 
 
 def check_mouth_scale(value: float) -> float:

@@ -520,6 +520,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default avatar of sessions (the page can pick another installed one)")
     p.add_argument("--mouth-scale", type=float, default=1.0, metavar="F",
                    help="lip opening factor: 0 closed, 1 as the pack renders it, >1 exaggerated")
+    p.add_argument("--silence-motion", type=float, default=None, metavar="F",
+                   help="share of the generated mouth motion kept while the caller is silent: 0 rests the mouth "
+                        "fully, 1 turns the rest off (default 0.2)")
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: lips from the audio (default); tracked: lips follow the camera")
     p.add_argument("--region", choices=("mouth", "head"), default="mouth",
@@ -585,13 +588,14 @@ class ModelSessions:
     def __init__(self, pack: str | None, device: str, steps: int | None = None, *, avatar: str | None = None,
                  mouth_scale: float = 1.0, landmarks: str = "generated", roots: list[Path] | None = None,
                  trackers: int = 4, model: Any = None, region: str = "mouth", adapt_steps: int = 0,
-                 adapt_seconds: float = 15.0) -> None:
+                 adapt_seconds: float = 15.0, silence_motion: float | None = None) -> None:
         from engine.config import EngineConfig
         from engine.model import load_model
         from streaming.live import TrackerPool
 
         self.pack, self.device, self.mouth_scale, self.roots = pack, device, mouth_scale, roots
-        self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale, region=region)
+        self.base = EngineConfig(live=True, landmarks=landmarks, mouth_scale=mouth_scale, region=region,
+                                 silence_motion=silence_motion)
         if adapt_steps > 0:  # each call adapts stage 1 to its caller (engine.adapt.LiveAdapter)
             self.base = self.base.with_(live_adapt=True, adapt_steps=adapt_steps, adapt_seconds=adapt_seconds)
         if steps is not None:
@@ -713,6 +717,9 @@ def main(args: argparse.Namespace) -> int:
     from engine.adapt import check_adapt_options
 
     check_adapt_options(args.adapt_steps, args.adapt_seconds)
+    from engine.model import check_silence_motion
+
+    check_silence_motion(args.silence_motion)
     ctx = _ssl_context(args.cert, args.key)
     limit_malloc_arenas()  # before the model and any session thread exist (see trim_heap)
     threads = set_threads(args.threads)
@@ -725,7 +732,7 @@ def main(args: argparse.Namespace) -> int:
         factory = model_session_factory(args.model, args.device, args.steps, avatar=args.avatar,
                                         mouth_scale=args.mouth_scale, landmarks=args.landmarks, region=args.region,
                                         trackers=args.max_sessions, adapt_steps=args.adapt_steps,
-                                        adapt_seconds=args.adapt_seconds)
+                                        adapt_seconds=args.adapt_seconds, silence_motion=args.silence_motion)
         label = "model"
         print(f"tccp serve: warming up the model ({threads} thread(s))...", flush=True)
         factory.warm()

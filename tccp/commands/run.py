@@ -259,12 +259,9 @@ def _camera_spec(value: str) -> bool:
 
 def _silence_motion(args: argparse.Namespace) -> float | None:
     """--silence-motion if given and in [0, 1], else a one-line error; None: the default."""
-    from tccp.errors import TCCPError
+    from engine.model import check_silence_motion
 
-    v = args.silence_motion
-    if v is not None and not 0.0 <= v <= 1.0:
-        raise TCCPError(f"--silence-motion {v}: must be between 0 and 1")
-    return v
+    return check_silence_motion(args.silence_motion)
 
 
 def _check_adapt_options(args: argparse.Namespace) -> None:
