@@ -272,7 +272,10 @@ def test_serve_adapt_options(capsys):
     try:
         on = ModelSessions(None, "cpu", model=shared, adapt_steps=40, adapt_seconds=9.0, trackers=1)
         assert on.cfg.live_adapt and on.cfg.adapt_steps == 40 and on.cfg.adapt_seconds == 9.0
-        assert not ModelSessions(None, "cpu", model=shared, trackers=1).cfg.live_adapt
+        plain = ModelSessions(None, "cpu", model=shared, trackers=1).cfg
+        assert not plain.live_adapt and plain.silence_motion is None  # the gate's default floor
+        # --silence-motion reaches every call's config
+        assert ModelSessions(None, "cpu", model=shared, trackers=1, silence_motion=0.0).cfg.silence_motion == 0.0
     finally:
         shared.close()
 

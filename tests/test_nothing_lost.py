@@ -203,19 +203,6 @@ def test_run_refuses_a_silence_motion_outside_0_to_1(tmp_path, capfd, monkeypatc
     _one_error(code, lines, "--silence-motion 2", "between 0 and 1")
 
 
-def test_serve_passes_silence_motion_to_its_calls():
-    from engine.model import SharedModel
-    from engine.runner import PipelineRunner
-    from streaming.server import ModelSessions
-
-    shared = SharedModel(PipelineRunner.random())
-    try:
-        assert ModelSessions(None, "cpu", model=shared, trackers=1, silence_motion=0.0).cfg.silence_motion == 0.0
-        assert ModelSessions(None, "cpu", model=shared, trackers=1).cfg.silence_motion is None  # the default floor
-    finally:
-        shared.close()
-
-
 def test_eval_refuses_json_over_the_video_and_a_bad_max_seconds(tmp_path, capfd):
     gen = tmp_path / "v.mp4"
     gen.write_bytes(b"video bytes")
