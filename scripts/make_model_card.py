@@ -114,6 +114,40 @@ def stage1_section(v: dict, when: str) -> list[str]:
     ]
 
 
+HEAD_TABLE = ("| mouth-aperture r | LipLMD (mean lips) | sketch LMD (hold) | pose angle RMS deg (hold) | "
+              "head position RMS, crop fraction (hold) | head-motion ratio |", "| --- | --- | --- | --- | --- | --- |")
+HEAD_SUITE = "End to end, `tccp eval --suite --region head`"
+
+
+def head_row(hv: dict) -> str:
+    """The card's head-mode stage-1 row from a validation summary (full-context features)."""
+    return (f"| {fmt(hv.get('aperture_corr'))} | {fmt(hv.get('lip_lmd'), '.4f')} "
+            f"({fmt(hv.get('baseline_mean_lips_lmd'), '.4f')}) | {fmt(hv.get('sketch_lmd'), '.4f')} "
+            f"({fmt(hv.get('baseline_hold_sketch_lmd'), '.4f')}) | {fmt(hv.get('pose_angle_deg'), '.2f')} "
+            f"({fmt(hv.get('baseline_hold_pose_angle_deg'), '.2f')}) | {fmt(hv.get('pose_origin'), '.4f')} "
+            f"({fmt(hv.get('baseline_hold_pose_origin'), '.4f')}) | {fmt(hv.get('pose_motion_ratio'), '.2f')} |")
+
+
+def head_suite_block(hs: dict) -> list[str]:
+    from tccp.metrics.suite import format_table
+
+    return [
+        HEAD_SUITE + " (same clips and seconds; frozen, blur and real as above;",
+        "PSNR kept is the face outside the *mouth* region, which head mode edits too):",
+        "```",
+        format_table(hs, stage1=False),
+        "```",
+    ]
+
+
+def update_head_suite(pack: Path, suite_json: Path) -> Path:
+    """Replace only the head-mode end-to-end block (at the end of the card)."""
+    card = pack / "MODEL_CARD.md"
+    head, _ = card.read_text().split(HEAD_SUITE, 1)
+    card.write_text(head + "\n".join(head_suite_block(json.loads(suite_json.read_text()))) + "\n")
+    return card
+
+
 def update_stage1(pack: Path, data: Path) -> Path:
     """Validate the pack's stage 1 as the engine runs it today (its voice-activity gate
     included) on the held-out clips of `data` and replace only the card's stage-1 table:
@@ -133,7 +167,15 @@ def update_stage1(pack: Path, data: Path) -> Path:
     head, rest = text.split("## Stage 1 on the held-out clips", 1)
     _, tail = rest.split("## End to end", 1)
     when = f"the pack as the engine runs it on {time.strftime('%Y-%m-%d')}, `--update-stage1`"
-    card.write_text(head + "\n".join(stage1_section(v, when)) + "\n## End to end" + tail)
+    text = head + "\n".join(stage1_section(v, when)) + "\n## End to end" + tail
+    if (pack / "stage1_head.safetensors").is_file() and HEAD_TABLE[1] in text:
+        hnet, hcodec = load_stage1(pack, key="stage1_head")
+        hclips = load_landmark_clips(val, hcodec.template, kinds=("full",), cache_dir=str(data / ".cache-whisper"),
+                                     context=True)
+        hv = validate(hnet, hcodec, hclips, kind="full")["summary"]
+        before, after = text.split(HEAD_TABLE[1] + "\n", 1)
+        text = before + HEAD_TABLE[1] + "\n" + head_row(hv) + "\n" + after.split("\n", 1)[1]
+    card.write_text(text)
     return card
 
 
@@ -162,6 +204,8 @@ def main() -> int:
     ap.add_argument("--update-stage1", type=Path, default=None, metavar="PREPARED",
                     help="only replace the stage-1 table of the pack's card with a validation of the pack as the "
                          "engine runs it now, on the held-out clips of this prepared folder")
+    ap.add_argument("--update-head-suite", type=Path, default=None, metavar="SUITE_JSON",
+                    help="only replace the head-mode end-to-end block of the card with this `--region head` result")
     ap.add_argument("--stage1-head", type=Path, default=None, help="the head-mode stage-1 run (when the pack has one)")
     ap.add_argument("--head-suite-json", type=Path, default=None, help="`tccp eval --suite --region head` result")
     ap.add_argument("--machine", default=f"{platform.machine()}, 2 CPU cores shared with other jobs, no GPU")
@@ -170,12 +214,12 @@ def main() -> int:
         print(update_stage1(args.pack, args.update_stage1))
     if args.update_suite is not None:
         print(update_suite(args.pack, args.update_suite))
-    if args.update_stage1 is not None or args.update_suite is not None:
+    if args.update_head_suite is not None:
+        print(update_head_suite(args.pack, args.update_head_suite))
+    if args.update_stage1 is not None or args.update_suite is not None or args.update_head_suite is not None:
         return 0
     if args.stage1 is None or args.suite_json is None:
-        ap.error("--stage1 and --suite-json are required (or --update-suite)")
-
-    from tccp.metrics.suite import format_table
+        ap.error("--stage1 and --suite-json are required (or --update-stage1 / --update-suite / --update-head-suite)")
 
     pack_cfg = json.loads((args.pack / "config.json").read_text())
     packed = ((pack_cfg.get("card") or {}).get("training") or {}).get("stage2") or {}
@@ -251,27 +295,13 @@ def main() -> int:
             "Stage 1 head on the held-out clips (full-context features; hold = the references' mean shape and pose "
             "held still):",
             "",
-            "| mouth-aperture r | LipLMD (mean lips) | sketch LMD (hold) | pose angle RMS deg (hold) | "
-            "head position RMS, crop fraction (hold) | head-motion ratio |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| {fmt(hv.get('aperture_corr'))} | {fmt(hv.get('lip_lmd'), '.4f')} "
-            f"({fmt(hv.get('baseline_mean_lips_lmd'), '.4f')}) | {fmt(hv.get('sketch_lmd'), '.4f')} "
-            f"({fmt(hv.get('baseline_hold_sketch_lmd'), '.4f')}) | {fmt(hv.get('pose_angle_deg'), '.2f')} "
-            f"({fmt(hv.get('baseline_hold_pose_angle_deg'), '.2f')}) | {fmt(hv.get('pose_origin'), '.4f')} "
-            f"({fmt(hv.get('baseline_hold_pose_origin'), '.4f')}) | {fmt(hv.get('pose_motion_ratio'), '.2f')} |",
+            *HEAD_TABLE, head_row(hv),
         ]
     else:
         lines.append("- Head mode (whole-head replacement, the paper's setting) is not trained in this pack.")
     if args.head_suite_json is not None:
         hs = json.loads(args.head_suite_json.read_text())
-        lines += [
-            "",
-            "End to end, `tccp eval --suite --region head` (same clips and seconds; frozen, blur and real as above;",
-            "PSNR kept is the face outside the *mouth* region, which head mode edits too):",
-            "```",
-            format_table(hs, stage1=False),
-            "```",
-        ]
+        lines += ["", *head_suite_block(hs)]
     (args.pack / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(args.pack / "MODEL_CARD.md")
     return 0
