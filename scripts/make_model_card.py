@@ -133,7 +133,8 @@ def head_suite_block(hs: dict) -> list[str]:
 
     return [
         HEAD_SUITE + " (same clips and seconds; frozen, blur and real as above;",
-        "PSNR kept is the face outside the *mouth* region, which head mode edits too):",
+        "PSNR kept is the face outside the *mouth* region, which head mode edits too; head mode does not adapt",
+        "stage 1 to the person, so its `unadapted` row, where shown, is the same run):",
         "```",
         format_table(hs, stage1=False),
         "```",
