@@ -186,8 +186,12 @@ def test_resume_skip_force_and_multi_clip(tmp_path: Path, face_frames, speech, c
     wav = make_wav(src / "talk.wav", seconds=0.8)  # shorter than the video: padded
     bad = make_text_as_mp4(src / "bad.mp4")
     out = tmp_path / "out"
+    import cv2
+
+    threads = cv2.getNumThreads()
     code, lines = _run([str(silent), str(bad), "--out", str(out), "--workers", "1"], capfd)
     assert code != 0
+    assert cv2.getNumThreads() == threads  # preparing in process leaves OpenCV's threads as they were
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: "), lines
     folder = out / "talk_noaudio"

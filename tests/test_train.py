@@ -193,9 +193,10 @@ def test_stage1_cosine_schedule_ends_at_zero(data_dir, tmp_path):
 def test_overfit_reduces_the_loss(data_dir, tmp_path):
     from tccp.training.trainer import Trainer, _Objective
 
-    # 120 steps: at 60 the loss fell to 0.82x alone but to 0.851x in one whole-suite run (the
-    # starting loss differed, 0.754 vs 0.739: some state left by earlier test modules, not
-    # traced); at 120 it falls to 0.68x, clear of the 0.85 bar either way
+    # 120 steps: at 60 the loss fell to 0.82x alone but to 0.851x in one whole-suite run: its
+    # starting loss differed (0.754 vs 0.739) because an earlier in-process `tccp prepare` had
+    # left OpenCV at one thread, and the fixture's clips came out slightly different (prepare
+    # now sets one thread for its own work only, so they always do); at 120 steps 0.73x
     tr = Trainer(_cfg(data_dir, tmp_path / "run", steps=120, batch=4, lr=5e-3, warmup_steps=5, p_first=0.0), log=_quiet)
     fixed = tr._batch(0)
     obj = _Objective(tr.model, tr.schedule, tr.cfg)

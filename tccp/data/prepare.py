@@ -429,10 +429,23 @@ def _fix_permissions(folder: Path) -> None:
 def _worker(args: tuple) -> PrepareResult:
     clip, out_dir, audio, cfg, force = args
     t0 = time.perf_counter()
-    try:
-        import cv2
+    import cv2
 
-        cv2.setNumThreads(1)  # one core per worker; the pool provides the parallelism
+    # one OpenCV thread per clip: the pool provides the parallelism, and a clip's
+    # prepared pixels then do not depend on --workers (some OpenCV results vary with the
+    # thread count); the caller's setting comes back after (a clip prepared in process
+    # left OpenCV at one thread for the rest of it)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return _prepare_one(clip, out_dir, audio, cfg, force, t0)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _prepare_one(clip: str, out_dir: str, audio: str | None, cfg: PrepareConfig, force: bool, t0: float
+                 ) -> PrepareResult:
+    try:
         folder = prepare_clip(clip, out_dir, cfg.size, audio, cfg, force)
         meta = json.loads((folder / "meta.json").read_text())
         return PrepareResult(Path(clip), folder, "done", None, int(meta["n_frames"]), time.perf_counter() - t0)
