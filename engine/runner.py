@@ -405,10 +405,10 @@ def _gate(heads: np.ndarray, rest: np.ndarray, vad: np.ndarray, level: float, qu
           floor: float | None = None) -> tuple[np.ndarray, float, int]:
     """`tccp.pipelines.landmarks.apply_gate` for a stream: the gate's state carries over;
     `floor` None: the default share of motion kept in silence (`GATE_FLOOR`)."""
-    from tccp.pipelines.landmarks import GATE_FLOOR, gate_levels, rest_mouth
+    from tccp.pipelines.landmarks import gate_levels, rest_mouth
 
     g, level, quiet = gate_levels(vad, level, quiet)
-    return rest_mouth(heads, rest, g, GATE_FLOOR if floor is None else floor), level, quiet
+    return rest_mouth(heads, rest, g, floor), level, quiet
 
 
 def check_region(model: Any, region: str, landmarks: str = "generated") -> str:

@@ -187,13 +187,14 @@ def print_warnings(caught: list) -> None:
 def main(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.filerun import run_file
-    from engine.model import check_mouth_scale, check_region, load_model
+    from engine.model import check_mouth_scale, check_region, check_silence_motion, load_model
     from tccp.errors import TCCPError
     from tccp.io_utils import guard_output
 
     if args.steps is not None and args.steps < 0:
         raise TCCPError(f"--steps {args.steps}: must be 0 (the warped reference, no denoiser) or more")
     check_mouth_scale(args.mouth_scale)
+    check_silence_motion(args.silence_motion)
     if args.avatar is not None and args.identity is not None:
         raise TCCPError("--identity and --avatar: pass one (the avatar brings its own reference images)")
     if args.live:
@@ -214,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     _check_adapt_options(args)
     cfg = EngineConfig(sampler=args.sampler, seed=args.seed, landmarks=args.landmarks, mouth_scale=args.mouth_scale,
                        region=args.region, adapt_steps=args.adapt_steps, adapt_seconds=args.adapt_seconds,
-                       adapt_audio=args.adapt_audio, silence_motion=_silence_motion(args))
+                       adapt_audio=args.adapt_audio, silence_motion=args.silence_motion)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     model = load_model(args.model, args.device, _loader(args.backend), avatar=args.avatar)
@@ -255,13 +256,6 @@ def _loader(backend: str):
 def _camera_spec(value: str) -> bool:
     v = value.strip().lower()
     return v.isdigit() or v == "camera" or v.startswith("camera:")
-
-
-def _silence_motion(args: argparse.Namespace) -> float | None:
-    """--silence-motion if given and in [0, 1], else a one-line error; None: the default."""
-    from engine.model import check_silence_motion
-
-    return check_silence_motion(args.silence_motion)
 
 
 def _check_adapt_options(args: argparse.Namespace) -> None:
@@ -313,7 +307,7 @@ def main_live(args: argparse.Namespace) -> int:
         guard_output(out, inputs=(None if _camera_spec(video) else video, args.audio, args.identity))
     audio = FileAudioSource(args.audio) if args.audio is not None else MicSource()
     cfg = EngineConfig(live=True, sampler=args.sampler, seed=args.seed, landmarks=args.landmarks,
-                       mouth_scale=args.mouth_scale, region=args.region, silence_motion=_silence_motion(args))
+                       mouth_scale=args.mouth_scale, region=args.region, silence_motion=args.silence_motion)
     if args.steps is not None:
         cfg = cfg.with_(steps=args.steps, min_steps=max(1, min(cfg.min_steps, args.steps)))
     if args.identity is not None:

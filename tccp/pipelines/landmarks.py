@@ -150,9 +150,11 @@ def gate_levels(vad: np.ndarray, level: float = 0.0, quiet: int = 0, low: float 
     return out, level, quiet
 
 
-def rest_mouth(meshes: np.ndarray, rest: np.ndarray, levels: np.ndarray, floor: float = GATE_FLOOR) -> np.ndarray:
+def rest_mouth(meshes: np.ndarray, rest: np.ndarray, levels: np.ndarray, floor: float | None = None) -> np.ndarray:
     """Mouth points blended toward the rest shape: frame i keeps
-    `floor + (1 - floor) * levels[i]` of its motion (`levels` from `gate_levels`)."""
+    `floor + (1 - floor) * levels[i]` of its motion (`levels` from `gate_levels`;
+    `floor` None: `GATE_FLOOR`)."""
+    floor = GATE_FLOOR if floor is None else floor
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"gate floor {floor}: must lie in [0, 1]")
     w = floor + (1.0 - floor) * np.asarray(levels, np.float32)
@@ -162,7 +164,7 @@ def rest_mouth(meshes: np.ndarray, rest: np.ndarray, levels: np.ndarray, floor: 
     return out
 
 
-def apply_gate(meshes: np.ndarray, rest: np.ndarray, vad: np.ndarray, floor: float = GATE_FLOOR, **kw) -> np.ndarray:
+def apply_gate(meshes: np.ndarray, rest: np.ndarray, vad: np.ndarray, floor: float | None = None, **kw) -> np.ndarray:
     """Rest the mouth in silent stretches: the gate (`gate_levels`) blends the mouth
     toward the rest shape, keeping `floor` of its motion where it is closed."""
     g, _, _ = gate_levels(vad, **kw)
