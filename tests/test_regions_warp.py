@@ -254,3 +254,39 @@ def test_a_mouth_opened_far_past_its_reference_darkens_inside(face):
     img = np.full((4, 4, 3), (200, 100, 50), np.uint8)
     assert warp.darken(img, cav, tone=0.5)[1, 1].tolist() == [100, 50, 25]
     assert warp.darken(img, cav, tone=0.0)[1, 1].tolist() == [0, 0, 0] and warp.darken(img, cav)[0, 0].tolist() == [200, 100, 50]
+
+
+def test_reference_choice_options_centre_and_gap():
+    """The measured alternatives (off by default, docs/faces.md "Which reference"):
+    `centre` compares lip shapes without their position, `gap_weight` adds the
+    inner-lip gap difference to the distance."""
+    from tccp.face import headframe as hf
+    from tccp.pipelines.faces import ReferenceBank
+
+    from engine.runner import default_template
+
+    t = default_template().astype(np.float32)
+    lips = list(hf.LIPS)
+    closed = t.copy()
+    opened = t.copy()
+    opened[14, 1] += 0.1  # the lower inner lip drops: a gap of 0.1 more
+    closed_low = closed.copy()
+    closed_low[lips, 1] += 0.05  # the same closed lips, lower in the head
+    bank = ReferenceBank.build(np.zeros((2, 8, 8, 3), np.uint8), np.stack([closed_low, opened]), t)
+    target = closed[None]
+    # by position the open reference is nearer (one point off vs every point 0.05 off) ...
+    assert bank.choose(target).tolist() == [1]
+    # ... by shape alone, or with the gap counted, the closed one
+    assert bank.choose(target, centre=True).tolist() == [0]
+    assert bank.choose(target, gap_weight=6.0).tolist() == [0]
+
+
+def test_bank_size_is_one_setting(monkeypatch):
+    """`engine.refs.BANK_SIZE` sizes every bank that is not given a size (a call's
+    growing bank, a file's pre-scan, the suite's)."""
+    import engine.refs as refs
+    from engine.runner import default_template
+
+    monkeypatch.setattr(refs, "BANK_SIZE", 5)
+    assert refs.BankBuilder(default_template()).size == 5
+    assert refs.BankBuilder(default_template(), size=3).size == 3

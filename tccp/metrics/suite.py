@@ -179,7 +179,7 @@ def engine_generator(cfg: SuiteConfig, model=None) -> tuple[Generator, Callable[
             return None, False
         dur = probe(video).duration
         after = dur - seconds >= 1.5
-        b = scan_video(video, template, 8, model.size, start_s=seconds if after else 0.0)
+        b = scan_video(video, template, None, model.size, start_s=seconds if after else 0.0)
         return (b.bank if b is not None else None), not after
 
     generate.bank = bank  # type: ignore[attr-defined]

@@ -110,16 +110,28 @@ class ReferenceBank:
                    list(hires) if hires is not None else [None] * len(crops))
 
     def choose(self, target_heads: np.ndarray, prev: int = -1, stick: float | None = None,
-               allowed: np.ndarray | None = None) -> np.ndarray:
+               allowed: np.ndarray | None = None, centre: bool = False, gap_weight: float = 0.0) -> np.ndarray:
         """Per target (N, 478, 2) head-frame mesh, the index of the closest lip shape.
 
         With `stick` (a fraction) the reference in use (`prev` for the first frame, then
         the previous frame's) is kept while it is within (1 + stick) x the closest one's
         distance: the mouth's texture comes from one picture for a run of frames instead
         of flickering between near ties. `allowed` (K,) bool (at least one True) limits
-        the choice to those references (the head region skips mid-blink ones)."""
-        t = target_heads[:, list(hf.LIPS)].reshape(len(target_heads), -1)
-        d = np.linalg.norm(t[:, None] - self.shapes[None], axis=-1)
+        the choice to those references (the head region skips mid-blink ones).
+        `centre` compares the lip shapes without their position in the head frame and
+        `gap_weight` adds that many times the inner-lip gap difference: measured
+        alternatives, off by default (`REF_CENTRE`, `REF_GAP_WEIGHT`; docs/faces.md
+        "Which reference draws a small opening")."""
+        n, k = len(target_heads), len(self.shapes)
+        t = np.asarray(target_heads, np.float64)[:, list(hf.LIPS)]
+        s = np.asarray(self.shapes, np.float64).reshape(k, -1, 2)
+        if centre:
+            t = t - t.mean(1, keepdims=True)
+            s = s - s.mean(1, keepdims=True)
+        d = np.linalg.norm(t.reshape(n, 1, -1) - s.reshape(1, k, -1), axis=-1)
+        if gap_weight:
+            gt, gs = _lip_gap(t), _lip_gap(s)
+            d = d + gap_weight * np.abs(gt[:, None] - gs[None])
         if allowed is not None:
             d[:, ~np.asarray(allowed, bool)] = np.inf
         best = d.argmin(1)
@@ -134,11 +146,22 @@ class ReferenceBank:
         return out
 
 
+def _lip_gap(lips: np.ndarray) -> np.ndarray:
+    """(..., len(LIPS), 2) lip points -> (...,) inner-lip gap (points 13-14)."""
+    lips_index = list(hf.LIPS)
+    return np.linalg.norm(lips[..., lips_index.index(13), :] - lips[..., lips_index.index(14), :], axis=-1)
+
+
 REF_STICK = 0.5
 """Hysteresis of the reference choice (`ReferenceBank.choose`). Measured on 6 clips
 outside the validation set (generated landmarks, 3 s each): reference switches 92 ->
 59 (0.2) -> 49 (0.5); mouth-box PSNR 24.23 -> 24.21 -> 24.16 dB, sharpness 0.698 ->
 0.703 -> 0.732, output mouth r 0.541 -> 0.545 -> 0.567 (docs/faces.md)."""
+REF_CENTRE = False
+REF_GAP_WEIGHT = 0.0
+"""Off: on 6 clips outside the validation set (3 s, generated landmarks) neither moved
+the output's mouth r beyond +-0.02 (centred 0.636, gap weight 6 0.650, both 0.643 vs
+0.653); they gain 0.1-0.26 dB mouth-box PSNR and some sharpness (docs/faces.md)."""
 
 
 class MouthEditor:
@@ -181,7 +204,7 @@ class MouthEditor:
 
         if ref_index is None:
             heads, _ = hf.to_head(np.asarray(targets, np.float32), self.template)
-            ref_index = bank.choose(heads, prev_ref, REF_STICK)
+            ref_index = bank.choose(heads, prev_ref, REF_STICK, centre=REF_CENTRE, gap_weight=REF_GAP_WEIGHT)
         out: dict[str, list] = {"masked": [], "warped": [], "sketches": [], "mask": []}
         for k in range(len(crops)):
             j = int(ref_index[k])
