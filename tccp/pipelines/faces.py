@@ -123,8 +123,8 @@ class ReferenceBank:
         alternatives, off by default (`REF_CENTRE`, `REF_GAP_WEIGHT`; docs/faces.md
         "Which reference draws a small opening")."""
         n, k = len(target_heads), len(self.shapes)
-        t = np.asarray(target_heads, np.float64)[:, list(hf.LIPS)]
-        s = np.asarray(self.shapes, np.float64).reshape(k, -1, 2)
+        t = np.asarray(target_heads)[:, list(hf.LIPS)]
+        s = np.asarray(self.shapes).reshape(k, -1, 2)
         if centre:
             t = t - t.mean(1, keepdims=True)
             s = s - s.mean(1, keepdims=True)
