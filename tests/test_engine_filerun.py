@@ -238,7 +238,6 @@ def test_bundled_pack_rests_the_mouth_on_silent_audio_and_takes_odd_rates(tmp_pa
     silent = wav(tmp_path / "silent.wav", np.zeros(16000 * 2), 16000)
     speech8k = media.read_audio(speech, sr=8000)[: 8000 * 2]
     low = wav(tmp_path / "speech8k.wav", speech8k, 8000)
-    from engine.config import EngineConfig
 
     model = load_model(None, "cpu")
     try:

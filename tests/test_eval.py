@@ -428,7 +428,7 @@ def test_suite_with_a_stand_in_generator(tmp_out):
     if not CLIP.exists():
         pytest.skip(f"shared data not available: {CLIP}")
     from tccp.media.io import load_clip, write_video
-    from tccp.metrics.suite import METHODS, SuiteConfig, format_table, run_suite
+    from tccp.metrics.suite import SuiteConfig, format_table, run_suite
 
     calls = []
 

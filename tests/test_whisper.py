@@ -10,7 +10,6 @@ import torch
 
 from tccp.media.vad import StreamingVAD, frame_voice_activity, speech_probability
 from tccp.media.whisper import (
-    FEATURE_HZ,
     StreamingWhisper,
     frame_tokens,
     full_features,
