@@ -112,10 +112,12 @@ class BankBuilder:
         return True
 
     @classmethod
-    def from_frames(cls, frames, landmarks_px, boxes, template, size: int = 8, crop: int = 128,
+    def from_frames(cls, frames, landmarks_px, boxes, template, size: int | None = None, crop: int = 128,
                     selection: str | None = None) -> "BankBuilder":
-        """A bank from many candidate frames at once (`select_references`)."""
+        """A bank from many candidate frames at once (`select_references`; `size` None:
+        `BANK_SIZE`)."""
         b = cls(template, size, crop)
+        size = b.size
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
@@ -216,7 +218,7 @@ def scan_video(video: str | Path, template: np.ndarray, size: int | None = None,
                 boxes.append(obs.face_box)
     if not frames:
         return None
-    return BankBuilder.from_frames(frames, np.stack(lms), np.stack(boxes), template, BANK_SIZE if size is None else size, crop)
+    return BankBuilder.from_frames(frames, np.stack(lms), np.stack(boxes), template, size, crop)
 
 
 def bank_from_image(image: np.ndarray, template: np.ndarray, crop: int = 128, name: str = "identity image") -> ReferenceBank:
