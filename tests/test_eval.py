@@ -467,3 +467,36 @@ def test_suite_unknown_clip_is_a_user_error(tmp_out):
 
     with pytest.raises(TCCPError, match="nope"):
         run_suite(SuiteConfig(clips=["nope"], clips_dir=tmp_out), generator=lambda *a: {})
+
+
+def test_stage1_table_has_the_dub_row(monkeypatch):
+    """The suite's stage-1 table measures stage 1 once more with the rest of the face
+    from elsewhere in the clip (its meshes played backwards): a dub's situation, where
+    the source face moves with other speech than the audio's."""
+    if not CLIP.exists():
+        pytest.skip(f"shared data not available: {CLIP}")
+    import tccp.pipelines.landmarks as pl
+    from engine.model import load_model
+    from engine.refs import scan_video
+    from tccp.media.io import load_clip
+    from tccp.metrics.evaluate import track_frames
+    from tccp.metrics.suite import STAGE1_METHODS, _stage1_summary, stage1_clip
+
+    model = load_model(None, "cpu")
+    try:
+        pipe = model.runner.pipeline
+        clip = load_clip(CLIP, max_seconds=2.0)
+        real = track_frames(clip.frames)
+        bank = scan_video(CLIP, pipe.stage1.codec.template, None, model.size, samples=12).bank
+        seen = []
+        real_generate = pl.generate_clip
+        monkeypatch.setattr(pl, "generate_clip", lambda gen, tokens, vad, heads, refs, **kw:
+                            seen.append(np.array(heads)) or real_generate(gen, tokens, vad, heads, refs, **kw))
+        row = stage1_clip(pipe, real, clip.audio, clip.sr, clip.fps, bank)
+    finally:
+        model.close()
+    assert len(seen) == 2 and np.allclose(seen[1], seen[0][::-1])  # own meshes, then backwards
+    for m in ("tccp", "adapted", "elsewhere"):
+        assert np.isfinite(row[m]["aperture_corr"]), (m, row[m])
+    row.update(clip="x", speech_fraction=1.0)
+    assert set(STAGE1_METHODS) <= set(_stage1_summary([row]))

@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the bundled pack: see its config's stage1.audio.radius)")
     o.add_argument("--audio-mask", type=float, default=0.0, metavar="P",
                    help="stage 1: blank each audio token with probability P in training (default 0)")
+    o.add_argument("--control-elsewhere", type=float, default=0.0, metavar="P",
+                   help="stage 1 (mouth mode): with probability P a window's rest-of-face landmarks come from "
+                        "another stretch of the same clip, so the mouth follows the audio, not the source "
+                        "face's own speech motion (default 0)")
     o.add_argument("--speed-perturb", default="", metavar="S1,S2",
                    help="stage 1: also train on every clip played at these speeds, e.g. 0.9,1.1 (audio resampled, "
                         "landmarks resampled in time; default none)")
@@ -131,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
             motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
-            mode=args.mode, speeds=_speeds(args.speed_perturb)))
+            mode=args.mode, control_other=args.control_elsewhere, speeds=_speeds(args.speed_perturb)))
         print(res["run"])
         return 0
 

@@ -55,6 +55,10 @@ class LandmarkDataConfig:
     frame_noise: float = 0.003  # per-frame tracking noise, head-frame units
     slot0_noise: float = 0.002  # head-frame units: the clean slot is generated, not tracked, at inference
     radius: int = 2  # audio tokens: +-radius video frames of features per frame (the network's audio_radius)
+    # mouth mode: probability that c_v (the rest of the face) comes from another stretch of
+    # the same clip, so that the network cannot read the mouth's state from the cheeks' and
+    # nose's own speech motion, which in a dub follow the original speech, not the new one
+    p_control_other: float = 0.0
     # feature variant mix (sums to 1)
     mix: dict = field(default_factory=lambda: {"full": 0.5, "stream0": 0.1, "stream2": 0.1, "noisy": 0.1,
                                                "silenced": 0.2})
@@ -316,6 +320,9 @@ class LandmarkWindows:
                 cv = clip.context[i0 : i0 + n]
                 if mirror:
                     pose, ref_pose, cv = mirror_pose(pose), mirror_pose(ref_pose), mirror_tokens(cv)
+            elif cfg.p_control_other > 0 and rng.random() < cfg.p_control_other:
+                j0 = int(rng.integers(0, clip.n - n + 1))
+                cv = codec.control(self._augment(clip.heads[j0 : j0 + n], rng, mirror))
             else:
                 cv = codec.control(win)
             x = codec.encode(win, anchor, pose, ref_pose.mean(0))

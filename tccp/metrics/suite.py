@@ -407,8 +407,15 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     out = generate_clip(gen, tokens, vad, heads, refs)
     row = {"tccp": stage1_metrics(out, heads, vad)}
     # as shipped: the adapted stage 1 where the run adapted, else the pack's (the same run)
+    shipped = gen if adapted is None else adapted
+    shipped_refs = refs if adapted is None else adapted.references(bank_heads[reference_frames(bank_heads, 4)])
     row["adapted"] = row["tccp"] if adapted is None else stage1_metrics(generate_clip(
-        adapted, tokens, vad, heads, adapted.references(bank_heads[reference_frames(bank_heads, 4)])), heads, vad)
+        adapted, tokens, vad, heads, shipped_refs), heads, vad)
+    # a dub: the rest of the face (stage 1's pose prior) moves with other speech than the
+    # audio's. Stand-in: the same clip's meshes played backwards (same person, same poses,
+    # motion unrelated to this audio); the gap to "adapted" is what stage 1 reads from
+    # the source face's own speech motion instead of the audio (docs/lipsync.md)
+    row["elsewhere"] = stage1_metrics(generate_clip(shipped, tokens, vad, heads[::-1].copy(), shipped_refs), heads, vad)
     anchor = heads[0].copy()
     anchor[gen.codec.gen_index] = refs.anchor
     row["mean_lips"] = stage1_metrics(mean_lips_baseline(heads, anchor), heads, vad)
@@ -417,10 +424,16 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     return row
 
 
+STAGE1_METHODS = ("tccp", "adapted", "elsewhere", "mean_lips", "energy")
+"""Rows of the stage-1 table: the pack's stage 1, as shipped (adapted where the run
+adapted), as shipped with the rest of the face from elsewhere in the clip (a dub's
+situation), and the two baselines."""
+
+
 def _stage1_summary(rows: list[dict]) -> dict:
     speech = [r for r in rows if r.get("speech_fraction", 0) >= 0.5]
     out: dict = {"clips_with_speech": len(speech)}
-    for method in ("tccp", "adapted", "mean_lips", "energy"):
+    for method in STAGE1_METHODS:
         d = {}
         for key in ("aperture_corr", "lip_lmd", "silence_ratio", "silence_open"):
             vals = [r.get(method, {}).get(key) for r in speech]
@@ -454,7 +467,7 @@ def format_table(result: dict, key: str = "summary", stage1: bool = True) -> str
     if stage1 and st and st.get("clips_with_speech"):
         lines += ["", f"stage 1 alone (landmarks vs tracked), {st['clips_with_speech']} clips with speech",
                   f"{'method':<16}{'mouth r':>9}{'|lag|':>7}{'LipLMD':>9}{'silence':>9}"]
-        for m in ("tccp", "adapted", "mean_lips", "energy"):
+        for m in STAGE1_METHODS:
             d = st.get(m)
             if not d or d.get("aperture_corr") is None:
                 continue

@@ -73,6 +73,7 @@ class LandmarkTrainConfig:
     run only; a resumed run keeps its network's). +-4 measured 0.587 vs 0.583 for +-2, within
     the noise (docs/lipsync.md)."""
     audio_mask: float = 0.0
+    control_other: float = 0.0  # LandmarkDataConfig.p_control_other (mouth mode)
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
     speeds: tuple = ()
@@ -239,7 +240,8 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
         if resumed["optim"] is not None:
             opt.load_state_dict(resumed["optim"])
         step = int(resumed["state"]["step"])
-    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg)}),
+    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg),
+                                                                 **({"p_control_other": cfg.control_other} if cfg.control_other else {})}),
                            seed=cfg.seed + step)
     schedule = Schedule(prediction="v")
     gen = torch.Generator().manual_seed(cfg.seed + step)
