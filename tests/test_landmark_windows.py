@@ -37,3 +37,14 @@ def test_control_elsewhere_comes_from_another_stretch_of_the_clip():
     own = b["vad"].numpy() * n
     assert np.allclose(np.diff(cv_time, axis=1), 1.0, atol=1e-3)  # still consecutive frames of the clip
     assert (np.abs(cv_time[:, 0] - own[:, 0]) > 0.5).sum() >= 10  # but not the window's own
+
+
+def test_control_elsewhere_motion_keeps_the_windows_own_mean():
+    data, n = _windows(1.0)
+    data.cfg.control_other_motion = True
+    b = data.sample(12)
+    cv_time = b["cv"][:, :, 1].numpy() * data.codec.scale / 0.01
+    own = b["vad"].numpy() * n
+    # a ramp's motion is the same wherever it is taken: with the window's own mean back,
+    # the rest points read as the window's own
+    assert np.allclose(cv_time, own, atol=1e-3)

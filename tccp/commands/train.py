@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage 1 (mouth mode): with probability P a window's rest-of-face landmarks come from "
                         "another stretch of the same clip, so the mouth follows the audio, not the source "
                         "face's own speech motion (default 0)")
+    o.add_argument("--control-elsewhere-motion", action="store_true",
+                   help="with --control-elsewhere: take only the other stretch's motion (its points minus their "
+                        "window mean plus this window's mean), so the pose and the lips' place stay the window's own")
     o.add_argument("--speed-perturb", default="", metavar="S1,S2",
                    help="stage 1: also train on every clip played at these speeds, e.g. 0.9,1.1 (audio resampled, "
                         "landmarks resampled in time; default none)")
@@ -135,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
             motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
-            mode=args.mode, control_other=args.control_elsewhere, speeds=_speeds(args.speed_perturb)))
+            mode=args.mode, control_other=args.control_elsewhere,
+            control_other_motion=args.control_elsewhere_motion, speeds=_speeds(args.speed_perturb)))
         print(res["run"])
         return 0
 

@@ -59,6 +59,10 @@ class LandmarkDataConfig:
     # the same clip, so that the network cannot read the mouth's state from the cheeks' and
     # nose's own speech motion, which in a dub follow the original speech, not the new one
     p_control_other: float = 0.0
+    # ... and with `control_other_motion` only its motion: the other stretch's points minus
+    # their window mean plus this window's mean, so the slow part (pose, the lips' place
+    # in the head frame) stays the window's own
+    control_other_motion: bool = False
     # feature variant mix (sums to 1)
     mix: dict = field(default_factory=lambda: {"full": 0.5, "stream0": 0.1, "stream2": 0.1, "noisy": 0.1,
                                                "silenced": 0.2})
@@ -323,6 +327,8 @@ class LandmarkWindows:
             elif cfg.p_control_other > 0 and rng.random() < cfg.p_control_other:
                 j0 = int(rng.integers(0, clip.n - n + 1))
                 cv = codec.control(self._augment(clip.heads[j0 : j0 + n], rng, mirror))
+                if cfg.control_other_motion:
+                    cv = cv - cv.mean(0, keepdims=True) + codec.control(win).mean(0, keepdims=True)
             else:
                 cv = codec.control(win)
             x = codec.encode(win, anchor, pose, ref_pose.mean(0))

@@ -74,6 +74,7 @@ class LandmarkTrainConfig:
     the noise (docs/lipsync.md)."""
     audio_mask: float = 0.0
     control_other: float = 0.0  # LandmarkDataConfig.p_control_other (mouth mode)
+    control_other_motion: bool = False  # LandmarkDataConfig.control_other_motion
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
     speeds: tuple = ()
@@ -241,7 +242,9 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
             opt.load_state_dict(resumed["optim"])
         step = int(resumed["state"]["step"])
     data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg),
-                                                                 **({"p_control_other": cfg.control_other} if cfg.control_other else {})}),
+                                                                 **({"p_control_other": cfg.control_other,
+                                                                     "control_other_motion": cfg.control_other_motion}
+                                                                    if cfg.control_other else {})}),
                            seed=cfg.seed + step)
     schedule = Schedule(prediction="v")
     gen = torch.Generator().manual_seed(cfg.seed + step)
