@@ -312,6 +312,13 @@ def test_cli_errors(data_dir, tmp_path, capsys):
     assert main(["train", "--stage", "landmarks", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "l"),
                  "--steps", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    land = ["train", "--stage", "landmarks", "--data", str(data_dir), "--out", str(tmp_path / "l2"), "--steps", "1"]
+    assert main(land + ["--control-elsewhere", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--control-elsewhere 1.5: a probability" in err and "Traceback" not in err
+    assert main(land + ["--control-elsewhere-motion"]) == 2
+    assert "give --control-elsewhere P" in capsys.readouterr().err
+    assert not (tmp_path / "l2").exists()  # refused before anything is written
 
 
 def test_one_process_gloo_ddp(data_dir, tmp_path, monkeypatch):

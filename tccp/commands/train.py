@@ -114,6 +114,10 @@ def main(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("stage", "data", "out") if not getattr(args, k)]
     if missing:
         raise TCCPError(f"tccp train: missing {', '.join(missing)}")
+    if not 0.0 <= args.control_elsewhere <= 1.0:
+        raise TCCPError(f"--control-elsewhere {args.control_elsewhere:g}: a probability, from 0 to 1")
+    if args.control_elsewhere_motion and not args.control_elsewhere:
+        raise TCCPError("--control-elsewhere-motion: give --control-elsewhere P too (how often)")
     from tccp.training.trainer import TrainConfig, export_weights, train
 
     # before any work: the run folder holds only this command's files (a new, empty or

@@ -73,10 +73,10 @@ class LandmarkTrainConfig:
     run only; a resumed run keeps its network's). +-4 measured 0.587 vs 0.583 for +-2, within
     the noise (docs/lipsync.md)."""
     audio_mask: float = 0.0
-    control_other: float = 0.0  # LandmarkDataConfig.p_control_other (mouth mode)
-    control_other_motion: bool = False  # LandmarkDataConfig.control_other_motion
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
+    control_other: float = 0.0  # LandmarkDataConfig.p_control_other (mouth mode)
+    control_other_motion: bool = False  # LandmarkDataConfig.control_other_motion
     speeds: tuple = ()
     """Speed perturbation: every training clip also played at these speeds
     (`tccp.data.landmarks.speed_clip`); more voices and speaking rates for the 50 clips."""
