@@ -117,11 +117,10 @@ class BankBuilder:
         """A bank from many candidate frames at once (`select_references`; `size` None:
         `BANK_SIZE`)."""
         b = cls(template, size, crop)
-        size = b.size
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
-        picks = select_references(heads, size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
+        picks = select_references(heads, b.size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
         hires = {j: fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks}
         b.bank = _bank(picks, crops, meshes, heads, hires)
         b.picks = list(picks)  # the chosen frames' indices among the candidates

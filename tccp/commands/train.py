@@ -142,8 +142,9 @@ def main(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
             motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
-            mode=args.mode, control_other=args.control_elsewhere,
-            control_other_motion=args.control_elsewhere_motion, speeds=_speeds(args.speed_perturb)))
+            mode=args.mode, speeds=_speeds(args.speed_perturb),
+            data_cfg={"p_control_other": args.control_elsewhere,
+                      "control_other_motion": args.control_elsewhere_motion} if args.control_elsewhere else {}))
         print(res["run"])
         return 0
 

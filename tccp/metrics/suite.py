@@ -398,7 +398,8 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     lm[~real.found] = lm[idx[np.abs(np.arange(n)[:, None] - idx[None]).argmin(1)]][~real.found]
     heads, _ = hf.to_head(lm.astype(np.float32), template)
     bank_heads, _ = hf.to_head(bank.meshes, template)
-    refs = gen.references(bank_heads[reference_frames(bank_heads, 4)])
+    ref_heads = bank_heads[reference_frames(bank_heads, 4)]
+    refs = gen.references(ref_heads)
     from tccp.models.landmarks import audio_radius
 
     tokens = frame_tokens(full_features(pipe.whisper, audio), 0, n, fps=fps,
@@ -408,7 +409,7 @@ def stage1_clip(pipe: Any, real: TrackedVideo, audio: np.ndarray, sr: int, fps: 
     row = {"tccp": stage1_metrics(out, heads, vad)}
     # as shipped: the adapted stage 1 where the run adapted, else the pack's (the same run)
     shipped = gen if adapted is None else adapted
-    shipped_refs = refs if adapted is None else adapted.references(bank_heads[reference_frames(bank_heads, 4)])
+    shipped_refs = refs if adapted is None else adapted.references(ref_heads)
     row["adapted"] = row["tccp"] if adapted is None else stage1_metrics(generate_clip(
         adapted, tokens, vad, heads, shipped_refs), heads, vad)
     # a dub: the rest of the face (stage 1's pose prior) moves with other speech than the

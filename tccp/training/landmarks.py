@@ -75,8 +75,6 @@ class LandmarkTrainConfig:
     audio_mask: float = 0.0
     """Probability of blanking each audio token in training (a SpecAugment-like time mask
     on the Whisper features; a regulariser for the 50 clips we have)."""
-    control_other: float = 0.0  # LandmarkDataConfig.p_control_other (mouth mode)
-    control_other_motion: bool = False  # LandmarkDataConfig.control_other_motion
     speeds: tuple = ()
     """Speed perturbation: every training clip also played at these speeds
     (`tccp.data.landmarks.speed_clip`); more voices and speaking rates for the 50 clips."""
@@ -241,10 +239,7 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
         if resumed["optim"] is not None:
             opt.load_state_dict(resumed["optim"])
         step = int(resumed["state"]["step"])
-    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg),
-                                                                 **({"p_control_other": cfg.control_other,
-                                                                     "control_other_motion": cfg.control_other_motion}
-                                                                    if cfg.control_other else {})}),
+    data = LandmarkWindows(train_clips, codec, LandmarkDataConfig(**{**cfg.data_cfg, "radius": audio_radius(model_cfg)}),
                            seed=cfg.seed + step)
     schedule = Schedule(prediction="v")
     gen = torch.Generator().manual_seed(cfg.seed + step)
