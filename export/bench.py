@@ -242,8 +242,10 @@ class _Subject:
 
 
 def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache: str | None = None,
-              log: Any = None) -> dict[str, Any]:
-    """Benchmark every backend of `cfg` plus the torch eager reference on `clip`."""
+              log: Any = None, against: Path | None = None) -> dict[str, Any]:
+    """Benchmark every backend of `cfg` plus the torch eager reference on `clip`.
+    `against`: another pack (e.g. the one before a change) measured in torch eager in
+    the same interleaved run, so the two packs' figures share the machine's load."""
     import torch
 
     from export.realdata import sample_clip
@@ -281,8 +283,16 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
         labels.sort(key=lambda x: x[0] != ref_label)
     subjects = []
     for lab, name, opts in labels:
+        lab = lab if against is None else f"{lab}, pack {Path(pack).name}"  # two packs: say which is which
         say(f"loading {lab}")
         subjects.append(_Subject(lab, name, opts, pack, clip, cfg, cache))
+    if against is not None:
+        if int(read_pack_config(against).get("crop_size", 128)) != size:
+            raise TCCPError(f"{against}: runs at another crop size than {pack}; --against needs the same")
+        lab = f"torch eager, pack {Path(against).name}"
+        say(f"loading {lab}")
+        subjects.append(_Subject(lab, "torch", {"precision": "fp32"}, Path(against), clip, cfg, cache))
+        subjects[-1].against = True
     slices = _window_slices(clip.n, new, cfg.windows + 1)
     for s in subjects:  # warm-up: first-frame path and one window path
         say(f"warming up {s.label}")
@@ -310,6 +320,7 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
         s.close()
         r = s.result(rss.peak)
         r["reference"] = s is ref
+        r["pack"] = "against" if getattr(s, "against", False) else "model"
         if s is not ref:
             rr = runs[0]
             r["vs_torch_eager"] = {
@@ -328,6 +339,7 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
                 r["achieved_gflops_per_s"] = flops["window_flops"] * cfg.streams / (model_ms / 1000) / 1e9
     return {
         "model": label,
+        "against": None if against is None else str(against),
         "random_weights": "RANDOM" in label,
         "config": {**asdict(cfg), "window": window, "crop_size": size, "stage2": pc.get("stage2") is not None,
                    "stage1_objective": pc["stage1"]["model"].get("objective"), "clip": clip.name, "clip_frames": clip.n,
@@ -584,6 +596,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("generated", "tracked"), default="generated",
                    help="generated: both stages; tracked: stage 2 on the tracked landmarks")
     p.add_argument("--clip", metavar="VIDEO", help="a video with one face and speech (default: the bundled sample)")
+    p.add_argument("--against", metavar="PACK", help="also measure this pack in torch eager in the same run "
+                   "(interleaved), e.g. the pack before a change; its fps ratio is against --model's torch eager")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime "
                    "(default: each library's default; onnxruntime's is torch's count)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None, help="torch backend precision")
@@ -625,7 +639,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if not args.json:
         raise TCCPError("--json OUT.json is required (the report is the point of a benchmark)")
-    inputs = (args.model, args.clip, *(getattr(args, "clips", None) or []))
+    inputs = (args.model, args.clip, getattr(args, "against", None), *(getattr(args, "clips", None) or []))
     json_out = guard_output(args.json, inputs=inputs)
     if args.plot and guard_output(args.plot, inputs=inputs) == json_out:
         raise TCCPError(f"{args.plot}: same file as --json; give the plot its own name")
@@ -662,7 +676,13 @@ def main(args: argparse.Namespace) -> int:
 
             size = int(read_pack_config(pack).get("crop_size", 128))  # the crop size the pack runs at
             clip = load_real_clip(args.clip, frames=min(125, (cfg.windows + 1) * 7), size=size)
-        report = run_bench(pack, label, cfg, clip=clip, log=lambda m: console.print(m))
+        against = None
+        if getattr(args, "against", None):
+            from tccp.pack import read_pack_config
+
+            against = Path(args.against)
+            read_pack_config(against)  # one-line error for a folder that is not a pack
+        report = run_bench(pack, label, cfg, clip=clip, log=lambda m: console.print(m), against=against)
     return _write_report(args, report, plot_bench, _print)
 
 

@@ -243,7 +243,8 @@ def main() -> int:
         "## What it is",
         "- **Stage 1** (`tccp.models.landmarks.LandmarkNet`, "
         f"objective `{m1['objective']}`, width {m1['width']}, depth {m1['depth']}): "
-        "lip and jaw coordinates in the head frame from Whisper tiny.en audio tokens (all layers, +-2 frames), "
+        f"lip and jaw coordinates in the head frame from Whisper {m1.get('audio_encoder', 'tiny.en')} audio tokens "
+        "(all layers, +-2 frames), "
         "voice activity and the person's reference lip shapes, with the source's tracked upper face as the "
         "control input (mouth mode). Articulation gain on the generated lip opening: "
         f"{float((pack_cfg.get('stage1') or {}).get('articulation', 1.0)):g} (undoes the regressor's damping; "

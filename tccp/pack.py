@@ -84,6 +84,9 @@ def save_pack(
 
     from tccp.io_utils import atomic_dir
 
+    if stage1_head is not None and stage1_head[0].cfg.audio_encoder != stage1.cfg.audio_encoder:
+        raise TCCPError(f"pack: stage 1 reads Whisper {stage1.cfg.audio_encoder} features, the head-mode stage 1 "
+                        f"{stage1_head[0].cfg.audio_encoder}: the engine runs one encoder (train both on one)")
     dtype_name = {v: k for k, v in _DTYPES.items()}[dtype]
     config = {
         "format": PACK_FORMAT,
@@ -91,7 +94,7 @@ def save_pack(
         "region": "mouth",
         "crop_size": int(crop_size),
         "stage1": {"kind": "landmarks", "model": stage1.cfg.to_dict(), "scale": codec.scale, "steps": int(stage1_steps),
-                   "audio": {"encoder": "whisper", "name": "tiny.en", "radius": audio_radius(stage1.cfg)},
+                   "audio": {"encoder": "whisper", "name": stage1.cfg.audio_encoder, "radius": audio_radius(stage1.cfg)},
                    # gain on the generated lip opening (scale_opening) that undoes the
                    # network's measured damping; users' --mouth-scale multiplies it
                    "articulation": float(articulation)},
@@ -105,7 +108,8 @@ def save_pack(
         "stage1_head": None if stage1_head is None else {
             "kind": "landmarks", "model": stage1_head[0].cfg.to_dict(), "scale": stage1_head[1].scale,
             "steps": int(stage1_steps),
-            "audio": {"encoder": "whisper", "name": "tiny.en", "radius": audio_radius(stage1_head[0].cfg)}},
+            "audio": {"encoder": "whisper", "name": stage1_head[0].cfg.audio_encoder,
+                      "radius": audio_radius(stage1_head[0].cfg)}},
         "autoencoder": "taef2",
         "dtype": dtype_name,
         "card": card or {},

@@ -72,24 +72,31 @@ def test_bench_cli(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
 
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     pack = tiny_pack(cache, stage2=False)
+    other = tiny_pack(cache)  # --against: another pack in the same run (here one with stage 2)
     args = ["bench", "--model", str(pack), "--backend", "torch", "--windows", "1", "--repeat", "1",
-            "--warmup", "0", "--steps", "2", "--clip", str(sample_paths()[0]), "--json", str(out), "--plot", str(png)]
+            "--warmup", "0", "--steps", "2", "--clip", str(sample_paths()[0]), "--json", str(out), "--plot", str(png),
+            "--against", str(other)]
     assert cli_main(args) == 0
     report = json.loads(out.read_text())
-    assert [r["backend"] for r in report["runs"]] == ["torch"] and png.is_file() and not report["config"]["stage2"]
+    assert [r["backend"] for r in report["runs"]] == [f"torch, pack {pack.name}", f"torch eager, pack {other.name}"]
+    assert png.is_file() and not report["config"]["stage2"] and report["against"] == str(other)
+    assert [r["pack"] for r in report["runs"]] == ["model", "against"]
     b = report["runs"][0]["breakdown_ms"]
     assert b["stage2"] == b["ae_encode"] == b["ae_decode"] == 0.0 and b["stage1"] > 0  # warp only
+    assert report["runs"][1]["breakdown_ms"]["stage2"] > 0  # the other pack's own stage 2 ran
+    ratio = report["runs"][1]["vs_torch_eager"]["fps_ratio"]
+    assert ratio == pytest.approx(report["runs"][1]["fps"] / report["runs"][0]["fps"])
     assert "fps" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     for extra in (["--backend", "openvino"], ["--backend", "onnxruntime:threads=0"], ["--streams", "0"],
-                  ["--model", str(tmp_path / "none")]):
+                  ["--model", str(tmp_path / "none")], ["--against", str(tmp_path / "none")]):
         argv = ["bench", "--json", str(bad), *extra]
         if "--model" not in extra:
             argv += ["--model", str(pack)]
         assert cli_main(argv) == 2
     assert cli_main(["bench", "--model", str(pack)]) == 2  # --json is required
     err = capsys.readouterr().err
-    assert err.count("error:") == 5 and "Traceback" not in err and not bad.exists()
+    assert err.count("error:") == 6 and "Traceback" not in err and not bad.exists()
 
 
 def test_parse_backend_options() -> None:
@@ -193,7 +200,7 @@ def test_bench_live_replays_in_real_time_and_reports_the_call(cache: Path, tmp_p
                   ["--playout-delay", "-1"], ["--adapt-steps", "-2"]):
         assert cli_main(["bench", "--live", "--model", str(pack), "--json", str(bad), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 5 and "Traceback" not in err and not bad.exists()
+    assert err.count("error:") == 6 and "Traceback" not in err and not bad.exists()
 
 
 def test_bench_startup_times_a_file_run_to_its_first_frame(cache: Path, tmp_path: Path,

@@ -208,6 +208,16 @@ def test_pack_round_trip_with_a_head_stage1_and_a_one_line_error_without(tmp_pat
         check_region(bare, "head")
     assert "\n" not in str(e.value)
     assert check_region(bare, "head", landmarks="tracked") == "head"  # the tracked head needs no stage 1
+    # the pack records the encoder each network reads; the engine runs one, so a pack
+    # whose two networks read different encoders is refused when written
+    from tccp.pack import read_pack_config
+
+    cfg = read_pack_config(with_head)
+    assert cfg["stage1"]["audio"]["name"] == cfg["stage1_head"]["audio"]["name"] == "tiny.en"
+    hn.cfg.audio_encoder = "base"
+    with pytest.raises(TCCPError, match="one encoder") as e:
+        save_pack(tmp_path / "mixed", pipe.stage1.net, pipe.stage1.codec, None, stage1_head=(hn, hc))
+    assert "\n" not in str(e.value) and not (tmp_path / "mixed").exists()
 
 
 def test_run_region_head_without_a_head_stage1_is_one_line_and_writes_nothing(tmp_path, capfd):

@@ -268,3 +268,10 @@ def test_speed_perturbation_moves_audio_and_landmarks_together(tmp_path):
     assert change[burst].mean() > 1.5 * change[gap].mean()
     again = speed_clip(clip, base, 1.25, None, ("full",), tmp_path)  # from the cache: no encoder needed
     np.testing.assert_array_equal(again.features["full"], fast.features["full"])
+    # the cache keys on the encoder: another encoder's features are computed, not served
+    import copy
+
+    other = copy.deepcopy(enc)
+    other.name = "other"
+    speed_clip(clip, base, 1.25, other, ("full",), tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2

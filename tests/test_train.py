@@ -172,6 +172,9 @@ def test_stage1_trains_resumes_and_exports(data_dir, tmp_path):
     net, codec, ck = load_stage1_run(tmp_path / "s1")
     assert ck["config"]["val_clips"] == ["vr_face5"] and "vr_face5" not in ck["config"]["train_clips"]
     assert codec.template.shape == (478, 2)
+    # the network names the encoder it reads, with that encoder's shape (the pack and
+    # engine load it from there)
+    assert net.cfg.audio_encoder == "tiny.en" and (net.cfg.audio_layers, net.cfg.audio_width) == (5, 384)
 
 
 def test_stage1_cosine_schedule_ends_at_zero(data_dir, tmp_path):
@@ -318,6 +321,8 @@ def test_cli_errors(data_dir, tmp_path, capsys):
     assert "--control-elsewhere 1.5: a probability" in err and "Traceback" not in err
     assert main(land + ["--control-elsewhere-motion"]) == 2
     assert "give --control-elsewhere P" in capsys.readouterr().err
+    assert main(land + ["--whisper", "huge"]) == 2
+    assert "--whisper huge: no such vendored encoder" in capsys.readouterr().err
     assert not (tmp_path / "l2").exists()  # refused before anything is written
 
 

@@ -45,6 +45,35 @@ def test_matches_packaged_model(encoder, ref):
     assert cos.min() > 0.999
 
 
+def test_int8_rows_load_close_to_the_fp16_encoder(encoder, ref, tmp_path):
+    """`scripts/vendor_whisper.py --int8` (how base ships): blocks' matrices int8 with a
+    scale per row, half the bytes; the loader dequantises, and the features stay close."""
+    import importlib.util
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    spec = importlib.util.spec_from_file_location("vendor_whisper", Path(__file__).parents[1] / "scripts" / "vendor_whisper.py")
+    vendor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vendor)
+    src = vendor.DST / "tiny.en.safetensors"
+    with safe_open(str(src), "np") as f:
+        meta = f.metadata()
+    q = vendor.quantize_rows(load_file(str(src)))
+    assert q["blocks.0.qkv.weight"].dtype == np.int8 and q["conv1.weight"].dtype == np.float16
+    save_file(q, str(tmp_path / "tiny.en.safetensors"), metadata=meta)
+    assert (tmp_path / "tiny.en.safetensors").stat().st_size < 0.6 * src.stat().st_size
+    small = load_whisper("tiny.en", folder=tmp_path)
+    assert small.name == "tiny.en"
+    audio, _ = ref
+    a, b = full_features(encoder, audio), full_features(small, audio)
+    assert a.shape == b.shape
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert 0 < rel < 0.05, rel
+    cos = (a[:, -1] * b[:, -1]).sum(-1) / np.linalg.norm(a[:, -1], axis=-1) / np.linalg.norm(b[:, -1], axis=-1)
+    assert cos.mean() > 0.995
+
+
 def test_all_layers_and_rates(encoder, ref):
     audio, _ = ref
     f = full_features(encoder, audio)

@@ -363,7 +363,7 @@ def _adapt_stage1(pack: Path, parts: list[Path], cfg: AvatarConfig, log: Callabl
         return {"adapted": False, "note": "adaptation off"}
     net, codec = load_stage1(pack)
     log(f"adapting stage 1 to the person: {cfg.adapt_steps} steps on up to {cfg.adapt_seconds:g} s of each video")
-    res = adapt_from_videos(parts, LandmarkGenerator(net, codec), load_whisper(),
+    res = adapt_from_videos(parts, LandmarkGenerator(net, codec), load_whisper(net.cfg.audio_encoder),
                             AdaptConfig(steps=cfg.adapt_steps, seconds=cfg.adapt_seconds, seed=cfg.seed))
     log(res.note)
     if res.generator is not None:

@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--speed-perturb", default="", metavar="S1,S2",
                    help="stage 1: also train on every clip played at these speeds, e.g. 0.9,1.1 (audio resampled, "
                         "landmarks resampled in time; default none)")
+    o.add_argument("--whisper", default="tiny.en", metavar="NAME",
+                   help="stage 1, a new run: the vendored Whisper encoder it reads (tiny.en, the default; base after "
+                        "scripts/vendor_whisper.py --name base)")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--ema", type=float, default=0.9999, help="EMA decay cap (warmed up; see docs/training.md)")
     o.add_argument("--p-first", type=float, default=0.15, help="probability of a one-frame (first-frame) batch")
@@ -118,6 +121,12 @@ def main(args: argparse.Namespace) -> int:
         raise TCCPError(f"--control-elsewhere {args.control_elsewhere:g}: a probability, from 0 to 1")
     if args.control_elsewhere_motion and not args.control_elsewhere:
         raise TCCPError("--control-elsewhere-motion: give --control-elsewhere P too (how often)")
+    if args.whisper != "tiny.en":
+        from tccp.media.whisper import WHISPER_DIR
+
+        if not (WHISPER_DIR / f"{args.whisper}.safetensors").is_file():
+            raise TCCPError(f"--whisper {args.whisper}: no such vendored encoder in {WHISPER_DIR} "
+                            f"(scripts/vendor_whisper.py --name {args.whisper} makes it)")
     from tccp.training.trainer import TrainConfig, export_weights, train
 
     # before any work: the run folder holds only this command's files (a new, empty or
@@ -142,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, objective=args.objective, minutes=args.minutes, steps=args.steps,
             seed=args.seed, init=args.init, cache=args.cache, threads=args.threads, lr_schedule=args.lr_schedule,
             motion_weight=args.motion_weight, audio_mask=args.audio_mask, audio_radius=args.audio_radius,
-            mode=args.mode, speeds=_speeds(args.speed_perturb),
+            mode=args.mode, speeds=_speeds(args.speed_perturb), whisper=args.whisper,
             data_cfg={"p_control_other": args.control_elsewhere,
                       "control_other_motion": args.control_elsewhere_motion} if args.control_elsewhere else {}))
         print(res["run"])

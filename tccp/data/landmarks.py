@@ -214,7 +214,7 @@ def speed_clip(clip: PreparedClip, base: LandmarkClip, speed: float, encoder, ki
     for kind in kinds:
         f, v, s = _features(fast, n, clip.fps, None, f"{clip.name}@{speed:g}",
                             f"{clip.meta.get('source')}|{clip.meta.get('created')}|speed {speed:g}",
-                            encoder, kind, cache_dir)
+                            encoder, kind, cache_dir, getattr(encoder, "name", "tiny.en"))
         feats[kind], vads[kind] = f, v[:n]
         if s is not None:
             silent = s[:n]
@@ -244,7 +244,7 @@ def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarr
         heads, pose = hf.to_head(mesh, template)
         feats, vads, silent = {}, {}, np.zeros(clip.n_frames, bool)
         for kind in kinds:
-            f, v, s = clip_features(clip, encoder, kind, cache_dir)
+            f, v, s = clip_features(clip, encoder, kind, cache_dir, getattr(encoder, "name", "tiny.en"))
             feats[kind], vads[kind] = f, v[: clip.n_frames]
             if s is not None:
                 silent = s[: clip.n_frames]

@@ -90,9 +90,11 @@ class WhisperEncoder(nn.Module):
     """Whisper's audio encoder (Radford et al. 2022): two convs, sinusoidal positions,
     pre-LN blocks, a final LayerNorm. `forward` returns every layer's output."""
 
-    def __init__(self, width: int, heads: int, layers: int, n_mels: int = 80, max_len: int = 1500) -> None:
+    def __init__(self, width: int, heads: int, layers: int, n_mels: int = 80, max_len: int = 1500,
+                 name: str = "tiny.en") -> None:
         super().__init__()
         self.width, self.heads, self.n_layers = width, heads, layers
+        self.name = name  # which vendored encoder: feature caches key on it (tccp.data.landmarks)
         self.conv1 = nn.Conv1d(n_mels, width, 3, padding=1)
         self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
         self.blocks = nn.ModuleList([_Block(width, heads) for _ in range(layers)])
@@ -129,10 +131,13 @@ def load_whisper(name: str = "tiny.en", device: str = "cpu", folder: Path | None
         raise TCCPError(f"{path}: Whisper encoder weights missing (run scripts/vendor_whisper.py)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    # int8 rows (scripts/vendor_whisper.py --int8): weight = int8 x its row's scale
+    state = {k: (v.float() * raw[k + ".qscale"].float() if v.dtype == torch.int8 else v.float())
+             for k, v in raw.items() if not k.endswith(".qscale")}
     width = state["conv1.bias"].shape[0]
     layers = sum(1 for k in state if k.endswith("ln1.weight"))
-    enc = WhisperEncoder(width, int(meta.get("heads", width // 64)), layers)
+    enc = WhisperEncoder(width, int(meta.get("heads", width // 64)), layers, name=name)
     enc.load_state_dict(state, strict=True)
     return enc.to(device).eval().requires_grad_(False)
 

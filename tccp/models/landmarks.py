@@ -71,6 +71,9 @@ class LandmarkNetConfig:
     control_depth: int = 2
     dropout: float = 0.1
     objective: str = "regress"  # "regress" | "v"
+    audio_encoder: str = "tiny.en"
+    """The vendored Whisper encoder whose features the network reads
+    (`tccp/assets/whisper/<name>.safetensors`); the pack, training and the engine load it."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("mouth", "head"):

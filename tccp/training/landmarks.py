@@ -79,6 +79,10 @@ class LandmarkTrainConfig:
     """Speed perturbation: every training clip also played at these speeds
     (`tccp.data.landmarks.speed_clip`); more voices and speaking rates for the 50 clips."""
     data_cfg: dict = field(default_factory=dict)
+    whisper: str = "tiny.en"
+    """Audio encoder of a new run (`tccp/assets/whisper/<name>.safetensors`: tiny.en, or
+    base after `scripts/vendor_whisper.py --name base`); a resumed or initialised run keeps
+    its network's."""
 
 
 def _folders(data: str) -> list[Path]:
@@ -213,16 +217,23 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
                                         for f in train_f])
         template = hf.fit_template(sample_meshes)
         codec = LandmarkCodec(template, cfg.mode, cfg.scale)
+        from tccp.media.whisper import load_whisper
+
+        enc = load_whisper(cfg.whisper)
         model_cfg = LandmarkNetConfig(mode=cfg.mode, gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
                                       width=cfg.width, depth=cfg.depth, control_depth=min(2, cfg.depth),
-                                      objective=cfg.objective, audio_tokens=audio_tokens_for(cfg.audio_radius))
+                                      objective=cfg.objective, audio_tokens=audio_tokens_for(cfg.audio_radius),
+                                      audio_layers=enc.n_layers + 1, audio_width=enc.width, audio_encoder=cfg.whisper)
     codec = LandmarkCodec(template, model_cfg.mode, cfg.scale)
     cache = cfg.cache or str(Path(cfg.data) / ".cache-whisper")
     t0 = time.time()
     log(f"loading {len(train_f)} training + {len(val_f)} validation clips (Whisper features cached in {cache})")
     head = model_cfg.mode == "head"
-    train_clips = load_landmark_clips(train_f, template, cache_dir=cache, context=head, speeds=cfg.speeds)
-    val_clips = load_landmark_clips(val_f, template, cache_dir=cache, kinds=("full", "stream0", "stream2"),
+    from tccp.media.whisper import load_whisper
+
+    encoder = load_whisper(model_cfg.audio_encoder)
+    train_clips = load_landmark_clips(train_f, template, encoder, cache_dir=cache, context=head, speeds=cfg.speeds)
+    val_clips = load_landmark_clips(val_f, template, encoder, cache_dir=cache, kinds=("full", "stream0", "stream2"),
                                     context=head)
     log(f"  {len(train_clips)} lip-sync training clips, {sum(c.n for c in train_clips)} frames; "
         f"{len(val_clips)} validation clips ({time.time() - t0:.0f} s)")
