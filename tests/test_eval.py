@@ -500,3 +500,23 @@ def test_stage1_table_has_the_dub_row(monkeypatch):
         assert np.isfinite(row[m]["aperture_corr"]), (m, row[m])
     row.update(clip="x", speech_fraction=1.0)
     assert set(STAGE1_METHODS) <= set(_stage1_summary([row]))
+
+
+def test_crossdub_pairs_and_speech_files():
+    """`scripts/crossdub_eval.py`: every held-out video gets two other clips' speech, never
+    its own, from clips whose real mouth can judge it; a `_noaudio` video's speech is its
+    same-stem .wav (the dub would otherwise fail on a video without sound)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "crossdub_eval.py"
+    spec = importlib.util.spec_from_file_location("crossdub_eval", path)
+    xd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(xd)
+    pairs = xd.default_pairs()
+    assert len(pairs) == 2 * len(xd.VIDEOS) == len(set(pairs))
+    assert all(a != b and b in xd.SPEECH for a, b in pairs)
+    assert {a for a, _ in pairs} == set(xd.VIDEOS) and not {"lp_d20", "vx_emo_yomir"} & set(xd.SPEECH)
+    if not xd.CLIPS.is_dir():
+        pytest.skip("../shared/data/clips not present")
+    assert xd.speech_file("edtalk_mouth_source_noaudio").name == "edtalk_mouth_source.wav"
+    assert xd.speech_file("vr_face5") == xd.clip_file("vr_face5")

@@ -46,7 +46,7 @@ def test_matches_packaged_model(encoder, ref):
 
 
 def test_int8_rows_load_close_to_the_fp16_encoder(encoder, ref, tmp_path):
-    """`scripts/vendor_whisper.py --int8` (how base ships): blocks' matrices int8 with a
+    """`scripts/vendor_whisper.py --int8` (the Whisper base experiment's form): blocks' matrices int8 with a
     scale per row, half the bytes; the loader dequantises, and the features stay close."""
     import importlib.util
 
