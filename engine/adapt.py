@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
-           "clips_from_video", "face_runs", "trainable_stage1"]
+           "clips_from_video", "face_runs", "shift_clip", "sync_offset", "trainable_stage1"]
 
 
 @dataclass
@@ -46,6 +46,9 @@ class AdaptConfig:
     mix: dict = field(default_factory=lambda: {"full": 1.0})
     """Audio-feature views trained on (`tccp.data.landmarks` kinds): files run on full
     Whisper features; a live call's stage 1 sees streamed ones ('stream0'/'stream2')."""
+    sync_check: bool = True
+    """Probe each video's own A/V sync with the network first (`sync_offset`) and learn
+    from pairs shifted back into sync when its mouth runs clearly off its audio."""
     keep_track: bool = False
     """Keep what tracking the source's start gave (`AdaptResult.track`, one video from
     its start only): a file run's session replays it instead of tracking it again."""
@@ -85,10 +88,13 @@ class AdaptResult:
     seconds: float = 0.0  # wall time
     losses: list = field(default_factory=list, repr=False)
     track: TrackedStart | None = field(default=None, repr=False)  # with `AdaptConfig.keep_track`
+    sync_lags: list = field(default_factory=list)
+    """Per video, the frames its mouth was found off its own audio and shifted by before
+    learning (`sync_offset`; 0: in sync)."""
 
     def summary(self) -> dict:
         return {"adapted": self.generator is not None, "note": self.note, "frames": self.frames,
-                "speech_s": round(self.speech_s, 2), "seconds": round(self.seconds, 2),
+                "speech_s": round(self.speech_s, 2), "seconds": round(self.seconds, 2), "sync_lags": self.sync_lags,
                 "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None}
 
@@ -270,6 +276,62 @@ def _clips(name: str, meshes: np.ndarray, ok: np.ndarray, vad: np.ndarray, featu
     return clips
 
 
+SYNC_MAX_LAG = 8
+SYNC_MIN_LAG = 3
+SYNC_MIN_GAIN = 0.15
+SYNC_MIN_R = 0.3
+"""A source whose own audio runs off its video: the mouth the pack's stage 1 draws
+from the audio matches the tracked mouth best `lag` frames apart, with r >= SYNC_MIN_R
+there and SYNC_MIN_GAIN above r at lag 0, for |lag| >= SYNC_MIN_LAG (3 frames, 120 ms
+at 25 fps: beyond the 1-2 frames by which lips lead speech anyway). Learning from such
+pairs as they are would teach the copy that offset, and a dub would carry it."""
+
+
+def sync_offset(generator: Any, clips: Sequence[Any], kind: str = "full") -> tuple[int, float, float]:
+    """(lag, r at lag 0, r at lag): how many frames the tracked mouths of `clips` follow
+    the mouths `generator` draws from their audio (> 0: the video's mouth comes after
+    its sound), from the length-weighted mean of each clip's lag curve
+    (`tccp.metrics.lipsync.best_lag`, +-SYNC_MAX_LAG). The pack's stage 1 is a sync
+    probe like SyncNet's in dataset curation: no extra model."""
+    from tccp.data.landmarks import reference_frames
+    from tccp.face import headframe as hf
+    from tccp.media.whisper import frame_tokens
+    from tccp.metrics.lipsync import best_lag
+    from tccp.models.landmarks import audio_radius
+    from tccp.pipelines.landmarks import generate_clip
+
+    curves, weights = [], []
+    for c in clips:
+        if c.n < 4 * SYNC_MAX_LAG:
+            continue
+        refs = generator.references(c.heads[reference_frames(c.heads, 4)])
+        tokens = frame_tokens(np.asarray(c.features[kind], np.float32), 0, c.n,
+                              radius=audio_radius(generator.net.cfg)).astype(np.float32)
+        gen = generate_clip(generator, tokens, c.vad[kind], c.heads, refs)
+        res = best_lag(hf.aperture(gen), hf.aperture(c.heads), max_lag=SYNC_MAX_LAG)
+        if np.isfinite(res.curve).all():
+            curves.append(res.curve)
+            weights.append(c.n)
+    if not curves:
+        return 0, float("nan"), float("nan")
+    curve = np.average(np.stack(curves), axis=0, weights=np.asarray(weights, np.float64))
+    i = int(np.argmax(curve))
+    return int(i - SYNC_MAX_LAG), float(curve[SYNC_MAX_LAG]), float(curve[i])
+
+
+def shift_clip(clip: Any, lag: int) -> Any:
+    """`clip` with its mouths moved `lag` frames earlier against its audio (frame i's
+    audio paired with frame i + lag's landmarks): the pairs as they would be in sync."""
+    from tccp.data.landmarks import LandmarkClip
+
+    n = clip.n - abs(lag)
+    h0, a0 = (lag, 0) if lag >= 0 else (0, -lag)
+    return LandmarkClip(f"{clip.name}{lag:+d}", clip.heads[h0:h0 + n], clip.pose[h0:h0 + n],
+                        {k: v[a0:a0 + n] for k, v in clip.vad.items()},
+                        {k: f[2 * a0:2 * (a0 + n)] for k, f in clip.features.items()},
+                        clip.rest, clip.silent[a0:a0 + n], None)
+
+
 NOT_TRAINABLE = ("stage 1 is not a trainable mouth-mode network here (an export folder without its pack, "
                  "or head mode): not adapted")
 
@@ -325,6 +387,17 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
         c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
                                                       cfg.min_speech_s, a, keep_track=keep, progress=cfg.progress)
+        lag = 0
+        if c and cfg.sync_check:
+            lag, r0, r_lag = sync_offset(generator, c)
+            if abs(lag) >= SYNC_MIN_LAG and r_lag >= SYNC_MIN_R and r_lag - r0 >= SYNC_MIN_GAIN:
+                c = [shift_clip(x, lag) for x in c if x.n - abs(lag) >= 16]
+                notes.append(f"{Path(v).name}: its mouth runs {abs(lag)} frames {'after' if lag > 0 else 'before'} "
+                             f"its own sound (r {r0:.2f} in step, {r_lag:.2f} shifted): learned from pairs shifted "
+                             f"back into sync")
+            else:
+                lag = 0
+        res.sync_lags.append(lag)
         clips += c
         res.speech_s += speech
         if note:
@@ -344,7 +417,7 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
                                       sampler=generator.sampler)
     res.seconds = time.monotonic() - t0
     res.note = (f"stage 1 adapted to the person: {cfg.steps} steps on {res.frames / fps:.1f} s of the source "
-                f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s")
+                f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s" + "".join(f"; {n}" for n in notes))
     return res
 
 

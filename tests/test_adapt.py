@@ -339,3 +339,49 @@ def test_the_replayed_start_is_what_tracking_all_along_gives():
     finally:
         replay.close()
     assert _track(video, 5, 10, 25.0, keep=True)[2] is None  # only a start from frame 0 is kept
+
+
+def _delayed_audio(tmp_path, video, frames: int, fps: float = 25.0):
+    """The video's own speech, `frames` video frames late, as a separate 16 kHz wav."""
+    import wave
+
+    a = media.read_audio(video, sr=16000)
+    d = int(round(frames / fps * 16000))
+    late = np.concatenate([np.zeros(d, np.float32), a[: len(a) - d]])
+    path = tmp_path / f"late{frames}.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(late, -1, 1) * 32767).astype(np.int16).tobytes())
+    return path
+
+
+def test_a_source_whose_audio_runs_late_is_learned_back_in_sync(tmp_path, pack):
+    """The sync probe (the pack's stage 1 drawing mouths from the audio, cross-correlated
+    with the tracked ones) finds the sample in sync and the same video with its speech
+    6 frames late off by -6 (mouth before sound); adaptation then learns from pairs
+    shifted back (docs/lipsync.md: a source off by 6 frames taught the copy its offset)."""
+    from engine.adapt import clips_from_video, shift_clip, sync_offset
+
+    video, _ = media.sample_paths()
+    gen = pack.stage1
+    clips, _, _, _ = clips_from_video(video, gen.codec, pack.whisper, 5.0)
+    lag, r0, r_lag = sync_offset(gen, clips)
+    assert abs(lag) <= 1 and r0 > 0.4, (lag, r0, r_lag)
+    late = _delayed_audio(tmp_path, video, 6)
+    clips6, _, _, _ = clips_from_video(video, gen.codec, pack.whisper, 5.0, audio_path=late)
+    lag6, r06, r_lag6 = sync_offset(gen, clips6)
+    assert lag6 in (-7, -6, -5) and r_lag6 - r06 > 0.15, (lag6, r06, r_lag6)
+    # shifting pairs frame i's mouth with the sound of frame i + 6
+    c = clips6[0]
+    s = shift_clip(c, -6)
+    assert s.n == c.n - 6
+    np.testing.assert_array_equal(s.heads, c.heads[:-6])
+    np.testing.assert_array_equal(s.features["full"], c.features["full"][12: 12 + 2 * s.n])
+    np.testing.assert_array_equal(shift_clip(c, 4).heads, c.heads[4:])
+    res = adapt_from_video(video, gen, pack.whisper, AdaptConfig(steps=2, seconds=5.0), audio_path=late)
+    assert res.generator is not None and res.sync_lags == [lag6]
+    assert "before its own sound" in res.note and "\n" not in res.note
+    plain = adapt_from_video(video, gen, pack.whisper, AdaptConfig(steps=2, seconds=5.0))
+    assert plain.sync_lags == [0] and "sync" not in plain.note
