@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["AdaptConfig", "AdaptResult", "LiveAdapter", "TrackedStart", "adapt_net", "adaptable_pipeline", "check_adapt_options", "adapt_from_video", "adapt_from_videos",
-           "clips_from_video", "face_runs", "shift_clip", "sync_offset", "trainable_stage1"]
+           "clips_from_video", "face_runs", "shift_clip", "sync_offset", "synced", "trainable_stage1"]
 
 
 @dataclass
@@ -332,6 +332,18 @@ def shift_clip(clip: Any, lag: int) -> Any:
                         clip.rest, clip.silent[a0:a0 + n], None)
 
 
+def synced(generator: Any, clips: list, name: str) -> tuple[list, int, str]:
+    """`clips` as learned from: shifted back into sync (with a note naming `name`) when
+    `sync_offset` finds their mouths clearly off their audio, else as they are."""
+    kind = "full" if "full" in clips[0].features else next(iter(clips[0].features))
+    lag, r0, r_lag = sync_offset(generator, clips, kind)
+    if abs(lag) < SYNC_MIN_LAG or r_lag < SYNC_MIN_R or r_lag - r0 < SYNC_MIN_GAIN:
+        return clips, 0, ""
+    shifted = [shift_clip(x, lag) for x in clips if x.n - abs(lag) >= 16]
+    return shifted, lag, (f"{name}: its mouth runs {abs(lag)} frames {'after' if lag > 0 else 'before'} its own "
+                          f"sound (r {r0:.2f} in step, {r_lag:.2f} shifted): learned from pairs shifted back into sync")
+
+
 NOT_TRAINABLE = ("stage 1 is not a trainable mouth-mode network here (an export folder without its pack, "
                  "or head mode): not adapted")
 
@@ -387,17 +399,11 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
     for v, a in zip(videos, audio_paths or [None] * len(videos)):
         c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
                                                       cfg.min_speech_s, a, keep_track=keep, progress=cfg.progress)
-        lag = 0
         if c and cfg.sync_check:
-            lag, r0, r_lag = sync_offset(generator, c)
-            if abs(lag) >= SYNC_MIN_LAG and r_lag >= SYNC_MIN_R and r_lag - r0 >= SYNC_MIN_GAIN:
-                c = [shift_clip(x, lag) for x in c if x.n - abs(lag) >= 16]
-                notes.append(f"{Path(v).name}: its mouth runs {abs(lag)} frames {'after' if lag > 0 else 'before'} "
-                             f"its own sound (r {r0:.2f} in step, {r_lag:.2f} shifted): learned from pairs shifted "
-                             f"back into sync")
-            else:
-                lag = 0
-        res.sync_lags.append(lag)
+            c, lag, note = synced(generator, c, Path(v).name)
+            res.sync_lags.append(lag)
+            if note:
+                notes.append(note)
         clips += c
         res.speech_s += speech
         if note:
@@ -545,6 +551,10 @@ class LiveAdapter:
             return res
         feats = {k: view_features(self._whisper, audio, k) for k in cfg.mix}
         clips = _clips(self.name, self._meshes, self._ok, vad, feats, gen.codec)
+        sync_note = ""
+        if clips and cfg.sync_check:  # a call's picture and sound can be off too (capture, network)
+            clips, lag, sync_note = synced(gen, clips, "the call")
+            res.sync_lags.append(lag)
         res.frames = int(sum(c.n for c in clips))
         if res.frames < 2 * self.fps:
             res.note = f"a face in only {res.frames} of the call's first {self._n} frames: not adapted"
@@ -556,5 +566,5 @@ class LiveAdapter:
             return res
         res.generator = LandmarkGenerator(adapted, gen.codec, gen.schedule, steps=gen.steps, sampler=gen.sampler)
         res.note = (f"stage 1 adapted to the caller: {cfg.steps} steps on {res.frames / self.fps:.1f} s of the call "
-                    f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s")
+                    f"({res.speech_s:.1f} s of speech) in {res.seconds:.1f} s" + (f"; {sync_note}" if sync_note else ""))
         return res
