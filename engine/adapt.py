@@ -400,10 +400,9 @@ def adapt_from_videos(videos: Sequence[str | Path], generator: Any, whisper: Any
         c, speech, note, res.track = clips_from_video(v, generator.codec, whisper, cfg.seconds, start_s, fps,
                                                       cfg.min_speech_s, a, keep_track=keep, progress=cfg.progress)
         if c and cfg.sync_check:
-            c, lag, note = synced(generator, c, Path(v).name)
+            c, lag, sync_note = synced(generator, c, Path(v).name)
             res.sync_lags.append(lag)
-            if note:
-                notes.append(note)
+            note = note or sync_note  # a video with clips has no note of its own
         clips += c
         res.speech_s += speech
         if note:
