@@ -256,6 +256,8 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
         torch.set_num_threads(int(cfg.threads))
     pc = read_pack_config(pack)
     size = int(pc.get("crop_size", 128))
+    if against is not None and int(read_pack_config(against).get("crop_size", 128)) != size:
+        raise TCCPError(f"{against}: runs at another crop size than {pack}; --against needs the same")
     window = 8
     new = window - 1
     if clip is None:
@@ -287,8 +289,6 @@ def run_bench(pack: Path, label: str, cfg: BenchConfig, clip: Any = None, cache:
         say(f"loading {lab}")
         subjects.append(_Subject(lab, name, opts, pack, clip, cfg, cache))
     if against is not None:
-        if int(read_pack_config(against).get("crop_size", 128)) != size:
-            raise TCCPError(f"{against}: runs at another crop size than {pack}; --against needs the same")
         lab = f"torch eager, pack {Path(against).name}"
         say(f"loading {lab}")
         subjects.append(_Subject(lab, "torch", {"precision": "fp32"}, Path(against), clip, cfg, cache))

@@ -54,10 +54,13 @@ def clip_file(name: str) -> Path:
 
 
 def speech_file(name: str) -> Path:
-    """The clip's speech: its own track, or the same-stem .wav of an `x_noaudio` video."""
-    stem = name[: -len("_noaudio")] if name.endswith("_noaudio") else name
-    wav = CLIPS / f"{stem}.wav"
-    return wav if wav.is_file() else clip_file(name)
+    """The clip's speech: its own track, or the same-stem .wav of an `x_noaudio` video
+    (`tccp prepare`'s rule, `tccp.data.prepare.resolve_audio`)."""
+    from tccp.data.prepare import resolve_audio
+    from tccp.media.io import probe
+
+    video = clip_file(name)
+    return resolve_audio(video, None, probe(video).has_audio) or video
 
 
 def judge(real: Path, video: Path, audio: Path | None = None) -> dict:

@@ -2,7 +2,7 @@
 thread for the tiny-model modules, and makers of the bad or odd inputs users bring (so
 every module tests the same cases). Test doubles of the engine are in `fakes.py`.
 
-The `make_*` functions are plain functions (importable as `from conftest import ...`)
+`load_script(name)` loads `scripts/<name>.py` as a module. The `make_*` functions are plain functions (importable as `from conftest import ...`)
 and each also has a fixture of the same name without the prefix that builds the file
 in the test's temp folder.
 """
@@ -19,6 +19,17 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CLIPS = SHARED / "data" / "clips"
 AUDIO = SHARED / "data" / "audio"
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` as a module (the scripts are not a package), for testing
+    their functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def shared_file(*parts: str) -> Path:

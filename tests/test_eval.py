@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CLIPS, list_files
+from conftest import CLIPS, list_files, load_script
 from tccp.errors import TCCPError
 from tccp.metrics import (
     LIP_INDICES,
@@ -506,12 +506,7 @@ def test_crossdub_pairs_and_speech_files():
     """`scripts/crossdub_eval.py`: every held-out video gets two other clips' speech, never
     its own, from clips whose real mouth can judge it; a `_noaudio` video's speech is its
     same-stem .wav (the dub would otherwise fail on a video without sound)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "crossdub_eval.py"
-    spec = importlib.util.spec_from_file_location("crossdub_eval", path)
-    xd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(xd)
+    xd = load_script("crossdub_eval")
     pairs = xd.default_pairs()
     assert len(pairs) == 2 * len(xd.VIDEOS) == len(set(pairs))
     assert all(a != b and b in xd.SPEECH for a, b in pairs)

@@ -3,18 +3,16 @@ card (the rest, written from training runs that may be gone, must survive)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "docs" / "results" / "gate_floor" / "suite_floor.json"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_model_card", ROOT / "scripts" / "make_model_card.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_model_card")
 
 
 def _card(mc) -> str:

@@ -48,14 +48,11 @@ def test_matches_packaged_model(encoder, ref):
 def test_int8_rows_load_close_to_the_fp16_encoder(encoder, ref, tmp_path):
     """`scripts/vendor_whisper.py --int8` (the Whisper base experiment's form): blocks' matrices int8 with a
     scale per row, half the bytes; the loader dequantises, and the features stay close."""
-    import importlib.util
-
+    from conftest import load_script
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    spec = importlib.util.spec_from_file_location("vendor_whisper", Path(__file__).parents[1] / "scripts" / "vendor_whisper.py")
-    vendor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vendor)
+    vendor = load_script("vendor_whisper")
     src = vendor.DST / "tiny.en.safetensors"
     with safe_open(str(src), "np") as f:
         meta = f.metadata()

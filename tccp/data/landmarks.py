@@ -143,22 +143,24 @@ def view_features(encoder, audio: np.ndarray, kind: str) -> np.ndarray:
     return whisper.full_features(encoder, audio)
 
 
-def clip_features(clip: PreparedClip, encoder, kind: str, cache_dir: str | os.PathLike | None,
-                  model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def clip_features(clip: PreparedClip, encoder, kind: str,
+                  cache_dir: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(features (T50, L, D) fp16, per-frame voice activity (N,), silenced-frame mask or
     None) of one clip and variant, cached under `cache_dir` when given."""
     return _features(lambda: clip.audio, int(clip.meta["n_frames"]), clip.fps, lambda: clip.voice, clip.name,
-                     f"{clip.meta.get('source')}|{clip.meta.get('created')}", encoder, kind, cache_dir, model_name)
+                     f"{clip.meta.get('source')}|{clip.meta.get('created')}", encoder, kind, cache_dir)
 
 
 def _features(audio: Callable[[], np.ndarray], n: int, fps: float, voice: Callable[[], np.ndarray] | None,
-              name: str, ident: str, encoder, kind: str, cache_dir: str | os.PathLike | None,
-              model_name: str = "tiny.en") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+              name: str, ident: str, encoder, kind: str,
+              cache_dir: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`clip_features` of any 16 kHz track of `n` frames (`ident` names it in the cache
-    key). `audio()` and `voice()` (its stored voice activity; None: run the detector)
-    are called only when the variant is not cached."""
+    key, with the encoder's `name`; no encoder: read the cache as tiny.en's). `audio()`
+    and `voice()` (its stored voice activity; None: run the detector) are called only
+    when the variant is not cached."""
     from tccp.media.vad import frame_voice_activity
 
+    model_name = getattr(encoder, "name", "tiny.en")
     key = hashlib.sha1(f"{ident}|{model_name}|{kind}".encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"{name}-{kind}-{key}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
@@ -214,7 +216,7 @@ def speed_clip(clip: PreparedClip, base: LandmarkClip, speed: float, encoder, ki
     for kind in kinds:
         f, v, s = _features(fast, n, clip.fps, None, f"{clip.name}@{speed:g}",
                             f"{clip.meta.get('source')}|{clip.meta.get('created')}|speed {speed:g}",
-                            encoder, kind, cache_dir, getattr(encoder, "name", "tiny.en"))
+                            encoder, kind, cache_dir)
         feats[kind], vads[kind] = f, v[:n]
         if s is not None:
             silent = s[:n]
@@ -244,7 +246,7 @@ def load_landmark_clips(folders: Sequence[str | os.PathLike], template: np.ndarr
         heads, pose = hf.to_head(mesh, template)
         feats, vads, silent = {}, {}, np.zeros(clip.n_frames, bool)
         for kind in kinds:
-            f, v, s = clip_features(clip, encoder, kind, cache_dir, getattr(encoder, "name", "tiny.en"))
+            f, v, s = clip_features(clip, encoder, kind, cache_dir)
             feats[kind], vads[kind] = f, v[: clip.n_frames]
             if s is not None:
                 silent = s[: clip.n_frames]

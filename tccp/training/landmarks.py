@@ -30,6 +30,7 @@ from tccp.data.landmarks import LandmarkDataConfig, LandmarkWindows, load_landma
 from tccp.diffusion.schedule import Schedule
 from tccp.errors import TCCPError
 from tccp.face import headframe as hf
+from tccp.media.whisper import load_whisper
 from tccp.models.landmarks import LandmarkCodec, LandmarkNet, LandmarkNetConfig, audio_radius, audio_tokens_for
 from tccp.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tccp.training.ema import EMA
@@ -196,7 +197,7 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
     folders = _folders(cfg.data)
     train_f, val_f = _split(folders)
     ck = latest_checkpoint(out)
-    resumed = None
+    resumed, encoder = None, None
     if ck is not None:
         resumed = load_checkpoint(ck)
         run_cfg = resumed["config"]
@@ -217,21 +218,19 @@ def train_landmarks(cfg: LandmarkTrainConfig, log: Callable[[str], None] = print
                                         for f in train_f])
         template = hf.fit_template(sample_meshes)
         codec = LandmarkCodec(template, cfg.mode, cfg.scale)
-        from tccp.media.whisper import load_whisper
-
-        enc = load_whisper(cfg.whisper)
+        encoder = load_whisper(cfg.whisper)  # a new network takes its audio input's shape from it
         model_cfg = LandmarkNetConfig(mode=cfg.mode, gen_dim=codec.gen_dim, cv_dim=codec.cv_dim, ref_dim=codec.ref_dim,
                                       width=cfg.width, depth=cfg.depth, control_depth=min(2, cfg.depth),
                                       objective=cfg.objective, audio_tokens=audio_tokens_for(cfg.audio_radius),
-                                      audio_layers=enc.n_layers + 1, audio_width=enc.width, audio_encoder=cfg.whisper)
+                                      audio_layers=encoder.n_layers + 1, audio_width=encoder.width,
+                                      audio_encoder=cfg.whisper)
     codec = LandmarkCodec(template, model_cfg.mode, cfg.scale)
     cache = cfg.cache or str(Path(cfg.data) / ".cache-whisper")
     t0 = time.time()
     log(f"loading {len(train_f)} training + {len(val_f)} validation clips (Whisper features cached in {cache})")
     head = model_cfg.mode == "head"
-    from tccp.media.whisper import load_whisper
-
-    encoder = load_whisper(model_cfg.audio_encoder)
+    if encoder is None:  # a resumed or initialised network reads the encoder it names
+        encoder = load_whisper(model_cfg.audio_encoder)
     train_clips = load_landmark_clips(train_f, template, encoder, cache_dir=cache, context=head, speeds=cfg.speeds)
     val_clips = load_landmark_clips(val_f, template, encoder, cache_dir=cache, kinds=("full", "stream0", "stream2"),
                                     context=head)
