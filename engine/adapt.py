@@ -233,7 +233,11 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     info = media.probe(video)
     source = Path(audio_path) if audio_path is not None else video
     if audio_path is None and not info.has_audio:
-        return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from", None
+        from tccp.data.prepare import sibling_audio
+
+        near = sibling_audio(video)
+        hint = f" (if {near.name} beside it is that speech: tccp run --adapt-audio {near.name})" if near is not None else ""
+        return [], 0.0, f"{video.name} has no audio of its own to learn the person's speech from{hint}", None
     seconds = max(0.0, min(seconds, info.duration - start_s))
     n = int(seconds * fps)
     if n < 2 * 8:

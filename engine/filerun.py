@@ -138,7 +138,11 @@ def _driving_audio(video: Path, audio: Path | None, sr: int, max_seconds: float 
     info = media.probe(src)
     if not info.has_audio:
         if audio is None:
-            raise TCCPError(f"{video}: has no audio track to drive the face; pass --audio FILE")
+            from tccp.data.prepare import sibling_audio
+
+            near = sibling_audio(video)
+            hint = f" ({near.name} lies beside it)" if near is not None else ""
+            raise TCCPError(f"{video}: has no audio track to drive the face; pass --audio FILE{hint}")
         raise TCCPError(f"{src}: has no audio stream")
     samples = media.read_audio(src, sr=sr, max_seconds=max_seconds)
     if max_seconds is not None:

@@ -65,7 +65,13 @@ def test_nothing_to_learn_from_is_a_note_not_an_error(tmp_path, pack):
     mute = tmp_path / "mute.mp4"
     write_video(mute, clip.frames)  # no audio track
     res = adapt_from_video(mute, pack.stage1, pack.whisper, AdaptConfig(steps=5))
-    assert res.generator is None and "no audio" in res.note
+    assert res.generator is None and "no audio" in res.note and "beside it" not in res.note
+    # the shared clips' convention: x_noaudio.mp4 with its speech in x.wav beside it
+    noaudio = tmp_path / "talk_noaudio.mp4"
+    write_video(noaudio, clip.frames)
+    (tmp_path / "talk.wav").write_bytes(b"RIFF")  # only its name matters to the hint
+    res = adapt_from_video(noaudio, pack.stage1, pack.whisper, AdaptConfig(steps=5))
+    assert res.generator is None and "--adapt-audio talk.wav" in res.note
     quiet = tmp_path / "quiet.mp4"
     write_video(quiet, clip.frames, audio=np.zeros(4 * 16000, np.float32))
     res = adapt_from_video(quiet, pack.stage1, pack.whisper, AdaptConfig(steps=5))

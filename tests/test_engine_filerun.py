@@ -200,6 +200,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--model", str(tmp_path / "nopack")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nopack" in err[0]
+    # a video without a track: the error names the same-stem .wav beside it, if any
+    mute = tmp_path / "talk_noaudio.mp4"
+    media.write_video(mute, media.load_clip(video, max_frames=10).frames)
+    (tmp_path / "talk.wav").write_bytes(b"RIFF")
+    assert main(["run", "--video", str(mute), "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --audio FILE (talk.wav lies beside it)" in err[0]
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_demo_writes_video_and_preview(tmp_path, capsys):

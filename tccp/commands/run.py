@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="OUT.mp4", help="output mp4 (H.264 + AAC); with --live also 'window' (default)")
     p.add_argument("--live", action="store_true", help="live: the microphone drives a looping video or a camera")
     p.add_argument("--model", metavar="PACK", help="model pack folder (default: the bundled pack)")
-    p.add_argument("--steps", type=int, default=None, help="stage-2 sampler steps (default: 4; 0: the warped "
-                   "reference alone, no denoiser)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 sampler steps (default: the pack's; 0 for the "
+                   "bundled pack: the warped reference alone, no denoiser; N: its learned correction at N steps)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim")
     p.add_argument("--landmarks", choices=("generated", "tracked"), default="generated",
                    help="generated: stage 1 predicts landmarks from context+audio (default); "

@@ -105,25 +105,31 @@ def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
-def resolve_audio(clip: Path, audio: Path | None, has_audio: bool) -> Path | None:
-    """Where the clip's audio comes from: its own track, a same-stem .wav beside it
-    (`x_noaudio.mp4` -> `x.wav` or `x_noaudio.wav`), else `audio`; None = own track."""
-    if has_audio:
-        return None
+def sibling_audio(clip: Path) -> Path | None:
+    """A same-stem .wav beside `clip` (`x_noaudio.mp4` -> `x.wav` or `x_noaudio.wav`):
+    how the shared clips without a track of their own carry their speech."""
     stem = _stem(clip)
-    candidates = [stem]
-    if stem.endswith("_noaudio"):
-        candidates.insert(0, stem[: -len("_noaudio")])
+    candidates = [stem[: -len("_noaudio")], stem] if stem.endswith("_noaudio") else [stem]
     for name in candidates:
         for ext in (".wav", ".WAV"):
             p = clip.with_name(name + ext)
             if p.is_file():
                 return p
+    return None
+
+
+def resolve_audio(clip: Path, audio: Path | None, has_audio: bool) -> Path | None:
+    """Where the clip's audio comes from: its own track, a same-stem .wav beside it
+    (`sibling_audio`), else `audio`; None = own track."""
+    if has_audio:
+        return None
+    found = sibling_audio(clip)
+    if found is not None:
+        return found
     if audio is not None:
         return audio
-    raise TCCPError(
-        f"{clip}: has no audio stream and no {candidates[0]}.wav beside it; pass --audio FILE"
-    )
+    stem = _stem(clip).removesuffix("_noaudio")
+    raise TCCPError(f"{clip}: has no audio stream and no {stem}.wav beside it; pass --audio FILE")
 
 
 def _load(clip: Path, audio: Path | None, cfg: PrepareConfig):
