@@ -242,6 +242,7 @@ class PipelineRunner:
     def _stage1(self, requests: Sequence[WindowRequest], new: int) -> list[dict]:
         """Target landmarks for each request's new frames (plus the carry)."""
         from tccp.face import headframe as hf
+        from tccp.face import mouth
         from tccp.face.mouth import scale_opening
 
         pipe = self.pipeline
@@ -305,6 +306,8 @@ class PipelineRunner:
             gain = r.mouth_scale * self.articulation
             if gain != 1.0:
                 gen_heads = scale_opening(gen_heads, ref.rest, gain)
+            if gen_pose is None and mouth.JAW_SIDES:
+                gen_heads = mouth.keep_jaw_sides(gen_heads, heads)
             outs.append({"heads": gen_heads, "pose": pose, "x": x[i], "gate": level, "quiet": quiet, "cv": cv[i],
                          "tokens": tokens[i], "vad": vad[i]})
         return outs

@@ -40,3 +40,25 @@ def test_scale_opening_on_a_real_speaker():
     assert opening[2.0] == pytest.approx(2.0 * opening[1.0], rel=1e-3)
     rest_pts = list(hf.REST)
     np.testing.assert_array_equal(scale_opening(heads, rest, 2.0)[:, rest_pts], heads[:, rest_pts])
+
+
+def test_keep_jaw_sides_takes_the_source_cheek_line_and_the_generated_chin():
+    """The jaw contour's ends (by the ears) are the source's, the chin the generated
+    one, the weights rise smoothly in between; lips and every other point stay."""
+    from tccp.face.mouth import jaw_side_weights, keep_jaw_sides
+
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(3, 478, 2)).astype(np.float32)
+    gen = src + rng.normal(size=src.shape).astype(np.float32)
+    out = keep_jaw_sides(gen, src)
+    jaw = list(hf.JAW)
+    w = jaw_side_weights()
+    assert w[0] == 0 and w[-1] == 0 and w[len(w) // 2] == pytest.approx(1)
+    assert np.all(np.diff(w[: len(w) // 2 + 1]) > 0) and np.allclose(w, w[::-1])
+    np.testing.assert_allclose(out[:, jaw[0]], src[:, jaw[0]])
+    np.testing.assert_allclose(out[:, jaw[-1]], src[:, jaw[-1]])
+    np.testing.assert_allclose(out[:, 152], gen[:, 152], atol=1e-6)  # the chin
+    others = np.setdiff1d(np.arange(478), jaw)
+    np.testing.assert_array_equal(out[:, others], gen[:, others])
+    k = 4  # a point between: on the segment from the source's to the generated position
+    np.testing.assert_allclose(out[:, jaw[k]], src[:, jaw[k]] + w[k] * (gen[:, jaw[k]] - src[:, jaw[k]]), atol=1e-6)

@@ -14,7 +14,7 @@ import numpy as np
 
 from tccp.face import headframe as hf
 
-__all__ = ["MAX_SCALE", "check_scale", "scale_opening"]
+__all__ = ["MAX_SCALE", "JAW_SIDES", "check_scale", "jaw_side_weights", "keep_jaw_sides", "scale_opening"]
 
 MAX_SCALE = 4.0
 
@@ -37,4 +37,30 @@ def scale_opening(heads: np.ndarray, rest: np.ndarray, factor: float) -> np.ndar
     idx = list(hf.MOUTH)
     dy = out[:, idx, 1] - rest[idx, 1]
     out[:, idx, 1] = rest[idx, 1] + factor * dy
+    return out
+
+
+JAW_SIDES = True
+"""Mouth mode: the generated jaw contour's sides are the source's own (`keep_jaw_sides`)."""
+
+
+def jaw_side_weights() -> np.ndarray:
+    """(17,) share of the generated position along `hf.JAW` (cheek by the ear, round
+    the chin, to the other cheek): 0 at both ends, 1 at the chin, smooth in between."""
+    k = np.arange(len(hf.JAW), dtype=np.float64)
+    mid = (len(hf.JAW) - 1) / 2
+    return (np.sin(np.pi / 2 * (1 - np.abs(k - mid) / mid)) ** 2).astype(np.float32)
+
+
+def keep_jaw_sides(gen: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Head-frame meshes `gen` (N, 478, 2) with their jaw contour pulled back onto the
+    source's `src` (N, 478, 2) towards the ears (`jaw_side_weights`). Speech moves the
+    chin, hardly the jaw's sides; those follow the head, and the head is the source's.
+    A generated contour drawn for a frontal rest shape leaves a turned or grimacing
+    face's cheek line elsewhere, and the warped reference then shows its own
+    background or earring inside the cheek (seen on `lp_d3`, dubbed)."""
+    out = np.array(gen, np.float32, copy=True)
+    idx = list(hf.JAW)
+    w = jaw_side_weights()[None, :, None]
+    out[:, idx] = src[:, idx] + w * (out[:, idx] - src[:, idx])
     return out
