@@ -62,3 +62,31 @@ def test_keep_jaw_sides_takes_the_source_cheek_line_and_the_generated_chin():
     np.testing.assert_array_equal(out[:, others], gen[:, others])
     k = 4  # a point between: on the segment from the source's to the generated position
     np.testing.assert_allclose(out[:, jaw[k]], src[:, jaw[k]] + w[k] * (gen[:, jaw[k]] - src[:, jaw[k]]), atol=1e-6)
+
+
+def test_yaw_reads_the_head_turn_and_steers_the_reference_choice():
+    """`yaw` is 0 for a symmetric face, flips sign in the mirror, ignores scale and
+    in-plane rotation; with `yaw_weight` a reference turned like the target wins over
+    an equally shaped one turned the other way."""
+    from tccp.pipelines.faces import ReferenceBank, yaw
+
+    from engine.runner import default_template
+
+    tpl = default_template().astype(np.float64)
+    turned = tpl.copy()
+    turned[1, 0] += 0.15 * (tpl[454, 0] - tpl[234, 0])  # the nose tip moved towards one cheek
+    y0, y1 = float(yaw(tpl)), float(yaw(turned))
+    assert abs(y1 - y0 - 0.15) < 1e-6
+    mirrored = turned.copy()
+    mirrored[:, 0] = 2 * tpl[:, 0].mean() - mirrored[:, 0]
+    mirrored[[234, 454]] = mirrored[[454, 234]]
+    assert float(yaw(mirrored)) == pytest.approx(-y1, abs=1e-9)
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    assert float(yaw(3 * turned @ rot.T + 7)) == pytest.approx(y1, abs=1e-9)
+    bank = ReferenceBank.build(np.zeros((2, 8, 8, 3), np.uint8), np.stack([tpl, turned]).astype(np.float32),
+                               default_template())
+    heads, _ = hf.to_head(turned[None].astype(np.float32), default_template())
+    assert bank.choose(heads)[0] in (0, 1)  # same lips: a tie on shape alone
+    assert bank.choose(heads, target_yaw=yaw(turned[None]), yaw_weight=2.0)[0] == 1
+    assert bank.choose(heads, target_yaw=yaw(tpl[None]), yaw_weight=2.0)[0] == 0

@@ -110,7 +110,8 @@ class ReferenceBank:
                    list(hires) if hires is not None else [None] * len(crops))
 
     def choose(self, target_heads: np.ndarray, prev: int = -1, stick: float | None = None,
-               allowed: np.ndarray | None = None, centre: bool = False, gap_weight: float = 0.0) -> np.ndarray:
+               allowed: np.ndarray | None = None, centre: bool = False, gap_weight: float = 0.0,
+               target_yaw: np.ndarray | None = None, yaw_weight: float = 0.0) -> np.ndarray:
         """Per target (N, 478, 2) head-frame mesh, the index of the closest lip shape.
 
         With `stick` (a fraction) the reference in use (`prev` for the first frame, then
@@ -121,7 +122,10 @@ class ReferenceBank:
         `centre` compares the lip shapes without their position in the head frame and
         `gap_weight` adds that many times the inner-lip gap difference: measured
         alternatives, off by default (`REF_CENTRE`, `REF_GAP_WEIGHT`; docs/faces.md
-        "Which reference draws a small opening")."""
+        "Which reference draws a small opening"). `yaw_weight` adds that many times the
+        difference between each target's head turn (`target_yaw`, (N,); `yaw`) and each
+        reference's: a flat warp cannot turn a frontal nose and cheek into a turned one
+        (`REF_YAW_WEIGHT`)."""
         n, k = len(target_heads), len(self.shapes)
         t = np.asarray(target_heads)[:, list(hf.LIPS)]
         s = np.asarray(self.shapes).reshape(k, -1, 2)
@@ -132,6 +136,8 @@ class ReferenceBank:
         if gap_weight:
             gt, gs = _lip_gap(t), _lip_gap(s)
             d = d + gap_weight * np.abs(gt[:, None] - gs[None])
+        if yaw_weight and target_yaw is not None:
+            d = d + yaw_weight * np.abs(np.asarray(target_yaw)[:, None] - yaw(self.meshes)[None])
         if allowed is not None:
             d[:, ~np.asarray(allowed, bool)] = np.inf
         best = d.argmin(1)
@@ -146,6 +152,16 @@ class ReferenceBank:
         return out
 
 
+def yaw(meshes: np.ndarray) -> np.ndarray:
+    """(..., 478, 2) meshes -> (...,) head turn: where the nose tip (1) sits between the
+    cheeks' edges (234, 454), minus 0.5 (0 frontal, about +-0.3 at a three-quarter view).
+    A ratio along the face, so any crop, scale or in-plane rotation gives the same."""
+    m = np.asarray(meshes, np.float64)
+    span = m[..., 454, :] - m[..., 234, :]
+    along = ((m[..., 1, :] - m[..., 234, :]) * span).sum(-1) / np.maximum((span * span).sum(-1), 1e-9)
+    return along - 0.5
+
+
 def _lip_gap(lips: np.ndarray) -> np.ndarray:
     """(..., len(LIPS), 2) lip points -> (...,) inner-lip gap (points 13-14)."""
     lips_index = list(hf.LIPS)
@@ -157,6 +173,9 @@ REF_STICK = 0.5
 outside the validation set (generated landmarks, 3 s each): reference switches 92 ->
 59 (0.2) -> 49 (0.5); mouth-box PSNR 24.23 -> 24.21 -> 24.16 dB, sharpness 0.698 ->
 0.703 -> 0.732, output mouth r 0.541 -> 0.545 -> 0.567 (docs/faces.md)."""
+REF_YAW_WEIGHT = 0.0
+"""Weight of the head-turn difference in the reference choice (`ReferenceBank.choose`;
+0: lip shape alone)."""
 REF_CENTRE = False
 REF_GAP_WEIGHT = 0.0
 """Off: on 6 clips outside the validation set (3 s, generated landmarks) neither moved
@@ -204,7 +223,8 @@ class MouthEditor:
 
         if ref_index is None:
             heads, _ = hf.to_head(np.asarray(targets, np.float32), self.template)
-            ref_index = bank.choose(heads, prev_ref, REF_STICK, centre=REF_CENTRE, gap_weight=REF_GAP_WEIGHT)
+            ref_index = bank.choose(heads, prev_ref, REF_STICK, centre=REF_CENTRE, gap_weight=REF_GAP_WEIGHT,
+                                    target_yaw=yaw(targets), yaw_weight=REF_YAW_WEIGHT)
         out: dict[str, list] = {"masked": [], "warped": [], "sketches": [], "mask": []}
         for k in range(len(crops)):
             j = int(ref_index[k])
