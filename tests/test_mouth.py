@@ -90,3 +90,6 @@ def test_yaw_reads_the_head_turn_and_steers_the_reference_choice():
     assert bank.choose(heads)[0] in (0, 1)  # same lips: a tie on shape alone
     assert bank.choose(heads, target_yaw=yaw(turned[None]), yaw_weight=2.0)[0] == 1
     assert bank.choose(heads, target_yaw=yaw(tpl[None]), yaw_weight=2.0)[0] == 0
+    # a turn within the tolerance is not weighed: the tie falls to the first reference
+    assert bank.choose(heads, target_yaw=yaw(turned[None]), yaw_weight=2.0, yaw_tolerance=0.2)[0] == 0
+    assert bank.choose(heads, target_yaw=yaw(turned[None]), yaw_weight=2.0, yaw_tolerance=0.1)[0] == 1
