@@ -178,7 +178,7 @@ outside the validation set (generated landmarks, 3 s each): reference switches 9
 REF_YAW_WEIGHT = 2.0
 """Weight of the head-turn difference in the reference choice (`ReferenceBank.choose`;
 0: lip shape alone). Measured on 14 clips (docs/faces.md, "Turned heads"): 10 unchanged,
-the means within +-0.005 r and +-0.03 dB; a turned face no longer gets a frontal
+the means within +-0.005 r and +-0.04 dB; a turned face no longer gets a frontal
 reference's nose and cheek bent onto it."""
 REF_YAW_TOLERANCE = 0.1
 """Head-turn differences (`yaw` units) the choice ignores: a talking head's turns stay
