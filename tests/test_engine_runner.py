@@ -200,3 +200,19 @@ def test_audio_window_follows_the_stage1_network(runner, clip):
         assert res.targets.shape == (7, 478, 2) and np.isfinite(res.targets).all()
     finally:
         stage1.net = old
+
+
+def test_generated_jaw_keeps_the_source_cheek_line(runner, clip, monkeypatch):
+    """Mouth mode: the generated targets' jaw contour ends (by the ears) are the source's
+    own tracked points (`tccp.face.mouth.keep_jaw_sides`); without the rule the random
+    network's jaw lands elsewhere, so the test tells the two apart."""
+    from tccp.face import mouth
+
+    ends = [hf.JAW[0], hf.JAW[-1]]
+    src = clip["meshes"][:7][:, ends]
+    kept = runner.run_batch([_req(runner, clip, steps=0)])[0].targets
+    np.testing.assert_allclose(kept[:, ends], src, atol=1e-3)
+    monkeypatch.setattr(mouth, "JAW_SIDES", False)
+    free = runner.run_batch([_req(runner, clip, steps=0)])[0].targets
+    assert np.abs(free[:, ends] - src).max() > 0.5  # crop px
+    np.testing.assert_allclose(free[:, 152], kept[:, 152], atol=1e-3)  # the chin is generated either way
