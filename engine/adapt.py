@@ -263,15 +263,19 @@ def clips_from_video(video: str | Path, codec: Any, whisper: Any, seconds: float
     return clips, speech_s, "", tracked
 
 
+MIN_CLIP = 16
+"""Frames a clip needs to be learned from (two 8-frame windows)."""
+
+
 def _clips(name: str, meshes: np.ndarray, ok: np.ndarray, vad: np.ndarray, features: dict, codec: Any) -> list:
-    """`LandmarkClip`s of the runs of >= 16 face frames: (n, 478, 2) meshes (any pixel
+    """`LandmarkClip`s of the runs of >= MIN_CLIP face frames: (n, 478, 2) meshes (any pixel
     frame: the head frame removes the similarity), (n,) voice activity and the
     segment's 50 Hz features per kind (the same for every kind's voice activity)."""
     from tccp.data.landmarks import LandmarkClip, rest_shape
     from tccp.face import headframe as hf
 
     clips = []
-    for a, b in face_runs(ok, 16):
+    for a, b in face_runs(ok, MIN_CLIP):
         heads, _ = hf.to_head(meshes[a:b], codec.template)
         clips.append(LandmarkClip(f"{name}[{a}:{b}]", heads, np.zeros((b - a, 4), np.float32),
                                   {k: vad[a:b] for k in features},
@@ -343,7 +347,7 @@ def synced(generator: Any, clips: list, name: str) -> tuple[list, int, str]:
     lag, r0, r_lag = sync_offset(generator, clips, kind)
     if abs(lag) < SYNC_MIN_LAG or r_lag < SYNC_MIN_R or r_lag - r0 < SYNC_MIN_GAIN:
         return clips, 0, ""
-    shifted = [shift_clip(x, lag) for x in clips if x.n - abs(lag) >= 16]
+    shifted = [shift_clip(x, lag) for x in clips if x.n - abs(lag) >= MIN_CLIP]
     return shifted, lag, (f"{name}: its mouth runs {abs(lag)} frames {'after' if lag > 0 else 'before'} its own "
                           f"sound (r {r0:.2f} in step, {r_lag:.2f} shifted): learned from pairs shifted back into sync")
 

@@ -2,9 +2,9 @@
 thread for the tiny-model modules, and makers of the bad or odd inputs users bring (so
 every module tests the same cases). Test doubles of the engine are in `fakes.py`.
 
-`load_script(name)` loads `scripts/<name>.py` as a module. The `make_*` functions are plain functions (importable as `from conftest import ...`)
-and each also has a fixture of the same name without the prefix that builds the file
-in the test's temp folder.
+`load_script(name)` loads `scripts/<name>.py` as a module. The `make_*` functions are
+plain functions (importable as `from conftest import ...`) and each also has a fixture
+of the same name without the prefix that builds the file in the test's temp folder.
 """
 
 from __future__ import annotations
