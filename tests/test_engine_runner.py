@@ -52,7 +52,10 @@ def _req(runner, clip, start=0, n=7, mode="generated", state=None, seed=0, sampl
     )
 
 
-def test_restart_then_continue_carries_the_last_frame(runner, clip):
+def test_restart_then_continue_carries_the_last_frame(runner, clip, monkeypatch):
+    # the patch as the decoded latent, so that it can be checked against the carried latent
+    # (with PIXEL_RESIDUAL it is the warp plus the decoded change: test_pipeline.py)
+    monkeypatch.setattr("engine.runner.PIXEL_RESIDUAL", False)
     s = runner.size
     first = runner.run_batch([_req(runner, clip)])[0]
     assert first.faces.shape == (7, s, s, 3) and first.faces.dtype == np.uint8

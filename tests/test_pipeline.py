@@ -141,3 +141,24 @@ def test_info_command(capsys: pytest.CaptureFixture, runner, tmp_path: Path) -> 
     assert report["stage1_params"] == n1 and report["stage2_params"] == n2
     assert report["window_flops"] > 0
     assert cli_main(["info", "--pack", str(tmp_path / "nope")]) == 2
+
+
+def test_pixel_residual_keeps_the_warp_where_the_correction_is_zero(runner) -> None:
+    """The correction is added to the warp's own pixels: no correction gives the warp
+    back exactly (not its autoencoder round trip); a corrected latent changes it by the
+    decoded difference."""
+    editor = runner.pipeline.stage2
+    x0, y0, x1, y1 = editor.patch
+    side = x1 - x0
+    rng = np.random.default_rng(1)
+    warped = rng.integers(0, 255, (2, 3, side, side, 3), dtype=np.uint8)
+    from einops import rearrange
+
+    lat = rearrange(editor.encode(warped), "b n c h w -> b c n h w")
+    roundtrip = editor.decode(lat)
+    assert np.abs(roundtrip.astype(int) - warped).mean() > 1  # the round trip alone loses detail
+    assert np.array_equal(editor.pixel_residual(roundtrip, warped), warped)
+    changed = editor.decode(lat + 0.5)
+    out = editor.pixel_residual(changed, warped)
+    want = np.clip(warped.astype(int) + changed.astype(int) - roundtrip.astype(int), 0, 255)
+    assert np.array_equal(out, want) and not np.array_equal(out, warped)

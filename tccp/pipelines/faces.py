@@ -315,6 +315,15 @@ class MouthEditor:
         return self.norm.from_model(out)
 
     @torch.inference_mode()
+    def pixel_residual(self, patches: np.ndarray, warped: np.ndarray) -> np.ndarray:
+        """`patches` (B, n, ph, pw, 3) decoded from corrected latents, `warped` the warped
+        reference patches they were corrected from -> the warp plus the decoded change
+        (`warped + patches - decode(encode(warped))`), uint8."""
+        base = self.decode(rearrange(self.encode(warped), "b n c h w -> b c n h w"))
+        out = warped.astype(np.int16) + patches.astype(np.int16) - base.astype(np.int16)
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    @torch.inference_mode()
     def decode(self, lat: torch.Tensor) -> np.ndarray:
         """(B, C, n, h, w) raw latents -> (B, n, ph, pw, 3) uint8 patches."""
         b = lat.shape[0]
