@@ -133,6 +133,42 @@ def colour_match(
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+LIP_MATCH = True
+"""Also match the edited lips' colour to the source frame's own lips (`match_lips`).
+A/B on 14 clips (6 outside the validation set + the 8 validation clips, 3 s, one
+sitting; docs/faces.md "Lip colour"): mouth-box PSNR +0.11 dB with generated landmarks
+(12 of 14 clips up), +0.04 dB with tracked ones (11 of 14); mouth r and sharpness
+unchanged."""
+LIP_MAX_SHIFT = (12.0, 8.0, 8.0)
+"""Largest LAB shift (L, a, b) `match_lips` applies: a mistracked source lip region
+(teeth in it, a hand over the mouth) cannot repaint the mouth."""
+def match_lips(edited: np.ndarray, original: np.ndarray, target_mesh: np.ndarray, source_mesh: np.ndarray,
+               max_shift: Sequence[float] = LIP_MAX_SHIFT) -> np.ndarray:
+    """Shift the colour of the edited lips (under `target_mesh`) so that their median
+    LAB equals that of the source frame's own lips (`original` under `source_mesh`).
+
+    The ring colour match evens out the skin at the region's edge; the lips inside come
+    from a reference taken elsewhere in the video (other light, lipstick worn off, a
+    wetter lip), and a source frame always shows the person's lips as they are now,
+    whatever its mouth does. Mean shift only (no gain), median statistics, clamped to
+    `max_shift`, feathered by a pixel at the lips' edge. Fewer than 16 lip pixels on
+    either side: unchanged."""
+    h, w = edited.shape[:2]
+    from tccp.face.geometry import lip_mask
+
+    tm, sm = lip_mask(target_mesh, (h, w)), lip_mask(source_mesh, original.shape[:2])
+    if tm.sum() < 16 or sm.sum() < 16:
+        return edited
+    gen = cv2.cvtColor(edited.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    ref = cv2.cvtColor(original.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    shift = np.clip(np.median(ref[sm], 0) - np.median(gen[tm], 0), -np.asarray(max_shift), np.asarray(max_shift))
+    soft = cv2.GaussianBlur(tm.astype(np.float32), (0, 0), 1.0)
+    out = gen + soft[..., None] * shift.astype(np.float32)
+    out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
+    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def paste_back(
     frame: np.ndarray,
     crop: np.ndarray,
@@ -220,6 +256,7 @@ def paste_mouth(
     settings: CompositeSettings = CompositeSettings(),
     detail: bool = True,
     align: bool = False,
+    source_mesh: np.ndarray | None = None,
 ) -> np.ndarray:
     """Paste an edited crop (the source crop with its regenerated mouth patch) into the
     frame at the source resolution, under the region `mask` (crop px, float).
@@ -243,6 +280,8 @@ def paste_mouth(
         original = crop_box(frame, box, size)
         ring = _ring(mask, max(1, int(round(settings.ring * size * 0.5)))) & (mask > 0.5)
         crop = colour_match(crop, original, ring, settings.max_gain)
+    if LIP_MATCH and source_mesh is not None and targets is not None and not align:
+        crop = match_lips(crop, crop_box(frame, box, size), np.asarray(targets), np.asarray(source_mesh))
     big = hires_size(box)
     edited = cv2.resize(crop, (big, big), interpolation=cv2.INTER_CUBIC)  # uint8
     m = np.clip(cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

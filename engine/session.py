@@ -34,6 +34,7 @@ from engine.model import SharedModel
 from engine.prep import PreparedWindow, WindowPreparer
 from engine.runner import ModelState, SessionRefs, WindowRequest, WindowResult
 from engine.stats import SessionStats, WindowTiming
+from tccp.face.geometry import to_crop_coords
 
 __all__ = ["Session", "OutputFrame", "EngineError"]
 
@@ -521,7 +522,8 @@ class Session:
         img = paste_mouth(frame, face, win.face_boxes[k], res.masks[k], res.targets[k], bank,
                           int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
                           self._composite, detail=getattr(self.controller, "detail", True),
-                          align=self.cfg.region == "head")
+                          align=self.cfg.region == "head",
+                          source_mesh=to_crop_coords(win.landmarks[k], win.face_boxes[k], face.shape[0]))
         of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
         if self.keep_debug:
             of.crop = face

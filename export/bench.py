@@ -169,7 +169,7 @@ class _Subject:
         def one(res: Any) -> int:
             for j, i in enumerate(range(sl.start, sl.stop)):
                 paste_mouth(clip.frames[i], res.faces[j], clip.boxes[i], res.masks[j], res.targets[j], self.bank,
-                            int(res.ref_index[j]), tri, self.settings)
+                            int(res.ref_index[j]), tri, self.settings, source_mesh=clip.meshes[i])
             return sl.stop - sl.start
 
         if self.pool is None or len(results) == 1:

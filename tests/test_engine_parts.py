@@ -294,3 +294,49 @@ def test_bad_reference_images_are_one_line_errors():
         bank_from_image(np.zeros((30, 40, 3), np.uint8), template, name="me.png")
     with pytest.raises(TCCPError, match=r"^me.png: no face found$"):
         bank_from_image(np.full((128, 128, 3), 127, np.uint8), template, name="me.png")
+
+
+def _ring_mesh(cx: float, cy: float, outer: float, inner: float) -> np.ndarray:
+    """A 478-point mesh whose outer lip loop is a circle of radius `outer` and inner
+    loop one of radius `inner` about (cx, cy)."""
+    mesh = np.full((478, 2), (cx, cy), np.float32)
+    for loop, r in ((fg.LIPS_OUTER_LOOP, outer), (fg.LIPS_INNER_LOOP, inner)):
+        a = np.linspace(0, 2 * np.pi, len(loop), endpoint=False)
+        mesh[list(loop)] = np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1)
+    return mesh
+
+
+def test_lip_mask_and_mouth_interior_on_a_synthetic_mouth():
+    mesh = _ring_mesh(32, 32, 20, 8)
+    m = fg.lip_mask(mesh, (64, 64))
+    assert not m[32, 32] and m[32, 32 + 14] and not m[32, 32 + 24] and not m[2, 2]
+    img = np.full((64, 64, 3), 40, np.uint8)
+    img[22:43, 22:43] = 230  # bright teeth filling the opening
+    assert fg.mouth_interior(img, mesh) > 180
+    assert np.isnan(fg.mouth_interior(img, _ring_mesh(32, 32, 20, 0.5)))  # a closed mouth shows nothing
+
+
+def test_match_lips_moves_the_lips_colour_to_the_source_s_and_nothing_else():
+    from engine.composite import LIP_MAX_SHIFT, match_lips
+    import cv2
+
+    src_mesh, tgt_mesh = _ring_mesh(30, 34, 14, 5), _ring_mesh(34, 30, 16, 7)  # the lips moved between them
+    original = np.full((64, 64, 3), (200, 160, 140), np.uint8)
+    original[fg.lip_mask(src_mesh, (64, 64))] = (170, 90, 100)
+    edited = np.full((64, 64, 3), (200, 160, 140), np.uint8)
+    edited[fg.lip_mask(tgt_mesh, (64, 64))] = (150, 80, 95)  # a darker lip colour (another frame's)
+    out = match_lips(edited, original, tgt_mesh, src_mesh)
+    lab = lambda x: cv2.cvtColor(x.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)  # noqa: E731
+    core = fg.lip_mask(tgt_mesh, (64, 64)) & (cv2.erode(fg.lip_mask(tgt_mesh, (64, 64)).astype(np.uint8), np.ones((5, 5))) > 0)
+    want = np.median(lab(original)[fg.lip_mask(src_mesh, (64, 64))], 0)
+    got = np.median(lab(out)[core], 0)
+    before = np.median(lab(edited)[core], 0)
+    assert np.all(np.abs(got - want) < 1.0) and np.abs(before - want).max() > 3
+    far = np.ones((64, 64), bool)
+    far[10:56, 10:56] = False
+    assert np.array_equal(out[far], edited[far])  # skin away from the lips untouched
+    # a wildly different source (a hand over the mouth) moves the lips by the clamp at most
+    black = original.copy()
+    black[fg.lip_mask(src_mesh, (64, 64))] = 0
+    shift = np.median(lab(match_lips(edited, black, tgt_mesh, src_mesh))[core], 0) - before
+    assert np.all(np.abs(shift) <= np.asarray(LIP_MAX_SHIFT) + 0.6)

@@ -32,6 +32,10 @@ __all__ = [
     "mask_context",
     "inter_ocular",
     "mouth_aperture",
+    "lip_mask",
+    "mouth_interior",
+    "LIPS_OUTER_LOOP",
+    "LIPS_INNER_LOOP",
     "MASK_GREY",
 ]
 
@@ -225,3 +229,32 @@ def mouth_aperture(landmarks: np.ndarray) -> np.ndarray | float:
     gap = np.linalg.norm(lm[..., LIP_INNER_TOP, :] - lm[..., LIP_INNER_BOTTOM, :], axis=-1)
     d = gap / np.maximum(inter_ocular(lm), 1e-6)
     return float(d) if np.ndim(d) == 0 else d
+
+
+# the lips' contours as closed polygons (mediapipe mesh indices, in drawing order)
+LIPS_OUTER_LOOP = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+LIPS_INNER_LOOP = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+
+
+def _polygon(mesh: np.ndarray, loop, shape: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(shape[:2], np.uint8)
+    pts = np.round(np.asarray(mesh, np.float64)[list(loop)] * 4).astype(np.int32)  # 2 fractional bits
+    cv2.fillPoly(m, [pts], 1, lineType=cv2.LINE_8, shift=2)
+    return m > 0
+
+
+def lip_mask(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The lips of a 478-point mesh (px of an image of `shape`): inside the outer lip
+    contour, outside the inner one (bool)."""
+    return _polygon(mesh, LIPS_OUTER_LOOP, shape) & ~_polygon(mesh, LIPS_INNER_LOOP, shape)
+
+
+def mouth_interior(image: np.ndarray, mesh: np.ndarray, min_pixels: int = 12) -> float:
+    """Mean grey level (0-255) inside the inner lip contour: what an open mouth shows
+    (high: teeth; low: the dark cavity, the tongue). NaN when the opening covers fewer
+    than `min_pixels` pixels (a closed mouth shows nothing)."""
+    inside = _polygon(mesh, LIPS_INNER_LOOP, image.shape[:2])
+    if inside.sum() < min_pixels:
+        return float("nan")
+    grey = np.asarray(image, np.float32)[inside] @ np.array([0.299, 0.587, 0.114], np.float32)
+    return float(grey.mean())
