@@ -62,7 +62,6 @@ class BankBuilder:
         self.hires: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []
         self.sharp: list[float] = []
-        self.interior: list[float] = []
         self.picks: list[int] = []
         self._built = 0
         self.complete = False  # the pool is full and the final bank chosen
@@ -89,7 +88,6 @@ class BankBuilder:
         self.hires.append(fg.crop(frame, box, hires_size(box)))
         self.heads.append(heads[0])
         self.sharp.append(_sharpness(crop))
-        self.interior.append(fg.mouth_interior(crop, mesh))
         n = len(self.crops)
         last = n >= self.pool
         changed = False
@@ -102,8 +100,7 @@ class BankBuilder:
 
     def _rebuild(self) -> bool:
         """Re-choose the bank from the pool; True if the choice changed."""
-        picks = select_references(np.stack(self.heads), self.size, sharpness=np.asarray(self.sharp),
-                                  interior=np.asarray(self.interior))
+        picks = select_references(np.stack(self.heads), self.size, sharpness=np.asarray(self.sharp))
         self._built = len(self.crops)
         if self.bank is not None and picks == self.picks:
             return False
@@ -123,8 +120,7 @@ class BankBuilder:
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
-        picks = select_references(heads, b.size, selection, sharpness=np.array([_sharpness(c) for c in crops]),
-                                  interior=np.array([fg.mouth_interior(c, m) for c, m in zip(crops, meshes)]))
+        picks = select_references(heads, b.size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
         hires = {j: fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks}
         b.bank = _bank(picks, crops, meshes, heads, hires)
         b.picks = list(picks)  # the chosen frames' indices among the candidates
@@ -137,19 +133,6 @@ def _bank(picks: list[int], crops, meshes, heads, hires) -> ReferenceBank:
                          np.stack([heads[j][list(hf.LIPS)].reshape(-1) for j in picks]), [hires[j] for j in picks])
 
 
-def _typical(frames: np.ndarray, interior: np.ndarray) -> np.ndarray:
-    """The frames whose mouth interior lies within one median absolute deviation of the
-    group's median (all of them when fewer than 3 show an interior)."""
-    v = interior[frames]
-    ok = np.isfinite(v)
-    if ok.sum() < 3:
-        return frames
-    med = np.median(v[ok])
-    mad = np.median(np.abs(v[ok] - med))
-    keep = ok & (np.abs(v - med) <= mad)
-    return frames[keep] if keep.any() else frames
-
-
 def _sharpness(crop: np.ndarray) -> float:
     """Variance of the Laplacian of a face crop's lower half (grey): motion-blurred
     frames make blurred mouths, whatever their shape."""
@@ -158,14 +141,8 @@ def _sharpness(crop: np.ndarray) -> float:
     return float(lap.var())
 
 
-TYPICAL_INTERIOR = False
-"""Within each opening's group, keep to frames whose mouth interior (mean grey inside the
-inner lips: teeth bright, the cavity dark) is typical of the group before taking the
-sharpest (`select_references(interior=...)`)."""
-
-
 def select_references(heads: np.ndarray, size: int, selection: str | None = None,
-                      sharpness: np.ndarray | None = None, interior: np.ndarray | None = None) -> list[int]:
+                      sharpness: np.ndarray | None = None) -> list[int]:
     """Indices of up to `size` reference frames among (N, 478, 2) head-frame meshes.
 
     "typical" (the default): the most closed 5 % of the frames (the rest shape) and
@@ -198,9 +175,6 @@ def select_references(heads: np.ndarray, size: int, selection: str | None = None
                 j = int(part[np.argmin(dist)])
             else:
                 near = part[dist <= np.median(dist)]
-                if interior is not None and TYPICAL_INTERIOR:
-                    usual = near[np.isin(near, _typical(part, interior))]
-                    near = usual if len(usual) else near
                 j = int(near[np.argmax(sharpness[near])])
             if not picks or min(np.linalg.norm(shapes[picks] - shapes[j], axis=1)) > 1e-9:
                 picks.append(j)

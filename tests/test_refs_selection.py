@@ -82,23 +82,3 @@ def test_live_builder_pools_and_rechooses() -> None:
     want = select_references(ph, 8, "typical", sharpness=np.array(b.sharp))
     np.testing.assert_allclose(b.bank.meshes, meshes[want], atol=1e-5)
 
-
-def test_typical_interior_keeps_a_group_s_usual_mouth_inside(monkeypatch) -> None:
-    """With the interior rule each group takes the sharpest frame among those whose
-    mouth interior is typical of it: a sharp frame showing something its group rarely
-    shows (bright teeth where the others show the cavity) is passed over."""
-    import engine.refs as refs
-
-    heads, _ = _heads()
-    sharp = np.ones(len(heads))
-    plain = select_references(heads, 8, "typical", sharpness=sharp)
-    interior = np.full(len(heads), 60.0) + np.random.default_rng(1).normal(0, 2, len(heads))
-    interior[plain[3]] = 200.0  # the group's pick shows teeth, the rest of its group does not
-    sharp[plain[3]] = 5.0  # and it is the sharpest by far
-    with_sharp = select_references(heads, 8, "typical", sharpness=sharp, interior=interior)
-    assert plain[3] in with_sharp  # the rule is off by default
-    monkeypatch.setattr(refs, "TYPICAL_INTERIOR", True)
-    picks = select_references(heads, 8, "typical", sharpness=sharp, interior=interior)
-    assert plain[3] not in picks and len(picks) == 8
-    # too few frames with an interior to tell: the rule steps aside
-    assert select_references(heads, 8, "typical", sharpness=sharp, interior=np.full(len(heads), np.nan)) == with_sharp

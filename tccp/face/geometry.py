@@ -33,7 +33,6 @@ __all__ = [
     "inter_ocular",
     "mouth_aperture",
     "lip_mask",
-    "mouth_interior",
     "LIPS_OUTER_LOOP",
     "LIPS_INNER_LOOP",
     "MASK_GREY",
@@ -248,13 +247,3 @@ def lip_mask(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     contour, outside the inner one (bool)."""
     return _polygon(mesh, LIPS_OUTER_LOOP, shape) & ~_polygon(mesh, LIPS_INNER_LOOP, shape)
 
-
-def mouth_interior(image: np.ndarray, mesh: np.ndarray, min_pixels: int = 12) -> float:
-    """Mean grey level (0-255) inside the inner lip contour: what an open mouth shows
-    (high: teeth; low: the dark cavity, the tongue). NaN when the opening covers fewer
-    than `min_pixels` pixels (a closed mouth shows nothing)."""
-    inside = _polygon(mesh, LIPS_INNER_LOOP, image.shape[:2])
-    if inside.sum() < min_pixels:
-        return float("nan")
-    grey = np.asarray(image, np.float32)[inside] @ np.array([0.299, 0.587, 0.114], np.float32)
-    return float(grey.mean())
