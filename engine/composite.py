@@ -16,6 +16,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from tccp.face.geometry import lip_mask
+
 __all__ = [
     "crop_affine",
     "crop_box",
@@ -142,6 +144,8 @@ unchanged."""
 LIP_MAX_SHIFT = (12.0, 8.0, 8.0)
 """Largest LAB shift (L, a, b) `match_lips` applies: a mistracked source lip region
 (teeth in it, a hand over the mouth) cannot repaint the mouth."""
+
+
 def match_lips(edited: np.ndarray, original: np.ndarray, target_mesh: np.ndarray, source_mesh: np.ndarray,
                max_shift: Sequence[float] = LIP_MAX_SHIFT) -> np.ndarray:
     """Shift the colour of the edited lips (under `target_mesh`) so that their median
@@ -153,10 +157,7 @@ def match_lips(edited: np.ndarray, original: np.ndarray, target_mesh: np.ndarray
     whatever its mouth does. Mean shift only (no gain), median statistics, clamped to
     `max_shift`, feathered by a pixel at the lips' edge. Fewer than 16 lip pixels on
     either side: unchanged."""
-    h, w = edited.shape[:2]
-    from tccp.face.geometry import lip_mask
-
-    tm, sm = lip_mask(target_mesh, (h, w)), lip_mask(source_mesh, original.shape[:2])
+    tm, sm = lip_mask(target_mesh, edited.shape[:2]), lip_mask(source_mesh, original.shape[:2])
     if tm.sum() < 16 or sm.sum() < 16:
         return edited
     gen = cv2.cvtColor(edited.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)

@@ -246,4 +246,3 @@ def lip_mask(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The lips of a 478-point mesh (px of an image of `shape`): inside the outer lip
     contour, outside the inner one (bool)."""
     return _polygon(mesh, LIPS_OUTER_LOOP, shape) & ~_polygon(mesh, LIPS_INNER_LOOP, shape)
-
