@@ -50,6 +50,20 @@ def test_mouth_region_covers_the_lower_face_and_nothing_above_or_beyond(face):
     assert loose[grown == 0].max() > 0.1
 
 
+def test_below_the_nose_the_nose_is_the_source_s(face):
+    """`below_nose`: the region stops at the nose's lower edge; the lips and the skin
+    between them and the nose stay in it."""
+    frame, mesh = face
+    h, w = frame.shape[:2]
+    kw = dict(dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE)
+    loose = region_mask(mesh, (h, w), "mouth", **kw)
+    m = region_mask(mesh, (h, w), "mouth", below_nose=0.0, **kw)
+    assert _at(loose, mesh[4]) > 0.5  # the dilation alone reaches up the nose (what the clip is for)
+    assert _at(m, mesh[4]) < 0.1 and _at(m, mesh[5]) < 0.01  # nose tip and above: the source's
+    assert all(_at(m, mesh[i]) > 0.99 for i in LIPS) and _at(m, mesh[164]) > 0.99  # lips, philtrum: edited
+    assert np.all(m <= loose + 1e-6)  # it only takes away
+
+
 def test_warp_puts_reference_landmarks_on_the_target_within_a_pixel(face):
     _, src = face
     rng = np.random.default_rng(0)

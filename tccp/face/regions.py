@@ -27,6 +27,8 @@ LOWER_FACE = (
     294, 327, 2, 98, 64,
 )
 _FOREHEAD, _CHIN = 10, 152
+# the nose's lower edge, wing to wing (alar base, nostril, subnasale, nostril, alar base)
+NOSE_LINE = (64, 98, 2, 327, 294)
 
 # Mouth mode regenerates only a patch of the face crop: the lower face of a face crop
 # (box = 1.6 x the landmark extent) measured on the shared clips spans at most ~70 x 45
@@ -56,7 +58,8 @@ def _face_height(mesh: np.ndarray) -> float:
 
 
 def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: tuple[float, float] = (0.0, 0.0),
-                dilate: float = 0.04, feather: float = 0.0, inside_face: float | None = None) -> np.ndarray:
+                dilate: float = 0.04, feather: float = 0.0, inside_face: float | None = None,
+                below_nose: float | None = None) -> np.ndarray:
     """Union of the region's masks for each full-mesh landmark set in `meshes` (one
     (478, 2) array or a list), on a grid of `shape` whose pixel (0, 0) sits at `offset`.
 
@@ -65,7 +68,11 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
     `inside_face` (mouth region; a fraction of the face height): keep the mask within
     the face ovals of `meshes` grown by that much. The dilation and feather otherwise
     reach past the jaw's edge onto background, ears and earrings, which the warped
-    reference shows where *its* head was (ghosted earrings, smeared collars)."""
+    reference shows where *its* head was (ghosted earrings, smeared collars).
+    `below_nose` (mouth region; a fraction of the face height): keep the mask below the
+    nose's lower edge (`NOSE_LINE`) raised by that much. The dilation otherwise reaches
+    up over the nostrils and the nose tip, which speech does not move, and the warped
+    reference redraws them from another frame."""
     if isinstance(meshes, np.ndarray) and meshes.ndim == 2:
         meshes = [meshes]
     h, w = shape
@@ -105,7 +112,33 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
         out = np.maximum(out, mask.astype(np.float32))
     if inside_face is not None and region == "mouth" and height > 0:
         out = out * _face_clip(meshes, (h, w), offset, inside_face * height, max(sigma, 0.5), shift)
+    if below_nose is not None and region == "mouth" and height > 0:
+        out = out * _nose_clip(meshes, (h, w), offset, below_nose * height, max(sigma, 0.5), shift)
     return out
+
+
+def _nose_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -> np.ndarray:
+    """1 below the nose's lower edge raised by `margin` px (extended sideways across the
+    face), 0 above it, the step softened by `sigma` on the upper side; the union over
+    `meshes`."""
+    h, w = shape
+    m = np.zeros((h, w), np.uint8)
+    for mesh in meshes:
+        mesh = np.asarray(mesh, np.float64)
+        if not np.isfinite(mesh).all():
+            continue
+        up = mesh[_FOREHEAD] - mesh[_CHIN]
+        far = 2.0 * float(np.linalg.norm(up))
+        up = up / max(float(np.linalg.norm(up)), 1e-6)
+        line = mesh[list(NOSE_LINE)] + up * (margin + 2 * sigma)
+        side = line[-1] - line[0]
+        side = side / max(float(np.linalg.norm(side)), 1e-6)
+        down = -up
+        poly = np.concatenate([[line[0] - side * far], line, [line[-1] + side * far],
+                               [line[-1] + side * far + down * far], [line[0] - side * far + down * far]])
+        pts = np.round((poly - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
+        cv2.fillPoly(m, [pts], 1, cv2.LINE_8, shift)
+    return np.clip(cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma), 0.0, 1.0)
 
 
 def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -> np.ndarray:
