@@ -57,6 +57,20 @@ def _face_height(mesh: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(mesh, np.float64)[_FOREHEAD] - np.asarray(mesh, np.float64)[_CHIN]))
 
 
+def _tracked(meshes):
+    """The usable (finite) meshes of `meshes`, as float64 arrays."""
+    for mesh in meshes:
+        mesh = np.asarray(mesh, np.float64)
+        if np.isfinite(mesh).all():
+            yield mesh
+
+
+def _fixed(points: np.ndarray, offset: tuple[float, float], shift: int) -> np.ndarray:
+    """Points (continuous px) -> int32 vertices for cv2's fill functions on a grid whose
+    pixel (0, 0) sits at `offset`, with `shift` fractional bits."""
+    return np.round((points - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
+
+
 def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: tuple[float, float] = (0.0, 0.0),
                 dilate: float = 0.04, feather: float = 0.0, inside_face: float | None = None,
                 below_nose: float | None = None) -> np.ndarray:
@@ -79,15 +93,11 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
     mask = np.zeros((h, w), np.uint8)
     height = 0.0
     shift = 4
-    for mesh in meshes:
-        mesh = np.asarray(mesh, np.float64)
-        if not np.isfinite(mesh).all():
-            continue
+    for mesh in _tracked(meshes):
         height = max(height, _face_height(mesh))
         if region == "mouth":
             pts = lower_face_polygon(mesh)
-            poly = np.round((pts - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
-            cv2.fillPoly(mask, [poly], 1, cv2.LINE_8, shift)
+            cv2.fillPoly(mask, [_fixed(pts, offset, shift)], 1, cv2.LINE_8, shift)
             continue
         elif region == "head":
             from tccp.face.geometry import OVAL_INDICES
@@ -97,7 +107,7 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
             pts = np.concatenate([oval, oval + 0.35 * up])
         else:
             raise ValueError(f"region {region!r}: choose from {REGIONS}")
-        hull = cv2.convexHull(np.round((pts - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32))
+        hull = cv2.convexHull(_fixed(pts, offset, shift))
         cv2.fillConvexPoly(mask, hull, 1, cv2.LINE_8, shift)
     r = int(round(dilate * height))
     if r > 0:
@@ -123,10 +133,7 @@ def _nose_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
     `meshes`."""
     h, w = shape
     m = np.zeros((h, w), np.uint8)
-    for mesh in meshes:
-        mesh = np.asarray(mesh, np.float64)
-        if not np.isfinite(mesh).all():
-            continue
+    for mesh in _tracked(meshes):
         up = mesh[_FOREHEAD] - mesh[_CHIN]
         far = 2.0 * float(np.linalg.norm(up))
         up = up / max(float(np.linalg.norm(up)), 1e-6)
@@ -136,8 +143,7 @@ def _nose_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
         down = -up
         poly = np.concatenate([[line[0] - side * far], line, [line[-1] + side * far],
                                [line[-1] + side * far + down * far], [line[0] - side * far + down * far]])
-        pts = np.round((poly - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
-        cv2.fillPoly(m, [pts], 1, cv2.LINE_8, shift)
+        cv2.fillPoly(m, [_fixed(poly, offset, shift)], 1, cv2.LINE_8, shift)
     return np.clip(cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma), 0.0, 1.0)
 
 
@@ -148,12 +154,8 @@ def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
 
     h, w = shape
     m = np.zeros((h, w), np.uint8)
-    for mesh in meshes:
-        mesh = np.asarray(mesh, np.float64)
-        if not np.isfinite(mesh).all():
-            continue
-        hull = cv2.convexHull(np.round((mesh[OVAL_INDICES] - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift))
-                              .astype(np.int32))
+    for mesh in _tracked(meshes):
+        hull = cv2.convexHull(_fixed(mesh[OVAL_INDICES], offset, shift))
         cv2.fillConvexPoly(m, hull, 1, cv2.LINE_8, shift)
     r = int(round(margin))
     if r > 0:
