@@ -35,6 +35,8 @@ __all__ = [
     "lip_mask",
     "LIPS_OUTER_LOOP",
     "LIPS_INNER_LOOP",
+    "UPPER_INNER",
+    "LOWER_INNER",
     "MASK_GREY",
 ]
 
@@ -232,7 +234,10 @@ def mouth_aperture(landmarks: np.ndarray) -> np.ndarray | float:
 
 # the lips' contours as closed polygons (mediapipe mesh indices, in drawing order)
 LIPS_OUTER_LOOP = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
-LIPS_INNER_LOOP = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+# inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle)
+UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
+LOWER_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
+LIPS_INNER_LOOP = LOWER_INNER + UPPER_INNER[-2:0:-1]  # along the lower lip, back along the upper
 
 
 def _polygon(mesh: np.ndarray, loop, shape: tuple[int, int]) -> np.ndarray:

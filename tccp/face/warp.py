@@ -20,12 +20,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from tccp.face.geometry import LOWER_INNER, UPPER_INNER
+
 __all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "warp_images", "RIGID_TEETH",
            "MOUTH_CAVITY", "CAVITY_TONE"]
 
-# Inner lip contours, corner (78) to corner (308), column-aligned (13 over 14 in the middle).
-UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
-LOWER_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 RIGID_TEETH = True
 """Inside the mouth opening, move what lies next to each lip rigidly with that lip
 (`rigid_mouth`) instead of stretching the whole opening with the lips' gap: teeth do not
