@@ -175,6 +175,42 @@ def test_reference_choice_keeps_to_the_allowed_references():
     assert bank.choose(heads, prev=1, stick=0.5, allowed=np.array([True, False, True])).tolist() == [0, 0]
 
 
+def test_reference_choice_can_rule_out_references_that_open_far_less_than_the_target():
+    """`max_deficit`: a closed reference nearest by lip shape is not stretched open to a
+    wide target when a reference that opens is there; small openings keep the nearest;
+    a target wider than every reference gets the most open one."""
+    from tccp.face.geometry import LOWER_INNER
+    from tccp.pipelines.faces import ReferenceBank, _lip_gap
+
+    from engine.runner import default_template
+
+    t = default_template().astype(np.float32)
+    lower = list(LOWER_INNER[1:-1]) + [146, 91, 181, 84, 17, 314, 405, 321, 375]
+
+    def opened(dy: float, dx: float = 0.0) -> np.ndarray:
+        m = t.copy()
+        m[lower, 1] += dy
+        m[list(LIPS), 0] += dx
+        return m
+
+    closed, wide = opened(-0.07), opened(0.10, dx=0.1)  # the open one also sits elsewhere
+    bank = ReferenceBank.build(np.zeros((2, 8, 8, 3), np.uint8), np.stack([closed, wide]), t)
+    width = float(np.linalg.norm(t[61] - t[291]))
+    gaps = _lip_gap(np.stack([closed, wide])[:, list(LIPS)])
+    assert gaps[0] < 0.02 < 0.15 < gaps[1]
+    target = opened(0.06)[None]  # gap ~0.14, 0.23 of the mouth's width more than the closed one's
+    assert bank.choose(target).tolist() == [0]  # nearest shape: the closed mouth, stretched open
+    assert bank.choose(target, max_deficit=0.15).tolist() == [1]
+    assert bank.choose(target, prev=0, stick=0.5, max_deficit=0.15).tolist() == [1]  # the one in use too
+    assert bank.choose(target, max_deficit=0.3).tolist() == [0]  # within the allowed shortfall
+    small = opened(-0.05)[None]  # a small opening: the closed one is within the deficit
+    assert bank.choose(small, max_deficit=0.15).tolist() == [0]
+    huge = opened(0.25, dx=-0.2)[None]  # wider than any reference, and nearer the closed one by position
+    assert (_lip_gap(huge[:, list(LIPS)]) - gaps[1]) > 0.15 * width
+    assert bank.choose(huge).tolist() == [0]
+    assert bank.choose(huge, max_deficit=0.15).tolist() == [1]  # the most open reference
+
+
 def test_teeth_move_with_their_lip_instead_of_stretching_with_the_opening(face, monkeypatch):
     """Inside the mouth opening a band next to each lip moves rigidly with that lip
     (`rigid_mouth`): a target that opens 40 px wider than the reference (the sample's
