@@ -175,10 +175,11 @@ def test_reference_choice_keeps_to_the_allowed_references():
     assert bank.choose(heads, prev=1, stick=0.5, allowed=np.array([True, False, True])).tolist() == [0, 0]
 
 
-def test_reference_choice_can_rule_out_references_that_open_far_less_than_the_target():
+def test_reference_choice_can_rule_out_references_that_open_far_less_or_more_than_the_target():
     """`max_deficit`: a closed reference nearest by lip shape is not stretched open to a
     wide target when a reference that opens is there; small openings keep the nearest;
-    a target wider than every reference gets the most open one."""
+    a target wider than every reference gets the most open one. `max_excess`: an open
+    reference is not squeezed shut for a near-closed target when a closed one is there."""
     from tccp.face.geometry import LOWER_INNER
     from tccp.pipelines.faces import ReferenceBank, _lip_gap
 
@@ -209,6 +210,12 @@ def test_reference_choice_can_rule_out_references_that_open_far_less_than_the_ta
     assert (_lip_gap(huge[:, list(LIPS)]) - gaps[1]) > 0.15 * width
     assert bank.choose(huge).tolist() == [0]
     assert bank.choose(huge, max_deficit=0.15).tolist() == [1]  # the most open reference
+    # max_excess: the other way round, a near-closed target sitting where the open one sits
+    shut = opened(-0.04, dx=0.1)[None]
+    assert bank.choose(shut).tolist() == [1]
+    assert bank.choose(shut, max_excess=0.15).tolist() == [0]
+    assert bank.choose(shut, prev=1, stick=0.5, max_deficit=0.15, max_excess=0.15).tolist() == [0]
+    assert bank.choose(shut, max_excess=0.15, allowed=np.array([False, True])).tolist() == [1]  # the least open left
 
 
 def test_teeth_move_with_their_lip_instead_of_stretching_with_the_opening(face, monkeypatch):
