@@ -81,14 +81,13 @@ def mouth_inputs(face: np.ndarray, mesh: np.ndarray, ref_face: np.ndarray, ref_m
 
     size = face.shape[0]
     x0, y0, x1, y1 = patch_box(size)
-    m = region_mask(masks_from if masks_from is not None else mesh, (size, size), "mouth",
-                    dilate=MASK_DILATE, feather=MASK_FEATHER, inside_face=MASK_INSIDE, below_nose=MASK_BELOW_NOSE)
-    masked = face.astype(np.float32) * (1 - m[..., None]) + MASK_GREY * m[..., None]
+    cut = lambda a: a[y0:y1, x0:x1]  # noqa: E731
+    m = patch_mask(masks_from if masks_from is not None else mesh, size)
+    masked = cut(face).astype(np.float32) * (1 - m[..., None]) + MASK_GREY * m[..., None]
     warped = warp_image(ref_face, tri, ref_mesh, mesh)
     sk = draw_sketch(mesh, size)
-    cut = lambda a: a[y0:y1, x0:x1]  # noqa: E731
-    return {"masked": cut(np.clip(np.round(masked), 0, 255).astype(np.uint8)), "warped": cut(warped),
-            "sketches": cut(sk), "mask": cut(m)}
+    return {"masked": np.clip(np.round(masked), 0, 255).astype(np.uint8), "warped": cut(warped),
+            "sketches": cut(sk), "mask": m}
 
 
 def _clip_arrays(clip: PreparedClip, template: np.ndarray, tri, max_frames: int | None):

@@ -140,8 +140,8 @@ class ReferenceBank:
             t = t - t.mean(1, keepdims=True)
             s = s - s.mean(1, keepdims=True)
         d = np.linalg.norm(t.reshape(n, 1, -1) - s.reshape(1, k, -1), axis=-1)
+        gt, gs = _lip_gap(t), _lip_gap(s)  # (N,), (K,) inner-lip gaps
         if gap_weight:
-            gt, gs = _lip_gap(t), _lip_gap(s)
             d = d + gap_weight * np.abs(gt[:, None] - gs[None])
         if yaw_weight and target_yaw is not None:
             turn = np.abs(np.asarray(target_yaw)[:, None] - yaw(self.meshes)[None])
@@ -151,16 +151,12 @@ class ReferenceBank:
         if max_deficit is not None or max_excess is not None:
             lips = list(hf.LIPS)
             width = np.linalg.norm(t[:, lips.index(61)] - t[:, lips.index(291)], axis=-1)
-            usable = np.isfinite(d).any(0)  # (K,) refs not ruled out already
-            gs, gt = _lip_gap(s), _lip_gap(t)
-            if max_deficit is not None:
-                need = np.minimum(gt - max_deficit * width, np.where(usable, gs, -np.inf).max())  # (N,)
-                d = np.where(gs[None] >= need[:, None], d, np.inf)
-            if max_excess is not None:
-                usable = np.isfinite(d)  # (N, K) per target now
-                least = np.where(usable, gs[None], np.inf).min(1)
-                cap = np.maximum(gt + max_excess * width, least)  # (N,)
-                d = np.where(gs[None] <= cap[:, None], d, np.inf)
+            if max_deficit is not None:  # the floor never passes the most open usable reference
+                most = np.where(np.isfinite(d), gs[None], -np.inf).max(1)
+                d = np.where(gs[None] >= np.minimum(gt - max_deficit * width, most)[:, None], d, np.inf)
+            if max_excess is not None:  # nor the cap the least open one
+                least = np.where(np.isfinite(d), gs[None], np.inf).min(1)
+                d = np.where(gs[None] <= np.maximum(gt + max_excess * width, least)[:, None], d, np.inf)
         best = d.argmin(1)
         if not stick:
             return best
