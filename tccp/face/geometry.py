@@ -29,6 +29,7 @@ __all__ = [
     "to_crop_coords",
     "from_crop_coords",
     "head_mask",
+    "fill_vertices",
     "mask_context",
     "inter_ocular",
     "mouth_aperture",
@@ -197,7 +198,7 @@ def head_mask(
     oval = lm[OVAL_INDICES]
     swept = np.concatenate([oval, oval + up * forehead])
     shift = 4
-    hull = cv2.convexHull(np.round((swept - 0.5) * (1 << shift)).astype(np.int32))
+    hull = cv2.convexHull(fill_vertices(swept, shift))
     cv2.fillConvexPoly(mask, hull, 1, cv2.LINE_8, shift)
     radius = int(round(dilate * height))
     if radius > 0:
@@ -240,10 +241,18 @@ LOWER_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 LIPS_INNER_LOOP = LOWER_INNER + UPPER_INNER[-2:0:-1]  # along the lower lip, back along the upper
 
 
+def fill_vertices(points: np.ndarray, shift: int = 4, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Points (continuous px) -> int32 vertices for cv2's fill functions (`shift`
+    fractional bits) on a grid whose pixel (0, 0) sits at `offset`. cv2 puts vertex
+    (x, y) on the *centre* of pixel (x, y), which is at x + 0.5 in continuous px, hence
+    the half pixel: without it a filled polygon lands half a pixel right and down."""
+    pts = np.asarray(points, np.float64) - [offset[0] + 0.5, offset[1] + 0.5]
+    return np.round(pts * (1 << shift)).astype(np.int32)
+
+
 def _polygon(mesh: np.ndarray, loop, shape: tuple[int, int]) -> np.ndarray:
     m = np.zeros(shape[:2], np.uint8)
-    pts = np.round(np.asarray(mesh, np.float64)[list(loop)] * 4).astype(np.int32)  # 2 fractional bits
-    cv2.fillPoly(m, [pts], 1, lineType=cv2.LINE_8, shift=2)
+    cv2.fillPoly(m, [fill_vertices(np.asarray(mesh)[list(loop)])], 1, lineType=cv2.LINE_8, shift=4)
     return m > 0
 
 

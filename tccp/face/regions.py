@@ -17,6 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from tccp.face.geometry import fill_vertices
+
 __all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "mask_box", "patch_box", "PATCH_FRACTION"]
 
 REGIONS = ("mouth", "head")
@@ -65,12 +67,6 @@ def _tracked(meshes):
             yield mesh
 
 
-def _fixed(points: np.ndarray, offset: tuple[float, float], shift: int) -> np.ndarray:
-    """Points (continuous px) -> int32 vertices for cv2's fill functions on a grid whose
-    pixel (0, 0) sits at `offset`, with `shift` fractional bits."""
-    return np.round((points - [offset[0] + 0.5, offset[1] + 0.5]) * (1 << shift)).astype(np.int32)
-
-
 def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: tuple[float, float] = (0.0, 0.0),
                 dilate: float = 0.04, feather: float = 0.0, inside_face: float | None = None,
                 below_nose: float | None = None) -> np.ndarray:
@@ -97,7 +93,7 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
         height = max(height, _face_height(mesh))
         if region == "mouth":
             pts = lower_face_polygon(mesh)
-            cv2.fillPoly(mask, [_fixed(pts, offset, shift)], 1, cv2.LINE_8, shift)
+            cv2.fillPoly(mask, [fill_vertices(pts, shift, offset)], 1, cv2.LINE_8, shift)
             continue
         elif region == "head":
             from tccp.face.geometry import OVAL_INDICES
@@ -107,7 +103,7 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
             pts = np.concatenate([oval, oval + 0.35 * up])
         else:
             raise ValueError(f"region {region!r}: choose from {REGIONS}")
-        hull = cv2.convexHull(_fixed(pts, offset, shift))
+        hull = cv2.convexHull(fill_vertices(pts, shift, offset))
         cv2.fillConvexPoly(mask, hull, 1, cv2.LINE_8, shift)
     r = int(round(dilate * height))
     if r > 0:
@@ -143,7 +139,7 @@ def _nose_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
         down = -up
         poly = np.concatenate([[line[0] - side * far], line, [line[-1] + side * far],
                                [line[-1] + side * far + down * far], [line[0] - side * far + down * far]])
-        cv2.fillPoly(m, [_fixed(poly, offset, shift)], 1, cv2.LINE_8, shift)
+        cv2.fillPoly(m, [fill_vertices(poly, shift, offset)], 1, cv2.LINE_8, shift)
     return np.clip(cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma), 0.0, 1.0)
 
 
@@ -155,7 +151,7 @@ def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
     h, w = shape
     m = np.zeros((h, w), np.uint8)
     for mesh in _tracked(meshes):
-        hull = cv2.convexHull(_fixed(mesh[OVAL_INDICES], offset, shift))
+        hull = cv2.convexHull(fill_vertices(mesh[OVAL_INDICES], shift, offset))
         cv2.fillConvexPoly(m, hull, 1, cv2.LINE_8, shift)
     r = int(round(margin))
     if r > 0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 
-import cv2
 import numpy as np
 
 __all__ = ["PersonSegmenter", "head_with_hair"]

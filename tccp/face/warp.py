@@ -20,7 +20,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from tccp.face.geometry import LOWER_INNER, UPPER_INNER
+from tccp.face.geometry import LOWER_INNER, UPPER_INNER, fill_vertices
 
 __all__ = ["Triangulation", "triangulate", "warp_map", "warp_image", "warp_points", "rigid_mouth", "darken", "warp_images", "RIGID_TEETH",
            "MOUTH_CAVITY", "CAVITY_TONE"]
@@ -208,7 +208,7 @@ def rigid_mouth(map_x: np.ndarray, map_y: np.ndarray, src_mesh: np.ndarray, dst_
         return
     # candidate pixels: the opening's polygon, drawn one pixel wider (the exact test follows)
     cand = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    cv2.fillPoly(cand, [np.round((poly - [x0 + 0.5, y0 + 0.5]) * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    cv2.fillPoly(cand, [fill_vertices(poly, 4, (x0, y0))], 1, cv2.LINE_8, shift=4)
     cand = cv2.dilate(cand, np.ones((3, 3), np.uint8))
     ys, xs = np.nonzero(cand)
     if not ys.size:
