@@ -333,3 +333,36 @@ def test_the_hair_feather_stays_inside_the_hair():
     soft = _inner_feather(mask, 2.0)
     assert soft[mask == 0].max() < 0.02  # no halo of the reference's background
     assert soft[32, 32] > 0.99
+
+
+def test_the_head_warp_does_not_stretch_a_closed_reference_open(sample, monkeypatch):
+    """Head mode chooses its reference with mouth mode's gap rules: for a target that
+    opens wide, a closed reference sitting where the target's lips sit (nearest by
+    shape) is ruled out for an open one; without the rules it is the one drawn."""
+    import tccp.pipelines.faces as faces
+    from engine.runner import default_template
+    from tccp.face.geometry import LOWER_INNER
+    from tccp.pipelines.faces import ReferenceBank
+    from tccp.pipelines.heads import HeadWarper
+
+    c, track = sample
+    s = 64
+    t = default_template().astype(np.float32)
+    crop = fg.crop(c.frames[0], track.face_boxes[0], s)
+    mesh = fg.to_crop_coords(track.landmarks[0], track.face_boxes[0], s).astype(np.float32)
+    head, pose = hf.to_head(mesh[None], t)
+    lower = list(LOWER_INNER[1:-1]) + [146, 91, 181, 84, 17, 314, 405, 321, 375]
+
+    def opened(dy: float, dx: float = 0.0) -> np.ndarray:
+        h = head.copy()
+        h[0, lower, 1] += dy
+        h[0, list(hf.LIPS), 0] += dx
+        return hf.to_image(h, pose)[0]
+
+    closed, wide = opened(-0.07), opened(0.10, dx=0.1)
+    bank = ReferenceBank.build(np.stack([crop, crop]), np.stack([closed, wide]), t)
+    target = opened(0.06)[None]
+    warper = HeadWarper(t, s)
+    assert warper.inputs(crop[None], target, mesh[None], bank)["ref"].tolist() == [1]
+    monkeypatch.setattr(faces, "REF_MAX_DEFICIT", None)
+    assert warper.inputs(crop[None], target, mesh[None], bank)["ref"].tolist() == [0]

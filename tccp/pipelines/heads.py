@@ -105,10 +105,13 @@ class HeadWarper:
         (n, 478, 2) the landmarks warped to (the eyes the reference's)."""
         from tccp.face.sketch import draw_sketch
         from tccp.face.warp import warp_images
-        from tccp.pipelines.faces import REF_STICK
+        from tccp.pipelines.faces import REF_MAX_DEFICIT, REF_MAX_EXCESS, REF_STICK
 
         heads, pose = hf.to_head(np.asarray(targets, np.float32), self.template)
-        ref = bank.choose(heads, prev_ref, REF_STICK, allowed=open_eyes(bank.meshes))
+        # the mouth's gap rules as in mouth mode: a closed reference stretched open (or an
+        # open one squeezed shut) shows the same slab (or pale band) on a whole head
+        ref = bank.choose(heads, prev_ref, REF_STICK, allowed=open_eyes(bank.meshes), max_deficit=REF_MAX_DEFICIT,
+                          max_excess=REF_MAX_EXCESS)
         ref_heads, _ = hf.to_head(np.asarray(bank.meshes, np.float32), self.template)
         eyes = list(EYES)
         heads[:, eyes] = ref_heads[np.asarray(ref, int)][:, eyes]
