@@ -50,8 +50,10 @@ class BankBuilder:
     shapes its first second showed (outliers included). When the pool is complete the
     builder lets its images go (the bank holds the chosen ones)."""
 
-    def __init__(self, template: np.ndarray, size: int | None = None, crop: int = 128, pool: int = 40, every: int = 3) -> None:
+    def __init__(self, template: np.ndarray, size: int | None = None, crop: int = 128, pool: int = 40, every: int = 3,
+                 own: bool = False) -> None:
         self.template = template
+        self.own = own  # the frames are the edited video's own (ReferenceBank.own)
         self.size = BANK_SIZE if size is None else size
         self.crop = crop
         self.pool = max(int(pool), 1)
@@ -106,31 +108,32 @@ class BankBuilder:
             return False
         self.picks = picks
         version = 0 if self.bank is None else self.bank.version + 1
-        self.bank = _bank(picks, self.crops, self.meshes, self.heads, self.hires)
+        self.bank = _bank(picks, self.crops, self.meshes, self.heads, self.hires, self.own)
         self.bank.ids = list(picks)
         self.bank.version = version
         return True
 
     @classmethod
     def from_frames(cls, frames, landmarks_px, boxes, template, size: int | None = None, crop: int = 128,
-                    selection: str | None = None) -> "BankBuilder":
+                    selection: str | None = None, own: bool = False) -> "BankBuilder":
         """A bank from many candidate frames at once (`select_references`; `size` None:
-        `BANK_SIZE`)."""
-        b = cls(template, size, crop)
+        `BANK_SIZE`; `own`: frames of the video being edited, `ReferenceBank.own`)."""
+        b = cls(template, size, crop, own=own)
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
         picks = select_references(heads, b.size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
         hires = {j: fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks}
-        b.bank = _bank(picks, crops, meshes, heads, hires)
+        b.bank = _bank(picks, crops, meshes, heads, hires, own)
         b.picks = list(picks)  # the chosen frames' indices among the candidates
         return b
 
 
-def _bank(picks: list[int], crops, meshes, heads, hires) -> ReferenceBank:
+def _bank(picks: list[int], crops, meshes, heads, hires, own: bool = False) -> ReferenceBank:
     """The `ReferenceBank` of the chosen candidates (`picks` index every argument)."""
     return ReferenceBank(np.stack([crops[j] for j in picks]), np.stack([meshes[j] for j in picks]).astype(np.float32),
-                         np.stack([heads[j][list(hf.LIPS)].reshape(-1) for j in picks]), [hires[j] for j in picks])
+                         np.stack([heads[j][list(hf.LIPS)].reshape(-1) for j in picks]), [hires[j] for j in picks],
+                         own=own)
 
 
 def _sharpness(crop: np.ndarray) -> float:
@@ -217,7 +220,7 @@ def scan_video(video: str | Path, template: np.ndarray, size: int | None = None,
                 boxes.append(obs.face_box)
     if not frames:
         return None
-    return BankBuilder.from_frames(frames, np.stack(lms), np.stack(boxes), template, size, crop)
+    return BankBuilder.from_frames(frames, np.stack(lms), np.stack(boxes), template, size, crop, own=True)
 
 
 def bank_from_image(image: np.ndarray, template: np.ndarray, crop: int = 128, name: str = "identity image") -> ReferenceBank:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from engine.align import AudioBuffer, FrameAligner, GridFrame, mel_for_frames
+from engine import composite
 from engine.composite import CompositeSettings, paste_mouth
 from engine.config import EngineConfig
 from engine.degrade import DegradeController, Rung
@@ -109,7 +110,8 @@ class Session:
 
         self._features = model.runner.audio_features(self.cfg.live, self.cfg.fps)
         template = getattr(model.runner, "template", None)
-        self._bank_builder = BankBuilder(template, crop=model.size) if template is not None else None
+        # a bank grown from the session's own frames (ReferenceBank.own)
+        self._bank_builder = BankBuilder(template, crop=model.size, own=True) if template is not None else None
         fixed = self.cfg.references if self.cfg.references is not None else getattr(model.runner, "references", None)
         self._refs: SessionRefs | None = SessionRefs(fixed) if fixed is not None else None
         self._identity_task: asyncio.Task | None = None
@@ -523,7 +525,9 @@ class Session:
                           int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
                           self._composite, detail=getattr(self.controller, "detail", True),
                           align=self.cfg.region == "head",
-                          source_mesh=to_crop_coords(win.landmarks[k], win.face_boxes[k], face.shape[0]))
+                          source_mesh=to_crop_coords(win.landmarks[k], win.face_boxes[k], face.shape[0]),
+                          source_skin=composite.SOURCE_SKIN and self.cfg.region == "mouth"
+                          and bool(getattr(bank, "own", False)))
         of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
         if self.keep_debug:
             of.crop = face

@@ -80,7 +80,7 @@ class RealClip:
             from engine.refs import BankBuilder
 
             self._banks[key] = BankBuilder.from_frames(self.frames, self.landmarks, self.boxes, template,
-                                                       size, self.size).bank
+                                                       size, self.size, own=True).bank
         return self._banks[key]
 
 

@@ -124,6 +124,7 @@ def test_identity_image_face_is_the_only_reference(tmp_path):
         bank = runner.last_request.refs.bank
         want = bank_from_image(face_img, runner.template, runner.size)
         assert len(bank) == 1 and np.abs(bank.crops[0].astype(int) - want.crops[0].astype(int)).max() <= 1
+        assert not bank.own  # another picture: the skin around the mouth is not the source's to keep
         # default: references from the input's own tracked frames
         run_file(ctx, tmp_path / "b.mp4", model, audio=audio, tracker=FakeTracker())
         bank = runner.last_request.refs.bank
@@ -132,6 +133,7 @@ def test_identity_image_face_is_the_only_reference(tmp_path):
         from tccp.face import geometry as fg
 
         assert np.abs(bank.crops[0].astype(int) - fg.crop(first, obs.face_box, runner.size).astype(int)).max() <= 1
+        assert bank.own
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, fake_model):

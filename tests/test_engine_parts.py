@@ -282,6 +282,36 @@ def test_paste_mouth_takes_float_masks_that_round_above_one():
     assert out[40, 40].tolist() == [100, 100, 100]  # outside the mask: the frame
 
 
+def test_source_skin_keeps_the_source_frame_around_the_mouth():
+    """`paste_mouth(source_skin=True)`: inside the region, away from the mouth, the frame
+    shows the source warped onto the target landmarks (here the same landmarks: the
+    source itself), not the edited crop; at the mouth both show the edited crop."""
+    import cv2
+
+    from engine.composite import SKIN_FEATHER, SKIN_MARGIN, paste_mouth
+    from engine.runner import default_template
+    from tccp.face.regions import lips_mask, region_mask
+    from tccp.face.sketch import SKETCH_INDICES
+    from tccp.face.warp import triangulate
+
+    t = default_template().astype(np.float64)
+    mesh = (t - t.mean(0)) / np.linalg.norm(t[33] - t[263]) * 26 + [64, 60]  # a face in a 128 px crop
+    tri = triangulate(default_template(), SKETCH_INDICES)
+    frame = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8), (0, 0), 2)
+    crop = np.full((128, 128, 3), 40, np.uint8)
+    mask = region_mask(mesh, (128, 128), "mouth", dilate=0.06, feather=0.02)
+    box, s = (0.0, 0.0, 256.0, 256.0), CompositeSettings(colour_match=False)
+    off = paste_mouth(frame, crop, box, mask, mesh, None, -1, tri, s, detail=False, source_mesh=mesh)
+    on = paste_mouth(frame, crop, box, mask, mesh, None, -1, tri, s, detail=False, source_mesh=mesh, source_skin=True)
+    m = cv2.resize(mask, (256, 256))
+    keep = lips_mask(mesh * 2, (256, 256), margin=SKIN_MARGIN, feather=SKIN_FEATHER)
+    skin, mouth = (m > 0.99) & (keep < 0.01), (m > 0.99) & (keep > 0.99)
+    assert skin.sum() > 2000 and mouth.sum() > 200
+    assert np.abs(off[skin].astype(int) - 40).max() <= 1  # the crop's skin
+    assert np.abs(on[skin].astype(int) - frame[skin].astype(int)).mean() < 2  # the source's
+    assert np.abs(on[mouth].astype(int) - off[mouth].astype(int)).max() <= 1  # the edited mouth
+
+
 def test_bad_reference_images_are_one_line_errors():
     """`--identity` images: grayscale, tiny and face-less pictures are named, not traced."""
     from engine.refs import bank_from_image

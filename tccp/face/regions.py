@@ -19,7 +19,8 @@ import numpy as np
 
 from tccp.face.geometry import fill_vertices
 
-__all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "mask_box", "patch_box", "PATCH_FRACTION"]
+__all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "lips_mask", "mask_box", "patch_box",
+           "PATCH_FRACTION"]
 
 REGIONS = ("mouth", "head")
 # jaw line from the left cheek round the chin to the right cheek, then back along the
@@ -157,6 +158,28 @@ def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
     if r > 0:
         m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
     return np.clip(cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma), 0.0, 1.0) * (m > 0)
+
+
+def lips_mask(mesh: np.ndarray, shape: tuple[int, int], offset: tuple[float, float] = (0.0, 0.0),
+              margin: float = 0.1, feather: float = 0.05) -> np.ndarray:
+    """The mouth of one mesh (inside its outer lip contour) grown by `margin` and
+    softened by a Gaussian of `feather`, both shares of the mouth's width (corner to
+    corner), on a grid of `shape` whose pixel (0, 0) sits at `offset`; float in [0, 1].
+    Where the reference must draw the mouth inside a region whose skin stays the
+    source's (`engine.composite.paste_mouth(source_skin=True)`)."""
+    from tccp.face.geometry import LIPS_OUTER_LOOP
+
+    mesh = np.asarray(mesh, np.float64)
+    width = float(np.linalg.norm(mesh[61] - mesh[291]))
+    m = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(m, [fill_vertices(mesh[list(LIPS_OUTER_LOOP)], 4, offset)], 1, cv2.LINE_8, 4)
+    r = int(round(margin * width))
+    if r > 0:
+        m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    out = m.astype(np.float32)
+    if feather > 0:
+        out = cv2.GaussianBlur(out, (0, 0), max(feather * width, 0.5))
+    return np.clip(out, 0.0, 1.0)
 
 
 def mask_box(mask: np.ndarray, pad: int = 2) -> tuple[int, int, int, int] | None:

@@ -88,6 +88,11 @@ class ReferenceBank:
     latents: Any = None
     version: int = 0  # bumped when references are added (re-encode)
     ids: list | None = None  # a stable id per reference (a live bank re-chosen from a pool: the pool index)
+    own: bool = False
+    """The references are frames of the video being edited (the same person, lit and
+    filmed as in the frames edited): the skin around the mouth can then stay the source
+    frame's own (`engine.composite.SOURCE_SKIN`). False for an identity image or an
+    avatar, whose person replaces the source's."""
 
     def ref_id(self, index: int) -> int:
         """The stable id of reference `index` (the index itself for a fixed bank)."""
