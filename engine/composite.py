@@ -295,7 +295,7 @@ def paste_mouth(
     detail: bool = True,
     align: bool = False,
     source_mesh: np.ndarray | None = None,
-    source_skin: bool = False,
+    source_skin: bool | None = None,
 ) -> np.ndarray:
     """Paste an edited crop (the source crop with its regenerated mouth patch) into the
     frame at the source resolution, under the region `mask` (crop px, float).
@@ -307,7 +307,10 @@ def paste_mouth(
     crop px) and high-pass filtered (itself minus its 128 px version); `align` (the
     head region) moves the reference by its skull points first (`warp_map(align=True)`). Colour is
     matched at the crop's scale on a ring just inside the region's edge (where edited
-    and original pixels meet), and the edge is the mask's own feather.
+    and original pixels meet), and the edge is the mask's own feather. `source_skin`
+    (None: `SOURCE_SKIN` for a bank of the source's own frames, `ReferenceBank.own`)
+    keeps the source frame's own skin away from the mouth (`_source_skin`); not in
+    the head region (`align`).
     """
     from engine.refs import hires_size
 
@@ -339,6 +342,8 @@ def paste_mouth(
             high = fw.darken(high, cavity, tone=0.0)
         part = edited[y0:y1, x0:x1].astype(np.float32) + high
         edited[y0:y1, x0:x1] = np.clip(part + 0.5, 0, 255).astype(np.uint8)
+    if source_skin is None:
+        source_skin = SOURCE_SKIN and bool(getattr(bank, "own", False))
     if source_skin and source_mesh is not None and targets is not None and tri is not None and not align:
         edited = _source_skin(edited, m, frame, box, tri, np.asarray(source_mesh) * (big / size),
                               np.asarray(targets) * (big / size), settings)

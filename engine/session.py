@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from engine.align import AudioBuffer, FrameAligner, GridFrame, mel_for_frames
-from engine import composite
 from engine.composite import CompositeSettings, paste_mouth
 from engine.config import EngineConfig
 from engine.degrade import DegradeController, Rung
@@ -525,9 +524,7 @@ class Session:
                           int(res.ref_index[k]), getattr(self.model.runner, "triangulation", None),
                           self._composite, detail=getattr(self.controller, "detail", True),
                           align=self.cfg.region == "head",
-                          source_mesh=to_crop_coords(win.landmarks[k], win.face_boxes[k], face.shape[0]),
-                          source_skin=composite.SOURCE_SKIN and self.cfg.region == "mouth"
-                          and bool(getattr(bank, "own", False)))
+                          source_mesh=to_crop_coords(win.landmarks[k], win.face_boxes[k], face.shape[0]))
         of = OutputFrame(float(win.pts[k]), img, True, None, win.index)
         if self.keep_debug:
             of.crop = face

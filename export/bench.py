@@ -162,15 +162,14 @@ class _Subject:
         """Paste every stream's new faces into their source frames. With several
         streams each composites in its own worker, as each engine session does in its
         own thread pool (OpenCV releases the GIL); one stream composites inline."""
-        from engine.composite import SOURCE_SKIN, paste_mouth
+        from engine.composite import paste_mouth
 
         clip, tri = self.clip, self.runner.triangulation
 
         def one(res: Any) -> int:
             for j, i in enumerate(range(sl.start, sl.stop)):
                 paste_mouth(clip.frames[i], res.faces[j], clip.boxes[i], res.masks[j], res.targets[j], self.bank,
-                            int(res.ref_index[j]), tri, self.settings, source_mesh=clip.meshes[i],
-                            source_skin=SOURCE_SKIN and self.bank.own)
+                            int(res.ref_index[j]), tri, self.settings, source_mesh=clip.meshes[i])
             return sl.stop - sl.start
 
         if self.pool is None or len(results) == 1:

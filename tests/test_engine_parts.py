@@ -310,6 +310,14 @@ def test_source_skin_keeps_the_source_frame_around_the_mouth():
     assert np.abs(off[skin].astype(int) - 40).max() <= 1  # the crop's skin
     assert np.abs(on[skin].astype(int) - frame[skin].astype(int)).mean() < 2  # the source's
     assert np.abs(on[mouth].astype(int) - off[mouth].astype(int)).max() <= 1  # the edited mouth
+    # by default it follows the bank: a bank of the source's own frames keeps its skin,
+    # another person's picture (`--identity`, an avatar) does not
+    from tccp.pipelines.faces import ReferenceBank
+
+    bank = ReferenceBank.build(crop[None], mesh[None], default_template())
+    assert np.array_equal(paste_mouth(frame, crop, box, mask, mesh, bank, -1, tri, s, source_mesh=mesh), off)
+    bank.own = True
+    assert np.array_equal(paste_mouth(frame, crop, box, mask, mesh, bank, -1, tri, s, source_mesh=mesh), on)
 
 
 def test_bad_reference_images_are_one_line_errors():
