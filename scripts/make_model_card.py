@@ -93,6 +93,10 @@ def suite_section(suite: dict) -> list[str]:
         "Columns: mouth r = aperture correlation with the real mouth; PSNR mouth / sharp = PSNR and Laplacian-",
         "variance ratio in the mouth box (lips x 1.8) at source resolution; PSNR kept = the face outside the",
         "regenerated region; identity = dlib face-embedding cosine to the real frames.",
+        "Since the source-skin change (docs/faces.md, \"The skin stays the source's\") the region's skin away from",
+        "the lips is the source frame warped onto the target landmarks; in reconstruction that frame is the real",
+        "one, so part of every mouth-box PSNR is the real skin, and on tracked landmarks (an identity warp) all of",
+        "the skin is: tccp_tracked then bounds the lips and the mouth's inside, not the whole region.",
         "",
     ]
 
