@@ -272,10 +272,13 @@ def _source_skin(edited: np.ndarray, m: np.ndarray, frame: np.ndarray, box: Box,
     if sup is None:
         return edited
     x0, y0, x1, y1 = sup
-    big = edited.shape[0]
-    src = crop_box(frame, box, big)
+    a = crop_affine(box, edited.shape[0])
     mx, my, _ = fw.warp_map(tri, source, targets, (y1 - y0, x1 - x0), (float(x0), float(y0)))
-    skin = cv2.remap(src, mx, my, settings.resample, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    # the map is in the box's pixels at `big`: read the frame itself through it (one
+    # resampling, instead of cropping the box first and warping the crop)
+    fx, fy = (mx * a[0, 0] + a[0, 2]).astype(np.float32), (my * a[1, 1] + a[1, 2]).astype(np.float32)
+    skin = cv2.remap(np.ascontiguousarray(frame), fx, fy, settings.resample,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
     keep = lips_mask(targets, (y1 - y0, x1 - x0), (float(x0), float(y0)), SKIN_MARGIN, SKIN_FEATHER)[..., None]
     out = np.array(edited, copy=True)
     out[y0:y1, x0:x1] = np.clip(edited[y0:y1, x0:x1] * keep + skin * (1.0 - keep) + 0.5, 0, 255).astype(np.uint8)
