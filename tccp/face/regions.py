@@ -17,7 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tccp.face.geometry import fill_vertices
+from tccp.face.geometry import LIPS_OUTER_LOOP, OVAL_INDICES, fill_vertices
 
 __all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "lips_mask", "mask_box", "patch_box",
            "PATCH_FRACTION"]
@@ -97,8 +97,6 @@ def region_mask(meshes, shape: tuple[int, int], region: str = "mouth", offset: t
             cv2.fillPoly(mask, [fill_vertices(pts, shift, offset)], 1, cv2.LINE_8, shift)
             continue
         elif region == "head":
-            from tccp.face.geometry import OVAL_INDICES
-
             oval = mesh[OVAL_INDICES]
             up = mesh[_FOREHEAD] - mesh[_CHIN]
             pts = np.concatenate([oval, oval + 0.35 * up])
@@ -147,8 +145,6 @@ def _nose_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -
 def _face_clip(meshes, shape, offset, margin: float, sigma: float, shift: int) -> np.ndarray:
     """Union of the meshes' face ovals grown by `margin` px, softened by `sigma`: what
     lies beyond the face's own edge (background, ears, earrings, hair) is never edited."""
-    from tccp.face.geometry import OVAL_INDICES
-
     h, w = shape
     m = np.zeros((h, w), np.uint8)
     for mesh in _tracked(meshes):
@@ -167,8 +163,6 @@ def lips_mask(mesh: np.ndarray, shape: tuple[int, int], offset: tuple[float, flo
     corner), on a grid of `shape` whose pixel (0, 0) sits at `offset`; float in [0, 1].
     Where the reference must draw the mouth inside a region whose skin stays the
     source's (`engine.composite.paste_mouth(source_skin=True)`)."""
-    from tccp.face.geometry import LIPS_OUTER_LOOP
-
     mesh = np.asarray(mesh, np.float64)
     width = float(np.linalg.norm(mesh[61] - mesh[291]))
     m = np.zeros(shape[:2], np.uint8)
