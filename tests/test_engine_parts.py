@@ -374,3 +374,55 @@ def test_match_lips_moves_the_lips_colour_to_the_source_s_and_nothing_else():
     black[fg.lip_mask(src_mesh, (64, 64))] = 0
     shift = np.median(lab(match_lips(edited, black, tgt_mesh, src_mesh))[core], 0) - before
     assert np.all(np.abs(shift) <= np.asarray(LIP_MAX_SHIFT) + 0.6)
+
+
+def test_the_region_edge_does_not_draw_a_moved_chin_twice(monkeypatch):
+    """A target that closes a jaw the source dropped: the region (the union of both lower
+    faces) reaches down to the source's chin, and its feathered edge used to blend the
+    chin the warp moved up with the frame's own chin below it, a faint second chin
+    (`lp_d10` dubbed with calm speech). `SKIN_REACH`: along that edge, and past it
+    wherever the warp moves the frame, the output is the warped frame (one geometry, no
+    second chin); far from the face nothing changes. With the reference's skin as with
+    the source's."""
+    import cv2
+
+    import engine.composite as comp
+    from engine.runner import default_template
+    from tccp.face.regions import region_mask
+    from tccp.face.sketch import SKETCH_INDICES
+    from tccp.face.warp import triangulate, warp_map
+
+    t = default_template().astype(np.float64)
+    target = (t - [0.0, 0.5]) * 22 + [64, 60]  # a face in a 128 px crop, chin at y 81
+    source = target.copy()
+    mid = target[[13, 14], 1].mean()
+    below = target[:, 1] > mid
+    source[below, 1] += 6.0 * np.clip((target[below, 1] - mid) / (target[152, 1] - mid), 0, 1)  # jaw dropped 6 px
+    tri = triangulate(default_template(), SKETCH_INDICES)
+    noise = cv2.GaussianBlur(np.random.default_rng(1).normal(0, 1, (512, 512, 3)).astype(np.float32), (0, 0), 1.5)
+    frame = np.clip(128 + noise / noise.std() * 50, 0, 255).astype(np.uint8)  # skin texture, 50 grey levels
+    box = (0.0, 0.0, 512.0, 512.0)
+    mx, my, _ = warp_map(tri, source * 4, target * 4, (512, 512))
+    warped = cv2.remap(frame, mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(int)
+    moved = np.hypot(mx - np.arange(512)[None, :], my - np.arange(512)[:, None]) > comp.SKIN_STILL[1]
+    mask = region_mask([source, target], (128, 128), "mouth", dilate=0.06, feather=0.02, inside_face=0.01,
+                       below_nose=0.0)
+    m = cv2.resize(mask, (512, 512))
+    edge = (m > 0.02) & (m < 0.9) & moved  # the feathered edge where the warp moves the frame
+    past = (m == 0) & moved
+    assert edge.sum() > 100 and past.sum() > 100
+    crop = comp.crop_box(frame, box, 128)
+    s = CompositeSettings(colour_match=False)
+    for skin in (True, False):
+        outs = {}
+        for reach in (False, True):
+            monkeypatch.setattr(comp, "SKIN_REACH", reach)
+            outs[reach] = comp.paste_mouth(frame, crop, box, mask, target, None, -1, tri, s, detail=False,
+                                           source_mesh=source, source_skin=skin).astype(int)
+        off, on = outs[False], outs[True]
+        if skin:  # the region's skin is the warped frame; its edge blended it with the frame
+            assert np.abs(off[edge] - warped[edge]).mean() > 12  # 23 grey levels here
+            assert np.abs(on[edge] - warped[edge]).mean() < 2
+        assert np.array_equal(off[past], frame[past])
+        assert np.abs(on[past] - warped[past]).mean() < 2  # past the region: moved with the warp
+        assert np.array_equal(on[:80], frame[:80])  # far from the mouth: untouched

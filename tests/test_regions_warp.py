@@ -121,6 +121,28 @@ def test_a_warp_map_of_part_of_the_frame_is_that_part_of_the_whole_map(face):
     assert not l0[0] and not m0.any()
 
 
+def test_a_coarse_warp_map_is_the_exact_one_inside_its_triangles(face):
+    """`warp_map(step=2)` (the source skin's): the map computed every 2 px and
+    interpolated equals the exact one inside each triangle (the field is affine there)
+    and differs only near triangle edges, by a fraction of a pixel on a real face whose
+    jaw drops; the pixel grid is the same (no half-pixel shift), at any offset and size."""
+    from tccp.face.sketch import SKETCH_INDICES
+    from tccp.face.warp import warp_map
+
+    frame, src = face
+    tri = triangulate(src, SKETCH_INDICES)
+    dst = src.copy()
+    jaw = dst[:, 1] > dst[[13, 14], 1].mean()
+    dst[jaw, 1] -= 8.0 * (dst[jaw, 1] - dst[jaw, 1].min()) / np.ptp(dst[jaw, 1])  # the target closes the jaw
+    x0, y0 = float(dst[:, 0].min()) - 7.3, float(dst[13, 1]) - 40.6
+    for shape in ((121, 150), (120, 151)):
+        fx, fy, _ = warp_map(tri, src, dst, shape, (x0, y0))
+        cx, cy, _ = warp_map(tri, src, dst, shape, (x0, y0), step=2)
+        err = np.hypot(cx - fx, cy - fy)
+        assert np.median(err) < 1e-3  # most pixels: exact
+        assert np.percentile(err, 99) < 0.5 and err.mean() < 0.05, (np.percentile(err, 99), err.mean())
+
+
 def test_pasting_the_edit_changes_nothing_outside_the_region(face):
     from engine.composite import CompositeSettings, crop_box, paste_mouth
 
