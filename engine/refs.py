@@ -21,11 +21,10 @@ import numpy as np
 
 from tccp.face import geometry as fg
 from tccp.face import headframe as hf
-from tccp.pipelines.faces import ReferenceBank
+from tccp.pipelines.faces import ReferenceBank, crop_sharpness, select_references
 
 __all__ = ["BankBuilder", "scan_video", "select_references", "HIRES_MAX"]
 
-SELECTION = "typical"  # how a bank is chosen from many frames (select_references)
 HIRES_MAX = 512  # side of the source-resolution crops kept for detail transfer
 BANK_SIZE = 8
 """References per person (a file's pre-scan, a call's growing bank, the suite's). 12 and
@@ -89,7 +88,7 @@ class BankBuilder:
         self.meshes.append(mesh.astype(np.float32))
         self.hires.append(fg.crop(frame, box, hires_size(box)))
         self.heads.append(heads[0])
-        self.sharp.append(_sharpness(crop))
+        self.sharp.append(crop_sharpness(crop))
         n = len(self.crops)
         last = n >= self.pool
         changed = False
@@ -122,7 +121,7 @@ class BankBuilder:
         meshes = np.stack([fg.to_crop_coords(lm, bx, crop) for lm, bx in zip(landmarks_px, boxes)])
         heads, _ = hf.to_head(meshes, template)
         crops = [fg.crop(f, bx, crop) for f, bx in zip(frames, boxes)]
-        picks = select_references(heads, b.size, selection, sharpness=np.array([_sharpness(c) for c in crops]))
+        picks = select_references(heads, b.size, selection, sharpness=np.array([crop_sharpness(c) for c in crops]))
         hires = {j: fg.crop(frames[j], boxes[j], hires_size(boxes[j])) for j in picks}
         b.bank = _bank(picks, crops, meshes, heads, hires, own)
         b.picks = list(picks)  # the chosen frames' indices among the candidates
@@ -134,65 +133,6 @@ def _bank(picks: list[int], crops, meshes, heads, hires, own: bool = False) -> R
     return ReferenceBank(np.stack([crops[j] for j in picks]), np.stack([meshes[j] for j in picks]).astype(np.float32),
                          np.stack([heads[j][list(hf.LIPS)].reshape(-1) for j in picks]), [hires[j] for j in picks],
                          own=own)
-
-
-def _sharpness(crop: np.ndarray) -> float:
-    """Variance of the Laplacian of a face crop's lower half (grey): motion-blurred
-    frames make blurred mouths, whatever their shape."""
-    g = crop[crop.shape[0] // 2 :].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    lap = g[1:-1, 1:-1] * 4 - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-    return float(lap.var())
-
-
-def select_references(heads: np.ndarray, size: int, selection: str | None = None,
-                      sharpness: np.ndarray | None = None) -> list[int]:
-    """Indices of up to `size` reference frames among (N, 478, 2) head-frame meshes.
-
-    "typical" (the default): the most closed 5 % of the frames (the rest shape) and
-    the others sorted by mouth aperture and cut into `size - 1` equal bins, each group
-    represented by its medoid (the frame nearest its mean lip shape), most closed first. Why: a frame is matched to the reference with the
-    nearest lip shape, and the targets stage 1 generates are average shapes; the
-    farthest-point alternative ("extremes") fills the bank with outliers (pressed,
-    twisted or mistracked lips) that then stand in for a neutral closed mouth (the
-    twisted lower lip of the earlier demo preview). With `sharpness` (per frame), each
-    bin takes the sharpest of its frames nearer than the median to its mean shape
-    (a medoid can be a motion-blurred frame).
-    "extremes": farthest-point sampling from the most closed mouth."""
-    selection = selection or SELECTION
-    n = len(heads)
-    if n == 0:
-        return []
-    shapes = heads[:, list(hf.LIPS)].reshape(n, -1)
-    if selection == "typical":
-        order = np.argsort(hf.aperture(heads), kind="stable")
-        closed = order[: max(1, int(np.ceil(0.05 * n)))]  # the rest shape: the most closed few
-        others = order[len(closed) :]
-        k = min(size, n) - 1
-        bins = [closed] + (list(np.array_split(others, k)) if k > 0 and len(others) else [])
-        picks: list[int] = []
-        for part in bins:
-            if len(part) == 0:
-                continue
-            dist = np.linalg.norm(shapes[part] - shapes[part].mean(0), axis=1)
-            if sharpness is None:
-                j = int(part[np.argmin(dist)])
-            else:
-                near = part[dist <= np.median(dist)]
-                j = int(near[np.argmax(sharpness[near])])
-            if not picks or min(np.linalg.norm(shapes[picks] - shapes[j], axis=1)) > 1e-9:
-                picks.append(j)
-        return picks
-    if selection != "extremes":
-        raise ValueError(f"reference selection {selection!r} (choose typical or extremes)")
-    picks = [int(np.argmin(hf.aperture(heads)))]
-    d = np.linalg.norm(shapes - shapes[picks[0]], axis=1)
-    while len(picks) < min(size, n):
-        j = int(np.argmax(d))
-        if d[j] <= 1e-9:
-            break
-        picks.append(j)
-        d = np.minimum(d, np.linalg.norm(shapes - shapes[j], axis=1))
-    return picks
 
 
 def scan_video(video: str | Path, template: np.ndarray, size: int | None = None, crop: int = 128, samples: int = 48,

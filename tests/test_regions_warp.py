@@ -369,3 +369,38 @@ def test_bank_size_is_one_setting(monkeypatch):
     monkeypatch.setattr(refs, "BANK_SIZE", 5)
     assert refs.BankBuilder(default_template()).size == 5
     assert refs.BankBuilder(default_template(), size=3).size == 3
+
+
+def test_training_pairs_take_the_reference_the_engine_would():
+    """Stage 2's training pairs (`tccp.data.faces.training_references`) use the engine's
+    bank (typical shapes) and its choice (the same distances and gap rules), never a
+    bank frame within `min_gap` frames of the target; far from every bank frame the
+    choice is exactly the engine's (`ReferenceBank.choose` without hysteresis)."""
+    from tccp.data.faces import training_references
+    from tccp.face.geometry import LOWER_INNER
+    from tccp.pipelines import faces as pf
+
+    from engine.runner import default_template
+
+    t = default_template().astype(np.float32)
+    lower = list(LOWER_INNER[1:-1]) + [146, 91, 181, 84, 17, 314, 405, 321, 375]
+    n = 300
+    rng = np.random.default_rng(3)
+    opening = np.clip(0.12 * np.sin(np.arange(n) / 7.0) + rng.normal(0, 0.02, n), -0.07, 0.15)
+    heads = np.repeat(t[None], n, 0)
+    heads[:, lower, 1] += opening[:, None]
+    heads[:, list(LIPS), 0] += rng.normal(0, 0.1, n)[:, None]  # the mouth sits left or right
+    faces = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    bank, refs = training_references(heads, faces, size=8, min_gap=12)
+    assert len(bank) == 8 and sorted(bank.tolist()) == sorted(pf.select_references(
+        heads, 8, sharpness=np.array([pf.crop_sharpness(f) for f in faces])))
+    assert (np.abs(refs - np.arange(n)) > 12).all()  # never the answer's neighbourhood
+    engine_bank = pf.ReferenceBank.build(faces[bank], heads[bank], t)
+    engine = bank[engine_bank.choose(heads, target_yaw=pf.yaw(heads), yaw_weight=pf.REF_YAW_WEIGHT,
+                                     yaw_tolerance=pf.REF_YAW_TOLERANCE, max_deficit=pf.REF_MAX_DEFICIT,
+                                     max_excess=pf.REF_MAX_EXCESS)]
+    far = (np.abs(bank[None] - np.arange(n)[:, None]) > 12).all(1)
+    assert far.sum() > 100 and np.array_equal(refs[far], engine[far])
+    # the gap rules act here: the nearest shape alone would differ for some frames
+    plain = bank[engine_bank.choose(heads)]
+    assert (plain[far] != engine[far]).any()

@@ -5,10 +5,11 @@ Per frame of a prepared clip (128 px face crops + landmarks), with the mouth pat
 - `faces`: the real crop (the target);
 - `masked`: the crop with the lower face greyed (`region_mask`, generous dilation):
   what the source shows around the region, never the mouth itself;
-- `warped`: the best-matching reference frame of the clip's bank, warped onto this
-  frame's landmarks (`tccp.face.warp`); the bank (K frames spread over the lip shapes,
-  `tccp.data.landmarks.reference_frames`) never supplies a frame within `min_gap`
-  frames of the target, so the network cannot learn to copy the answer;
+- `warped`: the reference frame of the clip's bank that the engine would choose, warped
+  onto this frame's landmarks (`tccp.face.warp`); bank and choice are the engine's
+  (`training_references`: typical lip shapes, the same distance and gap rules), except
+  that no frame within `min_gap` frames of the target is used, so the network cannot
+  learn to copy the answer;
 - `sketches`: the landmark sketch (the control branch's c_v);
 - `mask`: the region at latent resolution (an input channel).
 All four images are encoded once with TAEF2 (fp16 latents, `<cache>.safetensors`,
@@ -35,7 +36,7 @@ from tccp.face.geometry import MASK_GREY
 from tccp.face.regions import patch_box, region_mask
 from tccp.face.sketch import SKETCH_INDICES, draw_sketch
 
-__all__ = ["MASK_DILATE", "MASK_FEATHER", "MASK_BELOW_NOSE", "MASK_INSIDE", "BANK_SIZE", "mouth_inputs", "choose_reference", "encode_mouth_cache",
+__all__ = ["MASK_DILATE", "MASK_FEATHER", "MASK_BELOW_NOSE", "MASK_INSIDE", "BANK_SIZE", "mouth_inputs", "training_references", "encode_mouth_cache",
            "MouthWindowDataset", "patch_mask"]
 
 MASK_DILATE = 0.06  # fraction of the face height: room for the source's own mouth edge
@@ -61,13 +62,33 @@ def patch_mask(meshes, size: int) -> np.ndarray:
     return m[y0:y1, x0:x1]
 
 
-def choose_reference(bank_shapes: np.ndarray, shape: np.ndarray, allowed: np.ndarray | None = None) -> int:
-    """Index into the bank of the lip shape (flattened head-frame LIPS points) closest to
-    `shape`; `allowed` (K,) bool restricts the choice (falls back to all)."""
-    d = np.linalg.norm(bank_shapes - shape[None], axis=1)
-    if allowed is not None and allowed.any():
-        d = np.where(allowed, d, np.inf)
-    return int(np.argmin(d))
+def training_references(heads: np.ndarray, faces: np.ndarray, size: int = BANK_SIZE,
+                        min_gap: int = MIN_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """(bank, refs) for a clip's (N, 478, 2) head-frame meshes and (N, S, S, 3) crops: the
+    bank's frame indices, chosen as a session chooses its bank
+    (`tccp.pipelines.faces.select_references`, with the crops' sharpness), and per frame
+    the bank frame whose crop is warped onto it, chosen as the engine chooses
+    (`reference_distances` with the engine's rules: head turn, no closed reference
+    stretched open nor open one squeezed shut), so that stage 2 trains on the pairs it
+    is given at run time; per frame without the run-time hysteresis. A bank frame within
+    `min_gap` frames of the target is never used (the network must not learn to copy
+    the answer); when every one is that near (a short clip), the frame farthest in time."""
+    from tccp.pipelines import faces as pf
+
+    n = len(heads)
+    meshes_yaw = pf.yaw(heads)
+    bank = np.asarray(pf.select_references(heads, size, sharpness=np.array([pf.crop_sharpness(f) for f in faces])))
+    allowed = np.abs(bank[None, :] - np.arange(n)[:, None]) > min_gap
+    allowed[~allowed.any(1)] = True  # none far enough: choose among all, then fall back below
+    lips = heads[:, list(hf.LIPS)]
+    turn = np.abs(meshes_yaw[:, None] - meshes_yaw[bank][None])
+    d = pf.reference_distances(lips, lips[bank], allowed, pf.REF_CENTRE, pf.REF_GAP_WEIGHT,
+                               pf.REF_YAW_WEIGHT * np.maximum(turn - pf.REF_YAW_TOLERANCE, 0.0),
+                               pf.REF_MAX_DEFICIT, pf.REF_MAX_EXCESS)
+    refs = bank[d.argmin(1)]
+    near = np.abs(refs - np.arange(n)) <= min_gap
+    refs[near] = [int(np.argmax(np.abs(np.arange(n) - t))) for t in np.flatnonzero(near)]
+    return bank, refs
 
 
 def mouth_inputs(face: np.ndarray, mesh: np.ndarray, ref_face: np.ndarray, ref_mesh: np.ndarray, tri,
@@ -91,30 +112,23 @@ def mouth_inputs(face: np.ndarray, mesh: np.ndarray, ref_face: np.ndarray, ref_m
 
 
 def _clip_arrays(clip: PreparedClip, template: np.ndarray, tri, max_frames: int | None):
-    from tccp.data.landmarks import reference_frames
-
     n = clip.n_frames if max_frames is None else min(clip.n_frames, max_frames)
     faces = clip.faces[:n]
     mesh = hf.to_mesh(clip.landmarks[:n], clip.landmark_index)
     heads, _ = hf.to_head(mesh, template)
-    bank = reference_frames(heads, BANK_SIZE)
-    shapes = heads[:, list(hf.LIPS)].reshape(n, -1)
+    bank, refs = training_references(heads, faces)
     imgs = {k: [] for k in ("faces", "masked", "warped", "sketches")}
-    masks, refs = [], []
+    masks = []
     x0, y0, x1, y1 = patch_box(clip.size)
     lat = (x1 - x0) // 8
     for t in range(n):
-        allowed = np.abs(bank - t) > MIN_GAP
-        j = int(bank[choose_reference(shapes[bank], shapes[t], allowed)])
-        if abs(j - t) <= MIN_GAP:  # a short clip: take the most distant frame in time
-            j = int(np.argmax(np.abs(np.arange(n) - t)))
+        j = int(refs[t])
         d = mouth_inputs(faces[t], mesh[t], faces[j], mesh[j], tri)
         imgs["faces"].append(faces[t][y0:y1, x0:x1])
         for k in ("masked", "warped", "sketches"):
             imgs[k].append(d[k])
         masks.append(cv2.resize(d["mask"], (lat, lat), interpolation=cv2.INTER_AREA))
-        refs.append(j)
-    return {k: np.stack(v) for k, v in imgs.items()}, np.stack(masks), np.asarray(refs), bank
+    return {k: np.stack(v) for k, v in imgs.items()}, np.stack(masks), refs, bank
 
 
 def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, template: np.ndarray, out_file: str | os.PathLike,
@@ -125,6 +139,7 @@ def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, templa
     from safetensors.torch import save_file
 
     from tccp.face.warp import CAVITY_TONE, MOUTH_CAVITY, RIGID_SHARE, RIGID_TEETH, triangulate
+    from tccp.pipelines import faces as pf
 
     tri = triangulate(template, SKETCH_INDICES)
     out = Path(out_file)
@@ -139,6 +154,8 @@ def encode_mouth_cache(folders: Sequence[str | os.PathLike], autoencoder, templa
         key += [MASK_BELOW_NOSE] if MASK_BELOW_NOSE is not None else []
         key += [f"rigid teeth {RIGID_SHARE}"] if RIGID_TEETH else []  # ... and the warp
         key += [f"mouth cavity {MOUTH_CAVITY} {CAVITY_TONE}"] if RIGID_TEETH and MOUTH_CAVITY > 0 else []
+        key += [f"refs {pf.SELECTION} {pf.REF_MAX_DEFICIT} {pf.REF_MAX_EXCESS} {pf.REF_YAW_WEIGHT} "
+                f"{pf.REF_YAW_TOLERANCE} {pf.REF_CENTRE} {pf.REF_GAP_WEIGHT}"]  # ... and the pairs
         fp = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
         part = parts / f"{clip.name}.safetensors"
         tensors = None

@@ -138,30 +138,13 @@ class ReferenceBank:
         stretches the few pixels between its lips into a block (`REF_MAX_DEFICIT`);
         `max_excess` the same for references that open wider than the target by more
         than that (then the least open stay; `REF_MAX_EXCESS`)."""
-        n, k = len(target_heads), len(self.shapes)
-        t = np.asarray(target_heads)[:, list(hf.LIPS)]
-        s = np.asarray(self.shapes).reshape(k, -1, 2)
-        if centre:
-            t = t - t.mean(1, keepdims=True)
-            s = s - s.mean(1, keepdims=True)
-        d = np.linalg.norm(t.reshape(n, 1, -1) - s.reshape(1, k, -1), axis=-1)
-        gt, gs = _lip_gap(t), _lip_gap(s)  # (N,), (K,) inner-lip gaps
-        if gap_weight:
-            d = d + gap_weight * np.abs(gt[:, None] - gs[None])
+        k = len(self.shapes)
+        extra = None
         if yaw_weight and target_yaw is not None:
             turn = np.abs(np.asarray(target_yaw)[:, None] - yaw(self.meshes)[None])
-            d = d + yaw_weight * np.maximum(turn - yaw_tolerance, 0.0)
-        if allowed is not None:
-            d[:, ~np.asarray(allowed, bool)] = np.inf
-        if max_deficit is not None or max_excess is not None:
-            lips = list(hf.LIPS)
-            width = np.linalg.norm(t[:, lips.index(61)] - t[:, lips.index(291)], axis=-1)
-            if max_deficit is not None:  # the floor never passes the most open usable reference
-                most = np.where(np.isfinite(d), gs[None], -np.inf).max(1)
-                d = np.where(gs[None] >= np.minimum(gt - max_deficit * width, most)[:, None], d, np.inf)
-            if max_excess is not None:  # nor the cap the least open one
-                least = np.where(np.isfinite(d), gs[None], np.inf).min(1)
-                d = np.where(gs[None] <= np.maximum(gt + max_excess * width, least)[:, None], d, np.inf)
+            extra = yaw_weight * np.maximum(turn - yaw_tolerance, 0.0)
+        d = reference_distances(np.asarray(target_heads)[:, list(hf.LIPS)], np.asarray(self.shapes).reshape(k, -1, 2),
+                                allowed, centre, gap_weight, extra, max_deficit, max_excess)
         best = d.argmin(1)
         if not stick:
             return best
@@ -182,6 +165,102 @@ def yaw(meshes: np.ndarray) -> np.ndarray:
     span = m[..., 454, :] - m[..., 234, :]
     along = ((m[..., 1, :] - m[..., 234, :]) * span).sum(-1) / np.maximum((span * span).sum(-1), 1e-9)
     return along - 0.5
+
+
+SELECTION = "typical"  # how a bank is chosen from many frames (select_references)
+
+
+def crop_sharpness(crop: np.ndarray) -> float:
+    """Variance of the Laplacian of a face crop's lower half (grey): motion-blurred
+    frames make blurred mouths, whatever their shape."""
+    g = crop[crop.shape[0] // 2 :].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    lap = g[1:-1, 1:-1] * 4 - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(lap.var())
+
+
+def select_references(heads: np.ndarray, size: int, selection: str | None = None,
+                      sharpness: np.ndarray | None = None) -> list[int]:
+    """Indices of up to `size` reference frames among (N, 478, 2) head-frame meshes (a
+    session's bank, `engine.refs`; the training pairs' bank, `tccp.data.faces`).
+
+    "typical" (the default): the most closed 5 % of the frames (the rest shape) and
+    the others sorted by mouth aperture and cut into `size - 1` equal bins, each group
+    represented by its medoid (the frame nearest its mean lip shape), most closed first. Why: a frame is matched to the reference with the
+    nearest lip shape, and the targets stage 1 generates are average shapes; the
+    farthest-point alternative ("extremes") fills the bank with outliers (pressed,
+    twisted or mistracked lips) that then stand in for a neutral closed mouth (the
+    twisted lower lip of the earlier demo preview). With `sharpness` (per frame), each
+    bin takes the sharpest of its frames nearer than the median to its mean shape
+    (a medoid can be a motion-blurred frame).
+    "extremes": farthest-point sampling from the most closed mouth."""
+    selection = selection or SELECTION
+    n = len(heads)
+    if n == 0:
+        return []
+    shapes = heads[:, list(hf.LIPS)].reshape(n, -1)
+    if selection == "typical":
+        order = np.argsort(hf.aperture(heads), kind="stable")
+        closed = order[: max(1, int(np.ceil(0.05 * n)))]  # the rest shape: the most closed few
+        others = order[len(closed) :]
+        k = min(size, n) - 1
+        bins = [closed] + (list(np.array_split(others, k)) if k > 0 and len(others) else [])
+        picks: list[int] = []
+        for part in bins:
+            if len(part) == 0:
+                continue
+            dist = np.linalg.norm(shapes[part] - shapes[part].mean(0), axis=1)
+            if sharpness is None:
+                j = int(part[np.argmin(dist)])
+            else:
+                near = part[dist <= np.median(dist)]
+                j = int(near[np.argmax(sharpness[near])])
+            if not picks or min(np.linalg.norm(shapes[picks] - shapes[j], axis=1)) > 1e-9:
+                picks.append(j)
+        return picks
+    if selection != "extremes":
+        raise ValueError(f"reference selection {selection!r} (choose typical or extremes)")
+    picks = [int(np.argmin(hf.aperture(heads)))]
+    d = np.linalg.norm(shapes - shapes[picks[0]], axis=1)
+    while len(picks) < min(size, n):
+        j = int(np.argmax(d))
+        if d[j] <= 1e-9:
+            break
+        picks.append(j)
+        d = np.minimum(d, np.linalg.norm(shapes - shapes[j], axis=1))
+    return picks
+
+
+def reference_distances(target_lips: np.ndarray, ref_lips: np.ndarray, allowed: np.ndarray | None = None,
+                        centre: bool = False, gap_weight: float = 0.0, extra: np.ndarray | None = None,
+                        max_deficit: float | None = None, max_excess: float | None = None) -> np.ndarray:
+    """(N, K) distances from each target's head-frame lip points (N, len(LIPS), 2) to each
+    reference's (K, len(LIPS), 2), inf where a reference may not be used: the rules of
+    `ReferenceBank.choose` (which documents them) as one pure function, so that the
+    training pairs of `tccp.data.faces` are chosen exactly as the engine chooses.
+    `allowed` (K,) or (N, K) bool; `extra` (N, K) is added (the head-turn term)."""
+    t, s = np.asarray(target_lips), np.asarray(ref_lips)
+    n, k = len(t), len(s)
+    if centre:
+        t = t - t.mean(1, keepdims=True)
+        s = s - s.mean(1, keepdims=True)
+    d = np.linalg.norm(t.reshape(n, 1, -1) - s.reshape(1, k, -1), axis=-1)
+    gt, gs = _lip_gap(t), _lip_gap(s)  # (N,), (K,) inner-lip gaps
+    if gap_weight:
+        d = d + gap_weight * np.abs(gt[:, None] - gs[None])
+    if extra is not None:
+        d = d + extra
+    if allowed is not None:
+        d = np.where(np.broadcast_to(np.asarray(allowed, bool), d.shape), d, np.inf)
+    if max_deficit is not None or max_excess is not None:
+        lips = list(hf.LIPS)
+        width = np.linalg.norm(t[:, lips.index(61)] - t[:, lips.index(291)], axis=-1)
+        if max_deficit is not None:  # the floor never passes the most open usable reference
+            most = np.where(np.isfinite(d), gs[None], -np.inf).max(1)
+            d = np.where(gs[None] >= np.minimum(gt - max_deficit * width, most)[:, None], d, np.inf)
+        if max_excess is not None:  # nor the cap the least open one
+            least = np.where(np.isfinite(d), gs[None], np.inf).min(1)
+            d = np.where(gs[None] <= np.maximum(gt + max_excess * width, least)[:, None], d, np.inf)
+    return d
 
 
 def _lip_gap(lips: np.ndarray) -> np.ndarray:
