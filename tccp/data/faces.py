@@ -76,12 +76,12 @@ def training_references(heads: np.ndarray, faces: np.ndarray, size: int = BANK_S
     from tccp.pipelines import faces as pf
 
     n = len(heads)
-    meshes_yaw = pf.yaw(heads)
+    head_yaw = pf.yaw(heads)  # the head turn of every frame
     bank = np.asarray(pf.select_references(heads, size, sharpness=np.array([pf.crop_sharpness(f) for f in faces])))
     allowed = np.abs(bank[None, :] - np.arange(n)[:, None]) > min_gap
     allowed[~allowed.any(1)] = True  # none far enough: choose among all, then fall back below
     lips = heads[:, list(hf.LIPS)]
-    turn = np.abs(meshes_yaw[:, None] - meshes_yaw[bank][None])
+    turn = np.abs(head_yaw[:, None] - head_yaw[bank][None])
     d = pf.reference_distances(lips, lips[bank], allowed, pf.REF_CENTRE, pf.REF_GAP_WEIGHT,
                                pf.REF_YAW_WEIGHT * np.maximum(turn - pf.REF_YAW_TOLERANCE, 0.0),
                                pf.REF_MAX_DEFICIT, pf.REF_MAX_EXCESS)
