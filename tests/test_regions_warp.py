@@ -372,11 +372,11 @@ def test_bank_size_is_one_setting(monkeypatch):
 
 
 def test_training_pairs_take_the_reference_the_engine_would():
-    """Stage 2's training pairs (`tccp.data.faces.training_references`) use the engine's
+    """Stage 2's training pairs (`tccp.training.mouth_cache.training_references`) use the engine's
     bank (typical shapes) and its choice (the same distances and gap rules), never a
     bank frame within `min_gap` frames of the target; far from every bank frame the
     choice is exactly the engine's (`ReferenceBank.choose` without hysteresis)."""
-    from tccp.data.faces import training_references
+    from tccp.training.mouth_cache import training_references
     from tccp.face.geometry import LOWER_INNER
     from tccp.pipelines import faces as pf
 

@@ -249,9 +249,9 @@ def mouth_cache_path(cfg: TrainConfig) -> Path:
 def ensure_mouth_cache(cfg: TrainConfig, train_f: list, val_f: list, log: Callable[[str], None]) -> Path:
     """The mouth-patch latent cache of every prepared clip (built once, resumable)."""
     from tccp.data.datasets import PreparedClip
-    from tccp.data.faces import encode_mouth_cache
     from tccp.face import headframe as hf
     from tccp.models.autoencoder import load_autoencoder
+    from tccp.training.mouth_cache import encode_mouth_cache
 
     path = mouth_cache_path(cfg)
     template = hf.fit_template(np.concatenate([hf.to_mesh(PreparedClip(f).landmarks[::10], PreparedClip(f).landmark_index)
