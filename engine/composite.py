@@ -308,6 +308,8 @@ def _source_skin(edited: np.ndarray, m: np.ndarray, frame: np.ndarray, box: Box,
     x0, y0, x1, y1 = sup
     if reach:
         moving = fw.moving_box(tri, source, targets, SKIN_STILL[0] / a[0, 0])
+        if moving is None and not skin:  # nothing past the region moves: the frame stays as it is
+            return edited, m
         if moving is not None:
             x0, y0 = max(0, min(x0, int(np.floor(moving[0])))), max(0, min(y0, int(np.floor(moving[1]))))
             x1, y1 = min(big, max(x1, int(np.ceil(moving[2])) + 1)), min(big, max(y1, int(np.ceil(moving[3])) + 1))

@@ -34,6 +34,7 @@ __all__ = [
     "inter_ocular",
     "mouth_aperture",
     "lip_mask",
+    "loop_mask",
     "LIPS_OUTER_LOOP",
     "LIPS_INNER_LOOP",
     "UPPER_INNER",
@@ -250,13 +251,15 @@ def fill_vertices(points: np.ndarray, shift: int = 4, offset: tuple[float, float
     return np.round(pts * (1 << shift)).astype(np.int32)
 
 
-def _polygon(mesh: np.ndarray, loop, shape: tuple[int, int]) -> np.ndarray:
+def loop_mask(mesh: np.ndarray, loop, shape: tuple[int, int], offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Inside the closed contour `loop` (mesh indices) of a mesh, on a grid of `shape`
+    whose pixel (0, 0) sits at `offset` (bool)."""
     m = np.zeros(shape[:2], np.uint8)
-    cv2.fillPoly(m, [fill_vertices(np.asarray(mesh)[list(loop)])], 1, lineType=cv2.LINE_8, shift=4)
+    cv2.fillPoly(m, [fill_vertices(np.asarray(mesh)[list(loop)], 4, offset)], 1, lineType=cv2.LINE_8, shift=4)
     return m > 0
 
 
 def lip_mask(mesh: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The lips of a 478-point mesh (px of an image of `shape`): inside the outer lip
     contour, outside the inner one (bool)."""
-    return _polygon(mesh, LIPS_OUTER_LOOP, shape) & ~_polygon(mesh, LIPS_INNER_LOOP, shape)
+    return loop_mask(mesh, LIPS_OUTER_LOOP, shape) & ~loop_mask(mesh, LIPS_INNER_LOOP, shape)

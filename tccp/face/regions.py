@@ -17,7 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tccp.face.geometry import LIPS_OUTER_LOOP, OVAL_INDICES, fill_vertices
+from tccp.face.geometry import LIPS_OUTER_LOOP, OVAL_INDICES, fill_vertices, loop_mask
 
 __all__ = ["REGIONS", "LOWER_FACE", "lower_face_polygon", "region_mask", "lips_mask", "mask_box", "patch_box",
            "PATCH_FRACTION"]
@@ -165,8 +165,7 @@ def lips_mask(mesh: np.ndarray, shape: tuple[int, int], offset: tuple[float, flo
     source's (`engine.composite.paste_mouth(source_skin=True)`)."""
     mesh = np.asarray(mesh, np.float64)
     width = float(np.linalg.norm(mesh[61] - mesh[291]))
-    m = np.zeros(shape[:2], np.uint8)
-    cv2.fillPoly(m, [fill_vertices(mesh[list(LIPS_OUTER_LOOP)], 4, offset)], 1, cv2.LINE_8, 4)
+    m = loop_mask(mesh, LIPS_OUTER_LOOP, shape, offset).astype(np.uint8)
     r = int(round(margin * width))
     if r > 0:
         m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))

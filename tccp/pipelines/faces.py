@@ -181,7 +181,7 @@ def crop_sharpness(crop: np.ndarray) -> float:
 def select_references(heads: np.ndarray, size: int, selection: str | None = None,
                       sharpness: np.ndarray | None = None) -> list[int]:
     """Indices of up to `size` reference frames among (N, 478, 2) head-frame meshes (a
-    session's bank, `engine.refs`; the training pairs' bank, `tccp.data.faces`).
+    session's bank, `engine.refs`; the training pairs' bank, `tccp.training.mouth_cache`).
 
     "typical" (the default): the most closed 5 % of the frames (the rest shape) and
     the others sorted by mouth aperture and cut into `size - 1` equal bins, each group
@@ -236,7 +236,7 @@ def reference_distances(target_lips: np.ndarray, ref_lips: np.ndarray, allowed: 
     """(N, K) distances from each target's head-frame lip points (N, len(LIPS), 2) to each
     reference's (K, len(LIPS), 2), inf where a reference may not be used: the rules of
     `ReferenceBank.choose` (which documents them) as one pure function, so that the
-    training pairs of `tccp.data.faces` are chosen exactly as the engine chooses.
+    training pairs of `tccp.training.mouth_cache` are chosen exactly as the engine chooses.
     `allowed` (K,) or (N, K) bool; `extra` (N, K) is added (the head-turn term)."""
     t, s = np.asarray(target_lips), np.asarray(ref_lips)
     n, k = len(t), len(s)
