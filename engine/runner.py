@@ -368,18 +368,21 @@ class PipelineRunner:
                 # with slot 0 pinned to that frame
                 ins = [{k: v[k0:] for k, v in d.items()} for d in inputs]
                 first = [{k: v[:1] for k, v in d.items()} for d in ins]
+                warped = editor.encode_warped(ins)  # once: the denoiser's start and the residual's base
                 lat0 = editor.window(first, banks, mel[:, :1], None, steps=r0.steps, seed=[r.seed for r in requests],
-                                     **how)
+                                     warped=warped[:, :, :1], **how)
                 lat_new = editor.window(ins, banks, mel, lat0[:, :, 0], steps=r0.steps, seed=[r.seed for r in requests],
-                                        **how)
+                                        warped=warped, **how)
             else:
                 mel = np.concatenate([np.stack([r.state.mel for r in requests])[:, None], mel], 1)
                 prev = torch.stack(prevs)
+                warped = editor.encode_warped(inputs)
                 lat_new = editor.window(inputs, banks, mel, prev, steps=r0.steps, seed=[r.seed for r in requests],
-                                        **how)[:, :, 1:]
+                                        warped=warped, **how)[:, :, 1:]
+                warped = warped[:, :, 1:]
             patches = editor.decode(lat_new)
             if PIXEL_RESIDUAL:
-                patches = editor.pixel_residual(patches, np.stack([d["warped"][k0:] for d in inputs]))
+                patches = editor.pixel_residual(patches, np.stack([d["warped"][k0:] for d in inputs]), warped)
         t2 = time.perf_counter()
         x0, y0, x1, y1 = editor.patch
         results = []

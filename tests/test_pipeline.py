@@ -162,3 +162,7 @@ def test_pixel_residual_keeps_the_warp_where_the_correction_is_zero(runner) -> N
     out = editor.pixel_residual(changed, warped)
     want = np.clip(warped.astype(int) + changed.astype(int) - roundtrip.astype(int), 0, 255)
     assert np.array_equal(out, want) and not np.array_equal(out, warped)
+    # the runner hands over the latents it already encoded for the denoiser: same result
+    assert np.array_equal(editor.pixel_residual(changed, warped, lat), out)
+    inputs = [{"warped": w} for w in warped]
+    assert torch.equal(editor.encode_warped(inputs), lat)

@@ -378,14 +378,17 @@ class MouthEditor:
     @torch.inference_mode()
     def window(self, inputs: list[dict[str, np.ndarray]], banks: list[ReferenceBank], mel: np.ndarray,
                prev: torch.Tensor | None, steps: int | None = None, seed: int | list[int] = 0,
-               sampler: str | None = None, cfg_scale: float | None = None) -> torch.Tensor:
+               sampler: str | None = None, cfg_scale: float | None = None,
+               warped: torch.Tensor | None = None) -> torch.Tensor:
         """Generate patch latents for B streams with n frames each (slot 0 = the
         previous frame when `prev` (B, C, h, w) is given, and then inputs[b] covers slots
         0..n-1 too). mel (B, n, 16, 80). Returns raw latents (B, C, n, h, w); with `steps`
-        0 (or no model) the warped references' latents."""
+        0 (or no model) the warped references' latents. `warped`: those latents
+        (`encode_warped(inputs)`) when the caller already has them (the pixel residual
+        needs them too: one encode per window, not two)."""
         steps = self.sampler.steps if steps is None else steps
         five = lambda z: rearrange(z, "b n c h w -> b c n h w")  # noqa: E731
-        warped = five(self.encode(np.stack([d["warped"] for d in inputs])))
+        warped = self.encode_warped(inputs) if warped is None else warped.clone()
         if steps <= 0 or self.model is None:
             if prev is not None:
                 warped[:, :, 0] = prev.to(warped.dtype)
@@ -430,11 +433,21 @@ class MouthEditor:
         return self.norm.from_model(out)
 
     @torch.inference_mode()
-    def pixel_residual(self, patches: np.ndarray, warped: np.ndarray) -> np.ndarray:
+    def encode_warped(self, inputs: list[dict[str, np.ndarray]]) -> torch.Tensor:
+        """The warped reference patches of `inputs` (B streams of n frames) -> their raw
+        latents (B, C, n, h, w): the denoiser's starting point and the pixel residual's base."""
+        return rearrange(self.encode(np.stack([d["warped"] for d in inputs])), "b n c h w -> b c n h w")
+
+    @torch.inference_mode()
+    def pixel_residual(self, patches: np.ndarray, warped: np.ndarray,
+                       latents: torch.Tensor | None = None) -> np.ndarray:
         """`patches` (B, n, ph, pw, 3) decoded from corrected latents, `warped` the warped
         reference patches they were corrected from -> the warp plus the decoded change
-        (`warped + patches - decode(encode(warped))`), uint8."""
-        base = self.decode(rearrange(self.encode(warped), "b n c h w -> b c n h w"))
+        (`warped + patches - decode(encode(warped))`), uint8. `latents` (B, C, n, h, w):
+        `encode(warped)` when the caller has it (`encode_warped`)."""
+        if latents is None:
+            latents = rearrange(self.encode(warped), "b n c h w -> b c n h w")
+        base = self.decode(latents)
         out = warped.astype(np.int16) + patches.astype(np.int16) - base.astype(np.int16)
         return np.clip(out, 0, 255).astype(np.uint8)
 
