@@ -286,7 +286,7 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 def _source_skin(edited: np.ndarray, m: np.ndarray, frame: np.ndarray, box: Box, tri, source: np.ndarray,
                  targets: np.ndarray, settings: CompositeSettings, skin: bool = True,
-                 reach: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 reach: bool = True, support: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The source frame warped from its own landmarks (`source`, big px) onto the
     target's (`targets`), used for `edited` (big x big, the crop pasted at the box's
     resolution) under the region `m`; returns the new (edited, m) for `paste_back`.
@@ -385,13 +385,16 @@ def paste_mouth(
     big = hires_size(box)
     edited = cv2.resize(crop, (big, big), interpolation=cv2.INTER_CUBIC)  # uint8
     m = np.clip(cv2.resize(mask, (big, big), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    sup = _support(m > 1e-3)  # where the region reaches at `big`: the detail's and the skin's box
+    if sup is None:  # the mask vanished in the resize: nothing to paste
+        return np.array(frame, copy=True)
     if detail and bank is not None and targets is not None and tri is not None and 0 <= ref_index < len(bank) \
             and bank.hires[ref_index] is not None:
         from tccp.face import warp as fw
 
         ref = bank.hires[ref_index]
         rs = ref.shape[0]
-        x0, y0, x1, y1 = _support(m > 1e-3)  # the detail goes where the mask reaches: its box only
+        x0, y0, x1, y1 = sup  # the detail goes where the mask reaches: its box only
         cavity = np.zeros((y1 - y0, x1 - x0), np.float32) if fw.MOUTH_CAVITY > 0 else None
         mx, my, _ = fw.warp_map(tri, bank.meshes[ref_index] * (rs / size), np.asarray(targets) * (big / size),
                                 (y1 - y0, x1 - x0), (float(x0), float(y0)), align=align, cavity=cavity)
@@ -405,6 +408,7 @@ def paste_mouth(
     if (source_skin or SKIN_REACH) and source_mesh is not None and targets is not None and tri is not None \
             and not align:
         edited, m = _source_skin(edited, m, frame, box, tri, np.asarray(source_mesh) * (big / size),
-                                 np.asarray(targets) * (big / size), settings, skin=source_skin, reach=SKIN_REACH)
+                                 np.asarray(targets) * (big / size), settings, skin=source_skin, reach=SKIN_REACH,
+                                 support=sup)
     flat = CompositeSettings(feather=0.0, colour_match=False, resample=settings.resample)
     return paste_back(frame, edited, box, m, flat)
