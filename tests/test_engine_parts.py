@@ -320,6 +320,29 @@ def test_source_skin_keeps_the_source_frame_around_the_mouth():
     assert np.array_equal(paste_mouth(frame, crop, box, mask, mesh, bank, -1, tri, s, source_mesh=mesh), on)
 
 
+def test_paste_mouth_with_a_mask_too_faint_to_survive_the_resize_leaves_the_frame():
+    """A mask whose only pixels are just above the cut (1e-3) can fall under it when the
+    crop is upsampled to the box: the frame comes back unchanged (the detail step used to
+    fail unpacking an empty support)."""
+    from engine.composite import paste_mouth
+    from engine.runner import default_template
+    from tccp.face.sketch import SKETCH_INDICES
+    from tccp.face.warp import triangulate
+    from tccp.pipelines.faces import ReferenceBank
+
+    t = default_template().astype(np.float64)
+    mesh = (t - t.mean(0)) / np.linalg.norm(t[33] - t[263]) * 26 + [64, 60]
+    tri = triangulate(default_template(), SKETCH_INDICES)
+    crop = np.full((128, 128, 3), 40, np.uint8)
+    bank = ReferenceBank.build(crop[None], mesh[None], default_template(), hires=[np.full((256, 256, 3), 40, np.uint8)])
+    frame = np.full((256, 256, 3), 100, np.uint8)
+    mask = np.zeros((128, 128), np.float32)
+    mask[64, 64] = 0.0012  # upsampled 2x, at most 0.75 of it reaches a pixel: 0.0009
+    box = (0.0, 0.0, 256.0, 256.0)
+    out = paste_mouth(frame, crop, box, mask, mesh, bank, 0, tri, CompositeSettings(colour_match=False))
+    assert np.array_equal(out, frame)
+
+
 def test_bad_reference_images_are_one_line_errors():
     """`--identity` images: grayscale, tiny and face-less pictures are named, not traced."""
     from engine.refs import bank_from_image
