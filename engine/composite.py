@@ -285,8 +285,8 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 def _source_skin(edited: np.ndarray, m: np.ndarray, frame: np.ndarray, box: Box, tri, source: np.ndarray,
-                 targets: np.ndarray, settings: CompositeSettings, skin: bool = True,
-                 reach: bool = True, support: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 targets: np.ndarray, settings: CompositeSettings, support: tuple[int, int, int, int],
+                 skin: bool = True, reach: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The source frame warped from its own landmarks (`source`, big px) onto the
     target's (`targets`), used for `edited` (big x big, the crop pasted at the box's
     resolution) under the region `m`; returns the new (edited, m) for `paste_back`.
@@ -296,16 +296,14 @@ def _source_skin(edited: np.ndarray, m: np.ndarray, frame: np.ndarray, box: Box,
     warp moves it by more than `SKIN_STILL` source px (fading in over that range), so
     the region's feathered edge blends two pictures of the same geometry: a jaw the
     target closes is not drawn twice, once moved by the warp and once, faintly, where
-    the source's own chin still is (docs/faces.md, "The edge follows the warp")."""
+    the source's own chin still is (docs/faces.md, "The edge follows the warp").
+    `support`: `_support(m > 1e-3)`, found once by `paste_mouth` (never None there)."""
     from tccp.face import warp as fw
     from tccp.face.regions import lips_mask
 
-    sup = _support(m > 1e-3)
-    if sup is None:
-        return edited, m
     big = edited.shape[0]
     a = crop_affine(box, big)
-    x0, y0, x1, y1 = sup
+    x0, y0, x1, y1 = support
     if reach:
         moving = fw.moving_box(tri, source, targets, SKIN_STILL[0] / a[0, 0])
         if moving is None and not skin:  # nothing past the region moves: the frame stays as it is
@@ -408,7 +406,7 @@ def paste_mouth(
     if (source_skin or SKIN_REACH) and source_mesh is not None and targets is not None and tri is not None \
             and not align:
         edited, m = _source_skin(edited, m, frame, box, tri, np.asarray(source_mesh) * (big / size),
-                                 np.asarray(targets) * (big / size), settings, skin=source_skin, reach=SKIN_REACH,
-                                 support=sup)
+                                 np.asarray(targets) * (big / size), settings, sup, skin=source_skin,
+                                 reach=SKIN_REACH)
     flat = CompositeSettings(feather=0.0, colour_match=False, resample=settings.resample)
     return paste_back(frame, edited, box, m, flat)
