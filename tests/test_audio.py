@@ -96,3 +96,73 @@ def test_energy_envelope_per_video_frame() -> None:
     assert np.all(e[:12] == 0.0) and np.allclose(e[13:], 0.5)
     # a partial last frame still gets a value
     assert energy_envelope(np.ones(700, np.float32), SR).shape == (2,)
+
+
+# -- the live path does not touch librosa (its numba kernels compile for 10-19 s on a
+#    fresh install, inside the first window); what replaces it must equal it
+
+def _librosa_log_mel(wav: np.ndarray, sr: int) -> np.ndarray:
+    """Reference: `log_mel` as it was written on librosa."""
+    import librosa
+    from scipy.signal import lfilter
+
+    w = np.asarray(wav, np.float32)
+    if sr != MEL.sr:
+        w = librosa.resample(w, orig_sr=sr, target_sr=MEL.sr).astype(np.float32)
+    w = lfilter([1.0, -MEL.preemphasis], [1.0], w).astype(np.float32)
+    spec = np.abs(librosa.stft(y=w, n_fft=MEL.n_fft, hop_length=MEL.hop, win_length=MEL.win))
+    basis = librosa.filters.mel(sr=MEL.sr, n_fft=MEL.n_fft, n_mels=MEL.n_mels, fmin=MEL.fmin, fmax=MEL.fmax)
+    db = 20.0 * np.log10(np.maximum(1e-5, basis.astype(np.float32) @ spec)) - MEL.ref_level_db
+    return np.clip(8.0 * (db + 100.0) / 100.0 - 4.0, -4.0, 4.0).astype(np.float32).T
+
+
+@pytest.mark.parametrize("sr,n", [(16000, 48000), (44100, 30001), (48000, 4800), (16000, 900)])
+def test_log_mel_equals_the_librosa_computation(sr: int, n: int) -> None:
+    rng = np.random.default_rng(sr + n)
+    t = np.arange(n) / sr
+    wav = (0.3 * np.sin(2 * np.pi * 440 * t * (1 + t)) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+    ours, ref = log_mel(wav, sr=sr), _librosa_log_mel(wav, sr)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_shipped_mel_filters_equal_librosa() -> None:
+    import librosa
+
+    from tccp.media.audio import _MEL_ASSET, mel_filters
+
+    assert _MEL_ASSET.is_file()  # the asset is what the live path reads
+    whisper = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)
+    wav2lip = librosa.filters.mel(sr=MEL.sr, n_fft=MEL.n_fft, n_mels=MEL.n_mels, fmin=MEL.fmin, fmax=MEL.fmax)
+    np.testing.assert_allclose(mel_filters(16000, 400, 80), whisper, atol=1e-7)
+    np.testing.assert_allclose(mel_filters(MEL.sr, MEL.n_fft, MEL.n_mels, MEL.fmin, MEL.fmax), wav2lip, atol=1e-7)
+    # a bank that is not shipped is still computed (by librosa)
+    np.testing.assert_allclose(mel_filters(16000, 512, 40), librosa.filters.mel(sr=16000, n_fft=512, n_mels=40),
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_resample_equals_librosa(sr: int) -> None:
+    import librosa
+
+    from tccp.media.audio import resample
+
+    wav = np.random.default_rng(sr).standard_normal(sr // 3 + 7).astype(np.float32)
+    ours, ref = resample(wav, sr, 16000), librosa.resample(wav, orig_sr=sr, target_sr=16000)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_audio_features_do_not_import_librosa() -> None:
+    """Wav2Lip mel (any rate) and Whisper's log-mel, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from tccp.media.audio import log_mel\n"
+            "from tccp.media.whisper import whisper_log_mel\n"
+            "x = np.random.default_rng(0).standard_normal(48000).astype(np.float32)\n"
+            "log_mel(x, sr=48000); log_mel(x[:16000]); whisper_log_mel(x[:16000])\n"
+            "assert 'librosa' not in sys.modules, 'librosa was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -206,9 +206,9 @@ def speed_clip(clip: PreparedClip, base: LandmarkClip, speed: float, encoder, ki
 
     @functools.cache
     def fast() -> np.ndarray:  # resampled only if a variant is not cached yet
-        import librosa
+        from tccp.media.audio import resample
 
-        return librosa.resample(clip.audio, orig_sr=round(16000 * speed), target_sr=16000).astype(np.float32)
+        return resample(clip.audio, round(16000 * speed), 16000)
 
     n = int(np.floor((base.n - 1) / speed)) + 1
     t = np.arange(n) * speed

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MelConfig", "MEL", "log_mel", "mel_windows", "mel_frame_rate", "energy_envelope"]
+__all__ = ["MelConfig", "MEL", "log_mel", "mel_windows", "mel_frame_rate", "energy_envelope", "mel_filters",
+           "mel_key", "resample", "stft_magnitude"]
+
+_MEL_ASSET = Path(__file__).resolve().parents[1] / "assets" / "mel_filters.npz"
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,61 @@ def mel_frame_rate(cfg: MelConfig = MEL) -> float:
     return cfg.sr / cfg.hop
 
 
-@lru_cache(maxsize=4)
-def _mel_basis(cfg: MelConfig) -> np.ndarray:
+def mel_key(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> str:
+    """Name of a filterbank in `tccp/assets/mel_filters.npz`."""
+    return f"sr{sr}_fft{n_fft}_mels{n_mels}_fmin{fmin:g}_fmax{fmax:g}"
+
+
+@lru_cache(maxsize=8)
+def mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """Slaney mel filterbank `(n_mels, 1 + n_fft // 2) float32`, as `librosa.filters.mel`.
+
+    The banks the project uses ship precomputed (`scripts/vendor_mel_filters.py`):
+    librosa's first use in a fresh install compiles its numba kernels for 10-19 s on
+    this 2-core CPU, which used to stall the first window of a run or a call. Any other
+    setting still asks librosa."""
+    fmax = sr / 2 if fmax is None else fmax
+    key = mel_key(sr, n_fft, n_mels, fmin, fmax)
+    if _MEL_ASSET.is_file():
+        with np.load(_MEL_ASSET) as banks:
+            if key in banks.files:
+                return banks[key]
     import librosa
 
-    return librosa.filters.mel(
-        sr=cfg.sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax
-    ).astype(np.float32)
+    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+
+
+def _mel_basis(cfg: MelConfig) -> np.ndarray:
+    return mel_filters(cfg.sr, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
+
+
+def resample(wav: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
+    """1-D `wav` at `target_sr` (float32, `ceil(len * target_sr / sr)` samples): soxr's
+    high quality, which is what `librosa.resample` runs by default, called directly to
+    skip librosa's imports."""
+    import soxr
+
+    wav = np.asarray(wav, dtype=np.float32)
+    if sr == target_sr or wav.size == 0:
+        return wav
+    out = soxr.resample(wav, sr, target_sr, quality="HQ").astype(np.float32)
+    n = int(np.ceil(wav.size * target_sr / sr))  # librosa's length: ceil, zero-padded or cut
+    return out[:n] if out.size >= n else np.pad(out, (0, n - out.size))
+
+
+def stft_magnitude(wav: np.ndarray, n_fft: int, hop: int, win: int) -> np.ndarray:
+    """`|STFT|` `(1 + n_fft // 2, 1 + len // hop)`: periodic Hann window of `win`
+    samples centred in `n_fft`, frames centred on `j * hop` with zero padding at the
+    ends (`librosa.stft(center=True, pad_mode="constant")`, without its imports)."""
+    from scipy.signal import get_window
+
+    window = get_window("hann", win, fftbins=True).astype(np.float32)
+    if win < n_fft:
+        left = (n_fft - win) // 2
+        window = np.pad(window, (left, n_fft - win - left))
+    padded = np.pad(np.asarray(wav, dtype=np.float32), n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    return np.abs(np.fft.rfft(frames * window, axis=1)).astype(np.float32).T
 
 
 def log_mel(audio: np.ndarray, sr: int = 16000, cfg: MelConfig = MEL) -> np.ndarray:
@@ -55,20 +107,17 @@ def log_mel(audio: np.ndarray, sr: int = 16000, cfg: MelConfig = MEL) -> np.ndar
     mel frame `j` is centred on sample `j * 200`. Audio at another rate is resampled
     first so that the frame rate stays 80/s.
     """
-    import librosa
     from scipy.signal import lfilter
 
     wav = np.asarray(audio, dtype=np.float32)
     if wav.ndim == 2:  # (channels, samples) or (samples, channels): mix to mono
         wav = wav.mean(axis=0 if wav.shape[0] < wav.shape[1] else 1)
     if sr != cfg.sr:
-        wav = librosa.resample(wav, orig_sr=sr, target_sr=cfg.sr).astype(np.float32)
+        wav = resample(wav, sr, cfg.sr)
     if wav.size == 0:
         return np.zeros((0, cfg.n_mels), np.float32)
     wav = lfilter([1.0, -cfg.preemphasis], [1.0], wav).astype(np.float32)
-    spec = np.abs(
-        librosa.stft(y=wav, n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.win)
-    )
+    spec = stft_magnitude(wav, cfg.n_fft, cfg.hop, cfg.win)
     mel = _mel_basis(cfg) @ spec
     min_level = np.exp(cfg.min_level_db / 20.0 * np.log(10.0))
     db = 20.0 * np.log10(np.maximum(min_level, mel)) - cfg.ref_level_db

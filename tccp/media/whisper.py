@@ -144,9 +144,10 @@ def load_whisper(name: str = "tiny.en", device: str = "cpu", folder: Path | None
 
 @lru_cache(maxsize=2)
 def _mel_filters(n_mels: int = 80) -> torch.Tensor:
-    import librosa  # Whisper's own filters are librosa's slaney mel at these settings
+    # Whisper's own filters are librosa's slaney mel at these settings (shipped precomputed)
+    from tccp.media.audio import mel_filters
 
-    return torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=400, n_mels=n_mels)).float()
+    return torch.from_numpy(mel_filters(SAMPLE_RATE, 400, n_mels).copy()).float()
 
 
 def whisper_log_mel(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
