@@ -191,6 +191,33 @@ def test_cli_run_file_to_file_with_driving_audio_muxed(tmp_path, tiny_pack, caps
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_256_px_pack_runs_end_to_end(tmp_path, capsys):
+    """The 256 px option (issue: "256 px as an option for GPU"): a pack saved for 256 px
+    crops (20 x 20 mouth-patch latents) drives `tccp run` with its denoiser; the frames
+    come out edited around the mouth and untouched away from the face."""
+    from engine.runner import PipelineRunner
+    from tccp.cli import main
+    from tccp.pack import load_pack, save_pack
+
+    r = PipelineRunner.random(size=256)
+    p = r.pipeline
+    pack = save_pack(tmp_path / "p256", p.stage1.net, p.stage1.codec, p.stage2.model, crop_size=r.size)
+    assert load_pack(pack, with_autoencoder=False).pack_config["crop_size"] == 256
+    video, _ = media.sample_paths()
+    speech, _ = _speech(tmp_path / "speech.wav", 0.4)
+    out = tmp_path / "run256.mp4"
+    assert main(["run", "--video", str(video), "--audio", str(speech), "--out", str(out), "--model", str(pack),
+                 "--steps", "1", "--adapt-steps", "0", "--quiet"]) == 0
+    assert "generated" in capsys.readouterr().out
+    got = media.read_video(out, min_frames=1).frames.astype(np.float32)
+    src = media.load_clip(video, max_frames=got.shape[0]).frames.astype(np.float32)
+    assert got.shape == src.shape and got.shape[0] == 10
+    h, w = got.shape[1:3]
+    diff = np.abs(got - src).mean(axis=(0, 3))
+    assert diff[int(0.55 * h):int(0.75 * h), int(0.35 * w):int(0.65 * w)].mean() > 2.0  # the mouth was edited
+    assert diff[: h // 8].mean() < 3.0  # above the head: the source up to the codec (~1.5 here)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from tccp.cli import main
 
