@@ -131,13 +131,13 @@ def test_overfits_one_batch(objective):
     sched = Schedule(prediction="v")
     cfg = LandmarkTrainConfig(cond_dropout=0.0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    first = float(_loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)))
+    first = _loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)).item()
     for _ in range(150):
         loss = _loss(net, batch, sched, cfg, torch.Generator().manual_seed(0))  # one batch: same t, same noise
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = float(_loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)))
+    last = _loss(net, batch, sched, cfg, torch.Generator().manual_seed(0)).item()
     assert last < 0.1 * first
 
 
