@@ -152,13 +152,13 @@ def test_motion_loss_and_audio_mask_options():
     batch = {"x": d["x"], "audio": d["audio"], "vad": d["vad"], "refs": d["refs"], "cv": d["cv"],
              "flags": torch.tensor([[1.0] + [0.0] * 7] * 2)}
     sched, g = Schedule(prediction="v"), lambda: torch.Generator().manual_seed(0)
-    plain = float(_loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0), g()))
-    moved = float(_loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0, motion_weight=1.0), g()))
+    plain = _loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0), g()).item()
+    moved = _loss(net, batch, sched, LandmarkTrainConfig(cond_dropout=0.0, motion_weight=1.0), g()).item()
     assert moved > plain * 1.05
     other = dict(batch, audio=torch.randn_like(batch["audio"]))
-    masked = [float(_loss(net, b, sched, LandmarkTrainConfig(cond_dropout=0.0, audio_mask=1.0), g())) for b in (batch, other)]
+    masked = [_loss(net, b, sched, LandmarkTrainConfig(cond_dropout=0.0, audio_mask=1.0), g()).item() for b in (batch, other)]
     assert masked[0] == pytest.approx(masked[1], rel=1e-6)
-    assert float(_loss(net, other, sched, LandmarkTrainConfig(cond_dropout=0.0), g())) != pytest.approx(plain, rel=1e-6)
+    assert _loss(net, other, sched, LandmarkTrainConfig(cond_dropout=0.0), g()).item() != pytest.approx(plain, rel=1e-6)
 
 
 def test_silence_rests_the_mouth_on_a_trained_tiny_model():
