@@ -164,5 +164,9 @@ def test_pixel_residual_keeps_the_warp_where_the_correction_is_zero(runner) -> N
     assert np.array_equal(out, want) and not np.array_equal(out, warped)
     # the runner hands over the latents it already encoded for the denoiser: same result
     assert np.array_equal(editor.pixel_residual(changed, warped, lat), out)
+    # a gain scales the change: 0 is the warp, 0.5 half way (rounded)
+    assert np.array_equal(editor.pixel_residual(changed, warped, lat, gain=0.0), warped)
+    half = np.clip(np.rint(warped + 0.5 * (changed.astype(np.float32) - roundtrip)), 0, 255)
+    assert np.array_equal(editor.pixel_residual(changed, warped, lat, gain=0.5), half)
     inputs = [{"warped": w} for w in warped]
     assert torch.equal(editor.encode_warped(inputs), lat)

@@ -440,16 +440,17 @@ class MouthEditor:
 
     @torch.inference_mode()
     def pixel_residual(self, patches: np.ndarray, warped: np.ndarray,
-                       latents: torch.Tensor | None = None) -> np.ndarray:
+                       latents: torch.Tensor | None = None, gain: float = 1.0) -> np.ndarray:
         """`patches` (B, n, ph, pw, 3) decoded from corrected latents, `warped` the warped
-        reference patches they were corrected from -> the warp plus the decoded change
-        (`warped + patches - decode(encode(warped))`), uint8. `latents` (B, C, n, h, w):
-        `encode(warped)` when the caller has it (`encode_warped`)."""
+        reference patches they were corrected from -> the warp plus `gain` x the decoded
+        change (`warped + gain x (patches - decode(encode(warped)))`), uint8. `latents`
+        (B, C, n, h, w): `encode(warped)` when the caller has it (`encode_warped`)."""
         if latents is None:
             latents = rearrange(self.encode(warped), "b n c h w -> b c n h w")
         base = self.decode(latents)
-        out = warped.astype(np.int16) + patches.astype(np.int16) - base.astype(np.int16)
-        return np.clip(out, 0, 255).astype(np.uint8)
+        change = patches.astype(np.float32) - base.astype(np.float32)
+        out = warped.astype(np.float32) + float(gain) * change
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     @torch.inference_mode()
     def decode(self, lat: torch.Tensor) -> np.ndarray:
