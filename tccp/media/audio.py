@@ -61,10 +61,14 @@ def mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float
     if _MEL_ASSET.is_file():
         with np.load(_MEL_ASSET) as banks:
             if key in banks.files:
-                return banks[key]
+                bank = banks[key]
+                bank.setflags(write=False)  # cached and shared: callers copy before changing it
+                return bank
     import librosa
 
-    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+    bank = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+    bank.setflags(write=False)
+    return bank
 
 
 def _mel_basis(cfg: MelConfig) -> np.ndarray:
