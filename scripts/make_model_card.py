@@ -85,7 +85,7 @@ def suite_section(suite: dict) -> list[str]:
         "Rows: tccp = the pack as shipped (landmarks from the audio, stage 1 adapted to the person where the clip",
         "allows); unadapted = the same without the adaptation; tccp_tracked = stage 2 on the clip's",
         "tracked landmarks; warp = the warped reference alone; denoiser = the learned correction at 4 DDIM",
-        "steps; frozen = the first frame's mouth; blur = the real mouth blurred (sigma 2.5 px); real = the",
+        "steps, half its change added to the warp (`engine.runner.CORRECTION_GAIN`); frozen = the first frame's mouth; blur = the real mouth blurred (sigma 2.5 px); real = the",
         "codec round trip. Stage-1 table: tccp = the pack's stage 1, adapted = as shipped (adapted where the",
         "run adapted), elsewhere = as shipped with the rest of the face from elsewhere in the clip (its meshes",
         "played backwards: a dub's situation, where the source face moves with other speech; absent in suites",
@@ -257,8 +257,9 @@ def main() -> int:
         "landmarks" + (", plus a learned correction: the mouth-patch MVControlNet (`mouth` config: 80 px patch of "
                        "the 128 px crop, 10 x 10 TAEF2 latents, masked source + warped reference + region mask as extra "
                        "input channels, sketch through the control branch, generating the correction to the warp). "
-                       f"Default stage-2 steps: {steps}" + (" (the warp alone: the correction did not measure better "
-                                                             "than the warp, see the `denoiser` row; `--steps 4` uses it)"
+                       f"Default stage-2 steps: {steps}" + (" (the warp alone: the correction, added at half strength, "
+                                                             "measures a little better, see the `denoiser` row, at about a "
+                                                             "fifth of the speed; `--steps 4` uses it)"
                                                              if steps == 0 else "") + "."
                        if s2 else " (a warp-only pack)."),
         "- Reference bank: 8 typical lip shapes from closed to open (`engine.refs.select_references`).",
